@@ -1,0 +1,57 @@
+"""glancefs: an OpenStack Glance image service as a filesystem, and the async client under it.
+
+The client (``glancefs.Client``) speaks the Glance v2 API on trio and httpx; the filesystem
+(``glancefs mount``) is built on it. Everything public is re-exported here; the modules with a
+leading underscore are implementation.
+"""
+
+from ._auth import Auth, SessionAuth, TokenAuth
+from ._client import Client
+from ._exceptions import (
+    AuthError,
+    BadRequest,
+    Conflict,
+    ConnectError,
+    Forbidden,
+    GlanceError,
+    HTTPError,
+    IntegrityError,
+    NotFound,
+    OverLimit,
+    RangeNotSatisfiable,
+    ServerError,
+    ServiceUnavailable,
+    Timeout,
+    TransportError,
+    Unauthorized,
+    UnsupportedMediaType,
+)
+from ._images import Image, ImageData
+from ._version import __version__
+
+__all__ = [
+    "Auth",
+    "AuthError",
+    "BadRequest",
+    "Client",
+    "Conflict",
+    "ConnectError",
+    "Forbidden",
+    "GlanceError",
+    "HTTPError",
+    "Image",
+    "ImageData",
+    "IntegrityError",
+    "NotFound",
+    "OverLimit",
+    "RangeNotSatisfiable",
+    "ServerError",
+    "ServiceUnavailable",
+    "SessionAuth",
+    "Timeout",
+    "TokenAuth",
+    "TransportError",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "__version__",
+]

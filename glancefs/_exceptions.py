@@ -1,0 +1,164 @@
+"""The errors the Glance client raises.
+
+Every error is a :class:`GlanceError`, and its ``str()`` is one line of clean text that is safe to
+log or show to a user: never HTML, never JSON, never a token. Errors that Glance answered carry the
+HTTP status and the request id Glance logged, so an operator can find the request in its logs::
+
+    GlanceError
+    ├── TransportError ............ Glance could not be reached or did not answer in time
+    │   ├── ConnectError
+    │   └── Timeout
+    ├── HTTPError ................. Glance answered an error status (.status, .request_id)
+    │   ├── BadRequest ............ 400: malformed request or invalid value
+    │   ├── Unauthorized .......... 401: the token is missing, expired or revoked
+    │   ├── Forbidden ............. 403: policy refuses (read-only field, protected image, ...)
+    │   ├── NotFound .............. 404
+    │   ├── Conflict .............. 409: wrong state (upload to an active image, ...)
+    │   ├── OverLimit ............. 413: quota or size cap exceeded
+    │   ├── UnsupportedMediaType .. 415: wrong content type, or data refused by format inspection
+    │   ├── RangeNotSatisfiable ... 416: read starts at or past the end of the data
+    │   └── ServerError ........... 5xx
+    │       └── ServiceUnavailable  503
+    ├── IntegrityError ............ downloaded data does not match the image's checksum
+    └── AuthError ................. credentials could not be turned into a token (Keystone)
+
+Pitfall: Glance reports a refused upload (format inspection) as 415 and a quota as 413; both arrive
+only once the whole body was sent: callers must wait for the answer before declaring success.
+"""
+
+from __future__ import annotations
+
+import html
+import re
+
+__all__ = [
+    "AuthError",
+    "BadRequest",
+    "Conflict",
+    "ConnectError",
+    "Forbidden",
+    "GlanceError",
+    "HTTPError",
+    "IntegrityError",
+    "NotFound",
+    "OverLimit",
+    "RangeNotSatisfiable",
+    "ServerError",
+    "ServiceUnavailable",
+    "Timeout",
+    "TransportError",
+    "Unauthorized",
+    "UnsupportedMediaType",
+    "error_for_status",
+]
+
+
+class GlanceError(Exception):
+    """Base of every error the client raises; ``str()`` is one line of clean text."""
+
+
+class TransportError(GlanceError):
+    """Glance could not be reached, or stopped answering (after any retries)."""
+
+
+class ConnectError(TransportError):
+    """The connection to Glance could not be made (refused, DNS, TLS handshake)."""
+
+
+class Timeout(TransportError):
+    """Glance did not answer within the configured timeout."""
+
+
+class AuthError(GlanceError):
+    """The credentials could not be turned into a token, or no image endpoint was found."""
+
+
+class IntegrityError(GlanceError):
+    """Downloaded data does not match the checksum Glance recorded for the image."""
+
+
+class HTTPError(GlanceError):
+    """Glance answered with an error status.
+
+    ``status`` is the HTTP status, ``request_id`` Glance's ``x-openstack-request-id`` (or None) and
+    ``detail`` Glance's own explanation, stripped of markup.
+    """
+
+    status: int = 0
+
+    def __init__(self, status: int, detail: str, request_id: str | None = None) -> None:
+        self.status = status
+        self.detail = detail
+        self.request_id = request_id
+        text = f"{status} {detail}" if detail else str(status)
+        if request_id:
+            text += f" (request {request_id})"
+        super().__init__(text)
+
+
+class BadRequest(HTTPError):
+    """400: the request or a value in it is invalid."""
+
+
+class Unauthorized(HTTPError):
+    """401: the token is missing, expired or revoked."""
+
+
+class Forbidden(HTTPError):
+    """403: the policy refuses (read-only field, protected image, another project's image)."""
+
+
+class NotFound(HTTPError):
+    """404: no such image (or other resource), or not visible to this project."""
+
+
+class Conflict(HTTPError):
+    """409: the resource is in the wrong state for this request."""
+
+
+class OverLimit(HTTPError):
+    """413: a quota or a size cap was exceeded."""
+
+
+class UnsupportedMediaType(HTTPError):
+    """415: wrong content type, or Glance's format inspection refused the uploaded data."""
+
+
+class RangeNotSatisfiable(HTTPError):
+    """416: the requested range starts at or past the end of the image data."""
+
+
+class ServerError(HTTPError):
+    """5xx: Glance failed."""
+
+
+class ServiceUnavailable(ServerError):
+    """503: Glance is overloaded or a backend is down; worth retrying."""
+
+
+_BY_STATUS: dict[int, type[HTTPError]] = {
+    400: BadRequest,
+    401: Unauthorized,
+    403: Forbidden,
+    404: NotFound,
+    409: Conflict,
+    413: OverLimit,
+    415: UnsupportedMediaType,
+    416: RangeNotSatisfiable,
+    503: ServiceUnavailable,
+}
+
+_TAG = re.compile(r"<[^>]*>")
+_SPACE = re.compile(r"\s+")
+
+
+def clean_text(text: str, limit: int = 300) -> str:
+    """Reduce an error body (HTML or text) to one short line: no tags, no entities, no newlines."""
+    line = _SPACE.sub(" ", html.unescape(_TAG.sub(" ", text))).strip()
+    return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def error_for_status(status: int, detail: str, request_id: str | None = None) -> HTTPError:
+    """The typed error for an HTTP error ``status``; ``detail`` is cleaned to one line."""
+    cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else HTTPError)
+    return cls(status, clean_text(detail), request_id)

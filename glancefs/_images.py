@@ -1,0 +1,335 @@
+"""Images: records, listing with pagination, metadata changes, and the data itself.
+
+Names follow python-glanceclient's ``client.images`` so that its users find their way.
+"""
+
+from __future__ import annotations
+
+import json as jsonlib
+import re
+from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+import httpx
+import trio
+
+from ._exceptions import ConnectError, GlanceError, RangeNotSatisfiable, Timeout
+from ._integrity import Verifier
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+__all__ = ["CORE_FIELDS", "Image", "ImageData", "ImagesManager", "parse_time"]
+
+#: Fields of Glance's image schema; every other key of an image record is a custom property.
+CORE_FIELDS = frozenset(
+    {
+        "id", "name", "status", "visibility", "protected", "os_hidden", "checksum",
+        "os_hash_algo", "os_hash_value", "owner", "size", "virtual_size", "min_ram", "min_disk",
+        "container_format", "disk_format", "created_at", "updated_at", "tags", "self", "file",
+        "schema", "direct_url", "locations", "stores",
+    }
+)  # fmt: skip
+
+JSON_PATCH = "application/openstack-images-v2.1-json-patch"
+PAGE_SIZE_MAX = 1000  # Glance's default api_limit_max
+
+
+def parse_time(value: str | None) -> int:
+    """Glance's ISO 8601 UTC timestamps as nanoseconds since the epoch (0 when absent)."""
+    if not value:
+        return 0
+    return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()) * 1_000_000_000
+
+
+class Image(Mapping[str, Any]):
+    """One image record, readable as attributes (``image.status``) and as a mapping.
+
+    The mapping holds exactly what Glance returned; custom properties are top-level keys, as in
+    Glance's API, and also collected in :attr:`properties`.
+    """
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: Mapping[str, Any]) -> None:
+        self._record = dict(record)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._record[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._record)
+
+    def __len__(self) -> int:
+        return len(self._record)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._record[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __repr__(self) -> str:
+        return f"Image(id={self.id!r}, name={self.name!r}, status={self.status!r})"
+
+    @property
+    def id(self) -> str:
+        return str(self._record["id"])
+
+    @property
+    def name(self) -> str | None:
+        name = self._record.get("name")
+        return None if name is None else str(name)
+
+    @property
+    def status(self) -> str:
+        return str(self._record.get("status", ""))
+
+    @property
+    def size(self) -> int | None:
+        size = self._record.get("size")
+        return None if size is None else int(size)
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self._record.get("tags") or [])
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """The custom properties: every key that is not a core field of Glance's schema."""
+        return {k: v for k, v in self._record.items() if k not in CORE_FIELDS}
+
+
+class ImageData:
+    """An open download of image data from byte ``offset``; close it (or use ``async with``).
+
+    ``end`` is one past the last byte this response covers and ``image_size`` the size of the whole
+    image when Glance said it (``Content-Range``). An answer 204 (image without data) or 416 (offset
+    at or past the end) is an empty stream, as reading a file past its end is.
+    """
+
+    def __init__(
+        self, response: httpx.Response | None, offset: int, end: int, image_size: int | None
+    ) -> None:
+        self._response = response
+        self.offset = offset
+        self.end = end
+        self.image_size = image_size
+
+    async def __aenter__(self) -> ImageData:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The data in the pieces the socket delivers (up to 1 MiB each)."""
+        if self._response is None:
+            return
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TimeoutException as exc:
+            raise Timeout("image download: Glance stopped sending data") from exc
+        except httpx.TransportError as exc:
+            raise ConnectError(f"image download interrupted: {exc or type(exc).__name__}") from exc
+
+    async def aclose(self) -> None:
+        if self._response is not None:
+            await self._response.aclose()
+
+
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+|\*)")
+
+
+class ImagesManager:
+    """``client.images``: the image calls of the Glance v2 API."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def list(
+        self,
+        *,
+        sort: str | None = None,
+        filters: Mapping[str, str | Sequence[str]] | None = None,
+        limit: int | None = None,
+        page_size: int = PAGE_SIZE_MAX,
+        marker: str | None = None,
+    ) -> AsyncIterator[Image]:
+        """Every image matching ``filters`` in ``sort`` order, fetched a page at a time.
+
+        ``sort`` is Glance's ``key:dir,key:dir`` syntax; ``filters`` are Glance's query parameters
+        (a sequence value repeats the parameter, as several ``tag`` filters do); ``limit`` caps the
+        total; ``marker`` starts after that image id. Pages follow Glance's ``next`` links.
+        """
+        params: list[tuple[str, str]] = []
+        for key, value in (filters or {}).items():
+            values = [value] if isinstance(value, str) else list(value)
+            params.extend((key, v) for v in values)
+        if sort:
+            params.append(("sort", sort))
+        if marker:
+            params.append(("marker", marker))
+        remaining = limit
+        page = min(page_size, remaining) if remaining is not None else page_size
+        params.append(("limit", str(page)))
+        path: str | None = "/v2/images"
+        query: list[tuple[str, str]] | None = params
+        while path is not None:
+            body = (await self._client.request("GET", path, params=query)).json()
+            for record in body.get("images", []):
+                yield Image(record)
+                if remaining is not None:
+                    remaining -= 1
+                    if remaining <= 0:
+                        return
+            next_link = body.get("next")
+            if not next_link or not body.get("images"):
+                return
+            # Glance's next link is relative to the endpoint and carries every parameter.
+            path, query = next_link, None
+
+    async def get(self, image_id: str) -> Image:
+        """The image record; :class:`~glancefs.NotFound` when it does not exist (or is hidden)."""
+        return Image((await self._client.request("GET", f"/v2/images/{image_id}")).json())
+
+    async def create(self, **fields: Any) -> Image:
+        """Create a queued image with these core fields and custom properties."""
+        response = await self._client.request("POST", "/v2/images", json=fields)
+        return Image(response.json())
+
+    async def update(
+        self, image_id: str, remove_props: Sequence[str] = (), **changes: Any
+    ) -> Image:
+        """Set fields and properties and remove ``remove_props``, in one JSON-patch request."""
+        current = await self.get(image_id)
+        patch: list[dict[str, Any]] = [
+            {"op": "replace" if key in current else "add", "path": f"/{key}", "value": value}
+            for key, value in changes.items()
+        ]
+        patch += [{"op": "remove", "path": f"/{key}"} for key in remove_props if key in current]
+        return await self.patch(image_id, patch)
+
+    async def patch(self, image_id: str, operations: Sequence[Mapping[str, Any]]) -> Image:
+        """Send raw JSON-patch ``operations`` (``op``, ``path``, ``value``) to the image."""
+        response = await self._client.request(
+            "PATCH",
+            f"/v2/images/{image_id}",
+            content=jsonlib.dumps(list(operations)).encode(),
+            headers={"Content-Type": JSON_PATCH},
+        )
+        return Image(response.json())
+
+    async def delete(self, image_id: str) -> None:
+        """Delete the image (:class:`~glancefs.Forbidden` when it is protected)."""
+        await self._client.request("DELETE", f"/v2/images/{image_id}")
+
+    async def deactivate(self, image_id: str) -> None:
+        """Make the image's data unreadable to non-admins until :meth:`reactivate`."""
+        await self._client.request("POST", f"/v2/images/{image_id}/actions/deactivate")
+
+    async def reactivate(self, image_id: str) -> None:
+        await self._client.request("POST", f"/v2/images/{image_id}/actions/reactivate")
+
+    async def upload(
+        self,
+        image_id: str,
+        data: bytes | BinaryIO | AsyncIterable[bytes],
+        size: int | None = None,
+    ) -> None:
+        """Upload the image's data in one streamed request; returns once Glance has accepted it.
+
+        ``data`` is bytes, a binary file (read in 8 MiB pieces in a worker thread) or an async
+        iterable of bytes; ``size``, when known, is sent as Content-Length.
+        """
+        await self._put_data(f"/v2/images/{image_id}/file", data, size)
+
+    async def stage(
+        self,
+        image_id: str,
+        data: bytes | BinaryIO | AsyncIterable[bytes],
+        size: int | None = None,
+    ) -> None:
+        """Upload data to the staging area, for a later ``glance-direct`` import."""
+        await self._put_data(f"/v2/images/{image_id}/stage", data, size)
+
+    async def _put_data(
+        self, path: str, data: bytes | BinaryIO | AsyncIterable[bytes], size: int | None
+    ) -> None:
+        headers = {"Content-Type": "application/octet-stream"}
+        if size is not None:
+            headers["Content-Length"] = str(size)
+        body = data if isinstance(data, bytes | AsyncIterable) else _read_file(data)
+        await self._client.request("PUT", path, content=body, headers=headers)
+
+    async def open_data(
+        self, image_id: str, offset: int = 0, length: int | None = None
+    ) -> ImageData:
+        """Start a download of the image's bytes ``[offset, offset + length)`` (to the end if None).
+
+        One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it.
+        """
+        headers: dict[str, str] = {}
+        if offset > 0 or length is not None:
+            last = "" if length is None else str(offset + length - 1)
+            headers["Range"] = f"bytes={offset}-{last}"
+        try:
+            response = await self._client.request(
+                "GET", f"/v2/images/{image_id}/file", headers=headers, stream=True
+            )
+        except RangeNotSatisfiable:
+            return ImageData(None, offset, offset, None)
+        if response.status_code == 204:
+            await response.aclose()
+            return ImageData(None, 0, 0, 0)
+        match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+        if response.status_code == 206 and match:
+            start, last, total = match.groups()
+            image_size = None if total == "*" else int(total)
+            return ImageData(response, int(start), int(last) + 1, image_size)
+        if offset > 0:
+            # Glance always honours Range; a proxy that dropped it would make us misplace data.
+            await response.aclose()
+            raise GlanceError(f"image {image_id}: the server ignored the requested range")
+        size = int(response.headers.get("content-length", "0"))
+        return ImageData(response, 0, size, size)
+
+    async def data(
+        self,
+        image_id: str,
+        *,
+        offset: int = 0,
+        length: int | None = None,
+        verify: bool = True,
+    ) -> AsyncIterator[bytes]:
+        """The image's data as it streams in, ``[offset, offset + length)`` or all of it.
+
+        A whole download (``offset=0``, no ``length``) is checked against the image's
+        ``os_hash_value`` (or MD5 ``checksum``) unless ``verify=False``;
+        :class:`~glancefs.IntegrityError` is raised after the last chunk when it does not match.
+        A range cannot be checked (Glance records only whole-image hashes).
+        """
+        verifier = None
+        if verify and offset == 0 and length is None:
+            verifier = Verifier.for_image(await self.get(image_id))
+        async with await self.open_data(image_id, offset, length) as stream:
+            async for chunk in stream.chunks():
+                if verifier is not None:
+                    await verifier.update(chunk)
+                yield chunk
+        if verifier is not None:
+            verifier.check()
+
+
+async def _read_file(file: BinaryIO, chunk_size: int = 8 * 1024 * 1024) -> AsyncIterator[bytes]:
+    """A blocking binary file as async chunks, each read in a worker thread."""
+    while chunk := await trio.to_thread.run_sync(file.read, chunk_size):
+        yield chunk

@@ -1,0 +1,115 @@
+"""What a mount is told: the root view, caching, permissions and the data path's knobs.
+
+Pure values and their validation; the CLI fills them from options and ``-o`` strings, the
+filesystem reads them. A bad value is a :class:`ConfigError` whose text is the one line the user
+sees at mount time.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+__all__ = [
+    "SORT_KEYS",
+    "ConfigError",
+    "MountConfig",
+    "View",
+    "parse_filter",
+    "parse_mount_options",
+    "parse_sort",
+]
+
+#: The keys Glance can sort images by.
+SORT_KEYS = (
+    "name", "status", "container_format", "disk_format", "size", "id", "created_at",
+    "updated_at",
+)  # fmt: skip
+_SORT_DIRS = ("asc", "desc")
+
+
+class ConfigError(ValueError):
+    """A mount option has a value glancefs cannot use; the message says which and why."""
+
+
+def parse_sort(spec: str) -> str:
+    """Validate ``key[:asc|desc],...`` and return it in Glance's ``sort`` syntax."""
+    keys: list[str] = []
+    for item in spec.split(","):
+        key, _, direction = item.strip().partition(":")
+        direction = direction or "asc"
+        if key not in SORT_KEYS:
+            raise ConfigError(f"--sort: unknown key {key!r} (one of {', '.join(SORT_KEYS)})")
+        if direction not in _SORT_DIRS:
+            raise ConfigError(f"--sort: direction of {key} must be asc or desc, not {direction!r}")
+        keys.append(f"{key}:{direction}")
+    return ",".join(keys)
+
+
+def parse_filter(text: str) -> tuple[str, str]:
+    """``KEY=VALUE`` as Glance's list filter (``size_min=1000``, ``os_distro=ubuntu``, ...)."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--filter: expected KEY=VALUE, got {text!r}")
+    return key.strip(), value
+
+
+@dataclass(frozen=True)
+class View:
+    """Which images the root directory shows and in which order (filtered by Glance)."""
+
+    sort: str = "name:asc"
+    filters: tuple[tuple[str, str], ...] = ()
+    tags: tuple[str, ...] = ()
+    limit: int | None = None
+
+
+@dataclass(frozen=True)
+class MountConfig:
+    """Everything the filesystem needs to know besides the client it talks through."""
+
+    view: View = field(default_factory=View)
+    #: Seconds the kernel and glancefs may reuse an image's attributes.
+    metadata_ttl: float = 1.0
+    #: Seconds a directory listing may be reused.
+    listing_ttl: float = 5.0
+    uid: int = field(default_factory=os.getuid)
+    gid: int = field(default_factory=os.getgid)
+    verify: bool = True
+    read_only: bool = True
+    #: Bytes all prefetch windows together may hold.
+    prefetch_memory: int = 128 * 1024 * 1024
+
+
+_FLAG_OPTIONS = frozenset(
+    {"ro", "rw", "allow_other", "default_permissions", "debug", "foreground", "no_verify",
+     "insecure", "allow_delete", "keep_failed", "read_only", "_netdev", "nofail", "auto",
+     "noauto", "user", "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
+     "defaults"}
+)  # fmt: skip
+#: mount(8) and fstab options that concern the system's mount helper, not glancefs.
+IGNORED_OPTIONS = frozenset(
+    {"_netdev", "nofail", "auto", "noauto", "user", "nouser", "users", "exec", "noexec", "suid",
+     "nosuid", "dev", "nodev", "defaults", "rw"}
+)  # fmt: skip
+
+
+def parse_mount_options(text: str) -> list[tuple[str, str | None]]:
+    """Split ``-o a,b=c`` into ``[("a", None), ("b", "c")]``, as mount(8) passes options.
+
+    Options mount(8) itself handles (``_netdev``, ``nofail``, ``defaults``, ...) are dropped.
+    A value may not contain a comma; repeat the option instead (``-o tag=a,tag=b``).
+    """
+    options: list[tuple[str, str | None]] = []
+    for item in text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        name, sep, value = item.partition("=")
+        name = name.strip().replace("-", "_")
+        if name in IGNORED_OPTIONS:
+            continue
+        if not sep and name not in _FLAG_OPTIONS:
+            raise ConfigError(f"-o {name}: unknown option without a value")
+        options.append((name, value if sep else None))
+    return options

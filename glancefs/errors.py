@@ -1,0 +1,59 @@
+"""Refusals: the operations glancefs declines on purpose, each with the errno the caller gets.
+
+Filesystem logic raises these; :mod:`glancefs.fs` is the one place that turns them (and the
+client's :class:`~glancefs.GlanceError`) into ``FUSEError``. The message is the one log line that
+tells the user why.
+"""
+
+from __future__ import annotations
+
+import errno
+
+__all__ = [
+    "AccessDenied",
+    "InvalidArgument",
+    "NoAttribute",
+    "NoEntry",
+    "NotPermitted",
+    "ReadOnly",
+    "Refusal",
+    "Unsupported",
+]
+
+
+class Refusal(Exception):
+    """An operation glancefs refuses; ``errno`` is what the caller sees."""
+
+    errno: int = errno.EIO
+    #: Refusals that are part of normal use (a lookup of a missing name) are not logged.
+    quiet: bool = False
+
+
+class NoEntry(Refusal):
+    errno = errno.ENOENT
+    quiet = True
+
+
+class NoAttribute(Refusal):
+    errno = errno.ENODATA
+    quiet = True
+
+
+class ReadOnly(Refusal):
+    errno = errno.EROFS
+
+
+class NotPermitted(Refusal):
+    errno = errno.EPERM
+
+
+class AccessDenied(Refusal):
+    errno = errno.EACCES
+
+
+class InvalidArgument(Refusal):
+    errno = errno.EINVAL
+
+
+class Unsupported(Refusal):
+    errno = errno.ENOTSUP

@@ -1,0 +1,327 @@
+"""The pyfuse3 ``Operations``: the kernel's requests answered from the catalog and the readers.
+
+This is the only module that knows FUSE. Everything below it raises domain errors
+(:class:`~glancefs.errors.Refusal`, :class:`~glancefs.GlanceError`); :func:`_boundary` turns each
+into one ``FUSEError`` with the right errno and, where the user needs to know why, one log line.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from typing import Any, Concatenate, ParamSpec, TypeVar
+
+import pyfuse3
+import trio
+
+from ._client import Client
+from ._exceptions import (
+    Forbidden,
+    GlanceError,
+    IntegrityError,
+    NotFound,
+    OverLimit,
+    Unauthorized,
+)
+from ._images import Image, parse_time
+from .catalog import Catalog
+from .config import MountConfig
+from .errors import AccessDenied, NoAttribute, NoEntry, ReadOnly, Refusal
+from .inodes import InodeTable, Key
+from .namespace import (
+    BY_TAG,
+    FIXED_INODES,
+    ROOT,
+    ROOT_ENTRIES,
+    Directory,
+    DirKind,
+    file_mode,
+    has_readable_size,
+)
+from .reader import ImageReader, PrefetchBudget
+from .xattrs import image_xattrs
+
+__all__ = ["GlanceFS"]
+
+log = logging.getLogger("glancefs.fs")
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
+
+
+def _errno_of(error: GlanceError) -> int:
+    if isinstance(error, NotFound):
+        return errno.ENOENT
+    if isinstance(error, Forbidden | Unauthorized):
+        return errno.EACCES
+    if isinstance(error, OverLimit):
+        return errno.EDQUOT
+    return errno.EIO
+
+
+def _boundary(
+    method: Callable[Concatenate[GlanceFS, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[GlanceFS, P], Coroutine[Any, Any, R]]:
+    """Translate domain errors raised below into one FUSEError (and one log line)."""
+
+    async def handler(self: GlanceFS, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await method(self, *args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except Refusal as refusal:
+            if not refusal.quiet:
+                log.warning("%s: %s", method.__name__, refusal)
+            raise pyfuse3.FUSEError(refusal.errno) from None
+        except GlanceError as error:
+            code = _errno_of(error)
+            if code != errno.ENOENT:
+                log.error("%s: %s: %s", method.__name__, errno.errorcode[code], error)
+            raise pyfuse3.FUSEError(code) from None
+        except Exception:
+            log.exception("%s: internal error", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return handler
+
+
+@dataclass
+class _OpenFile:
+    inode: int
+    image: Image
+    reader: ImageReader | None
+
+
+_DIR_KEYS: dict[Directory, Key] = {d: ("dir", d.kind.value) for d in FIXED_INODES}
+
+
+def _key_of_dir(directory: Directory) -> Key:
+    return _DIR_KEYS.get(directory) or ("tag", directory.tag)
+
+
+def _dir_of_key(key: Key) -> Directory | None:
+    if key[0] == "tag":
+        return Directory(DirKind.TAG, key[1])
+    if key[0] == "dir":
+        return Directory(DirKind(key[1]))
+    return None
+
+
+class GlanceFS(pyfuse3.Operations):
+    """Glance's image catalog as a directory tree (see :mod:`glancefs.namespace`)."""
+
+    def __init__(
+        self, client: Client, config: MountConfig, nursery: trio.Nursery, catalog: Catalog
+    ) -> None:
+        super().__init__()
+        self._client = client
+        self._config = config
+        self._nursery = nursery
+        self.catalog = catalog
+        self._inodes = InodeTable({_key_of_dir(d): inode for d, inode in FIXED_INODES.items()})
+        self._budget = PrefetchBudget(config.prefetch_memory)
+        self._open_files: dict[int, _OpenFile] = {}
+        self._open_dirs: dict[int, tuple[tuple[str, Key, Image | None], ...]] = {}
+        self._next_handle = 1
+        self._corrupt: set[str] = set()
+        self._mounted_ns = time.time_ns()
+
+    # -- names and attributes -------------------------------------------------------------
+
+    @_boundary
+    async def lookup(
+        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        key, image = await self._resolve(self._directory(parent_inode), os.fsdecode(name))
+        attrs = self._attributes(key, image)
+        self._inodes.remember(key)
+        return attrs
+
+    async def _resolve(self, directory: Directory, name: str) -> tuple[Key, Image | None]:
+        """The key (and image, for files) of ``name`` in ``directory``."""
+        if directory == ROOT and name in ROOT_ENTRIES:
+            return _key_of_dir(ROOT_ENTRIES[name]), None
+        if directory.kind is DirKind.BY_ID:
+            try:
+                image = await self.catalog.image(name)
+            except NotFound:
+                raise NoEntry(name) from None
+            return ("image", image.id), image
+        listing = await self.catalog.listing(directory)
+        if directory == BY_TAG:
+            if name not in listing.tags:
+                raise NoEntry(name)
+            return ("tag", name), None
+        found = listing.by_name.get(name)
+        if found is None:
+            raise NoEntry(name)
+        return ("image", found.id), found
+
+    def _directory(self, inode: int) -> Directory:
+        key = self._inodes.key_of(inode)
+        directory = _dir_of_key(key) if key else None
+        if directory is None:
+            raise NoEntry(f"inode {inode} is not a directory")
+        return directory
+
+    @_boundary
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        key = self._inodes.key_of(inode)
+        if key is None:
+            raise NoEntry(f"inode {inode}")
+        image = None
+        if key[0] == "image":
+            try:
+                image = await self.catalog.image(key[1])
+            except NotFound:
+                raise NoEntry(key[1]) from None
+        return self._attributes(key, image)
+
+    def _attributes(self, key: Key, image: Image | None) -> pyfuse3.EntryAttributes:
+        attrs = pyfuse3.EntryAttributes()
+        attrs.st_ino = self._inodes.inode_of(key)
+        attrs.entry_timeout = self._config.metadata_ttl
+        attrs.attr_timeout = self._config.metadata_ttl
+        attrs.st_uid = self._config.uid
+        attrs.st_gid = self._config.gid
+        attrs.st_blksize = 1024 * 1024  # cp and dd size their buffers by this
+        if image is None:
+            attrs.st_mode = stat.S_IFDIR | 0o555
+            attrs.st_nlink = 2
+            attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mounted_ns
+            return attrs
+        attrs.st_mode = file_mode(image.status)
+        attrs.st_nlink = 1
+        size = (image.size or 0) if has_readable_size(image.status) else 0
+        attrs.st_size = size
+        attrs.st_blocks = (size + 511) // 512
+        updated = parse_time(image.get("updated_at"))
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = updated
+        return attrs
+
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
+        for inode, count in inode_list:
+            self._inodes.forget(inode, count)
+
+    # -- directories ------------------------------------------------------------------------
+
+    @_boundary
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        directory = self._directory(inode)
+        entries: list[tuple[str, Key, Image | None]] = []
+        if directory == ROOT:
+            entries += [(name, _key_of_dir(d), None) for name, d in ROOT_ENTRIES.items()]
+        listing = await self.catalog.listing(directory)
+        if directory == BY_TAG:
+            entries += [(tag, ("tag", tag), None) for tag in listing.tags]
+        else:
+            entries += [(name, ("image", image.id), image) for name, image in listing.entries]
+        handle = self._new_handle()
+        # The handle keeps this snapshot: offsets stay valid while newer listings replace it.
+        self._open_dirs[handle] = tuple(entries)
+        return handle
+
+    @_boundary
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        entries = self._open_dirs[fh]
+        for index in range(start_id, len(entries)):
+            name, key, image = entries[index]
+            attrs = self._attributes(key, image)
+            if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                return
+            self._inodes.remember(key)
+
+    async def releasedir(self, fh: int) -> None:
+        self._open_dirs.pop(fh, None)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    @_boundary
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        key = self._inodes.key_of(inode)
+        if key is None or key[0] != "image":
+            raise NoEntry(f"inode {inode}")
+        if flags & _WRITE_FLAGS:
+            raise ReadOnly(f"open {key[1]} for writing: this mount is read-only")
+        image = await self.catalog.image(key[1])
+        reader = None
+        if image.status == "active":
+            reader = ImageReader(
+                self._client, image, self._nursery, self._budget, verify=self._config.verify
+            )
+        elif image.status != "queued":
+            raise AccessDenied(f"open {image.id}: image is {image.status}, its data is unreadable")
+        handle = self._new_handle()
+        self._open_files[handle] = _OpenFile(inode, image, reader)
+        # Active image data never changes, so pages the kernel cached stay valid.
+        return pyfuse3.FileInfo(fh=handle, keep_cache=image.status == "active")
+
+    @_boundary
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        open_file = self._open_files[fh]
+        if open_file.reader is None:
+            return b""
+        image_id = open_file.image.id
+        if image_id in self._corrupt:
+            raise IntegrityError(f"image {image_id} failed verification earlier in this mount")
+        try:
+            return await open_file.reader.read(off, size)
+        except IntegrityError:
+            # Pages read before the mismatch are suspect too: drop them from the page cache.
+            self._corrupt.add(image_id)
+            pyfuse3.invalidate_inode(open_file.inode)
+            raise
+
+    async def release(self, fh: int) -> None:
+        open_file = self._open_files.pop(fh, None)
+        if open_file is not None and open_file.reader is not None:
+            await open_file.reader.aclose()
+
+    # -- extended attributes ----------------------------------------------------------------
+
+    async def _image_of(self, inode: int) -> Image | None:
+        key = self._inodes.key_of(inode)
+        if key is None:
+            raise NoEntry(f"inode {inode}")
+        if key[0] != "image":
+            return None
+        return await self.catalog.image(key[1])
+
+    @_boundary
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        image = await self._image_of(inode)
+        value = image_xattrs(image).get(os.fsdecode(name)) if image else None
+        if value is None:
+            raise NoAttribute(os.fsdecode(name))
+        return value
+
+    @_boundary
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        image = await self._image_of(inode)
+        return [os.fsencode(n) for n in image_xattrs(image)] if image else []
+
+    @_boundary
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        stats = pyfuse3.StatvfsData()
+        stats.f_bsize = stats.f_frsize = 4096
+        stats.f_namemax = 255
+        return stats
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _new_handle(self) -> int:
+        handle = self._next_handle
+        self._next_handle += 1
+        return handle
+
+    def drop_caches(self) -> None:
+        """Forget cached metadata and verification failures (SIGHUP)."""
+        self.catalog.drop_all()
+        self._corrupt.clear()

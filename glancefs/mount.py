@@ -1,0 +1,112 @@
+"""Running a mount: check Glance, mount, serve FUSE requests, unmount on a signal.
+
+The process that mounts is the one that serves: ``pyfuse3.init`` mounts, ``pyfuse3.main`` serves
+on the trio loop, and ``pyfuse3.close`` unmounts. :func:`serve` reports readiness through a
+callback, so that the CLI can daemonize only once the mount works and report why it could not.
+
+Signals: SIGINT and SIGTERM unmount cleanly (the CLI exits 130 after Ctrl-C); SIGHUP drops every
+cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pyfuse3
+import trio
+
+from ._client import Client
+from .catalog import Catalog
+from .config import MountConfig
+from .fs import GlanceFS
+
+__all__ = ["MountError", "serve", "tune_kernel"]
+
+log = logging.getLogger("glancefs.mount")
+
+
+class MountError(Exception):
+    """The mount could not be made; the message is the one line the user sees."""
+
+
+# The kernel sends FUSE reads no larger than the readahead window (128 KiB by default); each read
+# is a Python call, so a larger window is the single biggest win for sequential reads. The
+# background limits let several readahead requests be in flight at once, as gcsfuse does.
+KERNEL_TUNING = {
+    "bdi/read_ahead_kb": "1024",
+    "fuse/max_background": "64",
+    "fuse/congestion_threshold": "48",
+}
+
+
+def tune_kernel(mountpoint: str) -> None:
+    """Raise the mount's readahead and FUSE queue limits through sysfs (root only; best effort)."""
+    device = os.stat(mountpoint).st_dev
+    minor = os.minor(device)
+    paths = {
+        "bdi": Path(f"/sys/class/bdi/{os.major(device)}:{minor}"),
+        "fuse": Path(f"/sys/fs/fuse/connections/{minor}"),
+    }
+    for name, value in KERNEL_TUNING.items():
+        group, _, leaf = name.partition("/")
+        try:
+            (paths[group] / leaf).write_text(value)
+        except OSError as error:
+            log.debug("could not set %s to %s: %s", name, value, error.strerror)
+
+
+async def check_reachable(client: Client) -> None:
+    """Fail early and clearly when Glance cannot be reached or refuses our credentials."""
+    async for _ in client.images.list(limit=1):
+        break
+
+
+async def serve(
+    client: Client,
+    config: MountConfig,
+    mountpoint: str,
+    fuse_options: set[str],
+    ready: Callable[[], None] = lambda: None,
+) -> bool:
+    """Mount at ``mountpoint`` and serve until unmounted or signalled.
+
+    Returns True when a SIGINT ended it (the CLI then exits 130).
+    """
+    interrupted = False
+
+    async def watch_signals() -> None:
+        nonlocal interrupted
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: dropping every cache")
+                    operations.drop_caches()
+                    continue
+                interrupted = signum == signal.SIGINT
+                pyfuse3.terminate()
+                return
+
+    async with trio.open_nursery() as nursery:
+        operations = GlanceFS(client, config, nursery, Catalog(client, config))
+        pyfuse3.init(operations, mountpoint, fuse_options)
+        try:
+            nursery.start_soon(watch_signals)
+            nursery.start_soon(_tune_when_served, mountpoint)
+            ready()
+            log.info("mounted %s", mountpoint)
+            # Returns after terminate() or when the mount was removed from outside (umount).
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+        finally:
+            pyfuse3.close(unmount=True)
+            log.info("unmounted %s", mountpoint)
+    return interrupted
+
+
+async def _tune_when_served(mountpoint: str) -> None:
+    # stat() of the mountpoint is answered by this very process, so it must run off the loop.
+    await trio.to_thread.run_sync(tune_kernel, mountpoint)

@@ -1,0 +1,100 @@
+"""The directory tree a mount shows, and which Glance query fills each directory.
+
+::
+
+    /                 the root view: images chosen and ordered by the mount's View
+    /by-id/<id>       every image the user may see, named by id (lookup works for any id)
+    /by-tag/<tag>/    one directory per tag in use, listing the images with that tag
+    /new/             the drop box: queued images (waiting for data)
+
+Pure: no I/O. The filesystem asks :func:`query_for` what to list and :func:`file_mode` how to
+present an image.
+"""
+
+from __future__ import annotations
+
+import stat
+from dataclasses import dataclass
+from enum import Enum
+
+from .config import View
+
+__all__ = [
+    "FIXED_INODES",
+    "HIDDEN_STATUSES",
+    "ROOT_ENTRIES",
+    "DirKind",
+    "Directory",
+    "ListQuery",
+    "file_mode",
+    "query_for",
+]
+
+
+class DirKind(Enum):
+    ROOT = "root"
+    BY_ID = "by-id"
+    BY_TAG = "by-tag"
+    TAG = "tag"
+    NEW = "new"
+
+
+@dataclass(frozen=True)
+class Directory:
+    kind: DirKind
+    tag: str = ""
+
+
+ROOT = Directory(DirKind.ROOT)
+BY_ID = Directory(DirKind.BY_ID)
+BY_TAG = Directory(DirKind.BY_TAG)
+NEW = Directory(DirKind.NEW)
+
+#: The sub-directories of the root, by name; image names never take these (see naming).
+ROOT_ENTRIES = {"by-id": BY_ID, "by-tag": BY_TAG, "new": NEW}
+
+#: Inode numbers of the fixed directories (1 is FUSE's root).
+FIXED_INODES = {ROOT: 1, BY_ID: 2, BY_TAG: 3, NEW: 4}
+
+#: Statuses of images that are gone or going; never shown.
+HIDDEN_STATUSES = frozenset({"deleted", "pending_delete"})
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """One image listing on the server: Glance's ``sort``, filters and an optional total limit."""
+
+    sort: str | None
+    filters: tuple[tuple[str, str], ...]
+    limit: int | None = None
+
+
+def query_for(directory: Directory, view: View) -> ListQuery:
+    """The listing that fills ``directory``; the root view's filters apply to the root only."""
+    if directory.kind is DirKind.ROOT:
+        tags = tuple(("tag", t) for t in view.tags)
+        return ListQuery(view.sort, view.filters + tags, view.limit)
+    if directory.kind is DirKind.TAG:
+        return ListQuery("name:asc", (("tag", directory.tag),))
+    if directory.kind is DirKind.NEW:
+        return ListQuery("created_at:asc", (("status", "queued"),))
+    return ListQuery("created_at:asc", ())
+
+
+_MODES = {
+    "queued": 0o644,  # waiting for data: writable
+    "active": 0o444,  # data is immutable
+    "saving": 0o444,
+    "uploading": 0o444,
+    "importing": 0o444,
+}
+
+
+def file_mode(status: str) -> int:
+    """``st_mode`` of an image file: the permission bits show where it is in its lifecycle."""
+    return stat.S_IFREG | _MODES.get(status, 0o000)
+
+
+def has_readable_size(status: str) -> bool:
+    """Images still receiving data report size 0 until they are active."""
+    return status not in ("saving", "uploading", "importing")
