@@ -275,9 +275,15 @@ class GlanceFS(pyfuse3.Operations):
             return await open_file.reader.read(off, size)
         except IntegrityError:
             # Pages read before the mismatch are suspect too: drop them from the page cache.
+            # Not here: the kernel would wait for the pages this very read holds locked.
             self._corrupt.add(image_id)
-            pyfuse3.invalidate_inode(open_file.inode)
+            self._nursery.start_soon(
+                trio.to_thread.run_sync, pyfuse3.invalidate_inode, open_file.inode
+            )
             raise
+
+    async def _drop_cached_pages(self, inode: int) -> None:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
 
     async def release(self, fh: int) -> None:
         open_file = self._open_files.pop(fh, None)

@@ -201,22 +201,37 @@ class ImageReader:
         return data
 
     async def _pump(self, stream: _Stream, verifier: Verifier | None) -> None:
-        """Fill the stream's buffer, staying at most a window ahead of the furthest read."""
+        """Fill the stream's buffer, staying at most a window ahead of the furthest read.
+
+        Runs in the filesystem's nursery: it must never raise, or the whole mount would stop.
+        Failures are stored in ``stream.error`` for the reads to raise.
+        """
         with stream.cancel_scope:
             try:
                 if verifier is None:
                     await self._download(stream, None)
                 else:
-                    send, receive = trio.open_memory_channel[bytes](16)
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(self._hash, receive, verifier, stream)
-                        async with send:
-                            await self._download(stream, send)
+                    await self._download_and_hash(stream, verifier)
             except GlanceError as error:
                 stream.error = error
+            except Exception as error:
+                log.exception("image %s: download failed", self._image.id)
+                stream.error = GlanceError(f"image {self._image.id}: internal error: {error}")
             finally:
                 stream.done = True
                 stream.notify()
+
+    async def _download_and_hash(self, stream: _Stream, verifier: Verifier) -> None:
+        """Download and hash side by side: hashing costs as much CPU as receiving."""
+        send, receive = trio.open_memory_channel[bytes](16)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._hash, receive, verifier, stream, nursery.cancel_scope)
+            async with send:
+                try:
+                    await self._download(stream, send)
+                except GlanceError as error:
+                    stream.error = error
+                    nursery.cancel_scope.cancel()
 
     async def _download(
         self, stream: _Stream, to_hash: trio.MemorySendChannel[bytes] | None
@@ -257,18 +272,21 @@ class ImageReader:
         receive: trio.MemoryReceiveChannel[bytes],
         verifier: Verifier,
         stream: _Stream,
+        download: trio.CancelScope,
     ) -> None:
         async with receive:
             async for chunk in receive:
                 await verifier.update(chunk)
-        if verifier.length == self._size:
-            try:
-                verifier.check()
-            except IntegrityError as error:
-                stream.error = error
-                raise
+        if verifier.length != self._size:
+            return
+        try:
+            verifier.check()
+        except IntegrityError as error:
+            stream.error = error
+            download.cancel()
+        else:
             self.verified = True
-            stream.notify()
+        stream.notify()
 
     # -- the random path ------------------------------------------------------------------------
 

@@ -1,0 +1,120 @@
+"""Register Glance and the test users in a freshly bootstrapped Keystone (idempotent).
+
+usage: python keystone_register.py KEYSTONE_URL GLANCE_URL
+
+Run as a script (stdlib only, no ``lab`` import) so it works from any interpreter;
+KeystoneServer.register() runs it with the keystone venv's python.  Creates projects
+service/demo/alt, users glance/demo/alt (passwords ``<name>-secret``), their roles,
+and the ``image`` service with public/internal/admin endpoints at GLANCE_URL.
+"""
+
+import json
+import sys
+import urllib.request
+from typing import Any
+
+ADMIN_PASSWORD = "admin-secret"
+
+_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via a proxy
+
+
+class Keystone:
+    """Just enough of the identity v3 API for registration, as admin."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url.rstrip("/")
+        body = {
+            "auth": {
+                "identity": {
+                    "methods": ["password"],
+                    "password": {
+                        "user": {
+                            "name": "admin",
+                            "domain": {"id": "default"},
+                            "password": ADMIN_PASSWORD,
+                        }
+                    },
+                },
+                "scope": {"project": {"name": "admin", "domain": {"id": "default"}}},
+            }
+        }
+        with self._send("POST", "/auth/tokens", body, token=None) as resp:
+            self.token: str | None = resp.headers["X-Subject-Token"]
+
+    def _send(self, method: str, path: str, body: Any, token: str | None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.url + path, data=data, method=method)
+        req.add_header("Content-Type", "application/json")
+        req.add_header("Accept", "application/json")
+        if token:
+            req.add_header("X-Auth-Token", token)
+        return _opener.open(req, timeout=30)
+
+    def call(self, method: str, path: str, body: Any = None) -> Any:
+        """JSON request as admin; returns the decoded body (None when empty)."""
+        with self._send(method, path, body, self.token) as resp:
+            raw = resp.read()
+        return json.loads(raw) if raw else None
+
+    def get_or_create(self, kind: str, body: dict[str, Any], query: str) -> dict[str, Any]:
+        """First ``kind`` matching ``query`` or a new one made from ``body``."""
+        found: list[dict[str, Any]] = self.call("GET", f"/{kind}s?{query}")[f"{kind}s"]
+        if found:
+            return found[0]
+        created: dict[str, Any] = self.call("POST", f"/{kind}s", {kind: body})[kind]
+        return created
+
+
+def register(keystone_url: str, glance_url: str) -> dict[str, str]:
+    """Create the service/demo/alt projects and users and the image endpoints; return ids."""
+    ks = Keystone(keystone_url)
+    roles = {r["name"]: r["id"] for r in ks.call("GET", "/roles")["roles"]}
+    for role in ("admin", "member", "reader", "service"):
+        if role not in roles:
+            roles[role] = ks.get_or_create("role", {"name": role}, f"name={role}")["id"]
+    ids: dict[str, str] = {}
+    for name in ("service", "demo", "alt"):
+        ids[f"project:{name}"] = ks.get_or_create(
+            "project", {"name": name, "domain_id": "default"}, f"name={name}"
+        )["id"]
+    for name in ("glance", "demo", "alt"):
+        body = {"name": name, "password": f"{name}-secret", "domain_id": "default"}
+        ids[f"user:{name}"] = ks.get_or_create("user", body, f"name={name}")["id"]
+    for project, user, role in [
+        ("service", "glance", "admin"),
+        ("service", "glance", "service"),
+        ("demo", "demo", "member"),
+        ("alt", "alt", "member"),
+    ]:
+        project_id, user_id = ids[f"project:{project}"], ids[f"user:{user}"]
+        ks.call("PUT", f"/projects/{project_id}/users/{user_id}/roles/{roles[role]}")
+    svc = ks.get_or_create(
+        "service", {"type": "image", "name": "glance", "enabled": True}, "type=image"
+    )
+    ids["service:image"] = svc["id"]
+    have = {
+        e["interface"] for e in ks.call("GET", f"/endpoints?service_id={svc['id']}")["endpoints"]
+    }
+    for iface in ("public", "internal", "admin"):
+        if iface not in have:
+            endpoint = {
+                "service_id": svc["id"],
+                "interface": iface,
+                "url": glance_url,
+                "region_id": "RegionOne",
+            }
+            ks.call("POST", "/endpoints", {"endpoint": endpoint})
+    return ids
+
+
+def main(argv: list[str]) -> int:
+    """CLI entry: print the created ids as JSON (KeystoneServer.register parses it)."""
+    if len(argv) != 3:
+        print(__doc__, file=sys.stderr)
+        return 2
+    print(json.dumps(register(argv[1], argv[2])))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

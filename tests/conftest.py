@@ -1,0 +1,54 @@
+"""Fixtures: a real Glance per test session, and real glancefs mounts that always unmount."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from lab.servers import GlanceServer  # noqa: E402
+from support import GLANCEFS, GlanceAPI, Mount  # noqa: E402
+
+MountFactory = Callable[..., Mount]
+
+
+@pytest.fixture(scope="session")
+def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
+    """A real Glance (no auth) shared by the session; tests must not stop it."""
+    with GlanceServer(tmp_path_factory.mktemp("glance"), flavor="noauth") as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def api(glance: GlanceServer) -> Iterator[GlanceAPI]:
+    client = GlanceAPI(glance.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def mount_glancefs(tmp_path: Path) -> Iterator[MountFactory]:
+    """Start ``glancefs mount -f URL MNT *args``; every mount is stopped at teardown."""
+    mounts: list[Mount] = []
+
+    def start(url: str, *args: str, name: str = "mnt") -> Mount:
+        mountpoint = tmp_path / name
+        argv = [GLANCEFS, "mount", "-f", "--os-image-url", url, str(mountpoint), *args]
+        mount = Mount(mountpoint, tmp_path / f"{name}.log", argv)
+        mounts.append(mount)
+        return mount.start()
+
+    yield start
+    for mount in mounts:
+        mount.stop()
+
+
+@pytest.fixture
+def mounted(glance: GlanceServer, mount_glancefs: MountFactory) -> Mount:
+    """glancefs mounted on the session's Glance with default options."""
+    return mount_glancefs(glance.url)
