@@ -277,9 +277,7 @@ class GlanceFS(pyfuse3.Operations):
             # Pages read before the mismatch are suspect too: drop them from the page cache.
             # Not here: the kernel would wait for the pages this very read holds locked.
             self._corrupt.add(image_id)
-            self._nursery.start_soon(
-                trio.to_thread.run_sync, pyfuse3.invalidate_inode, open_file.inode
-            )
+            self._nursery.start_soon(self._drop_cached_pages, open_file.inode)
             raise
 
     async def _drop_cached_pages(self, inode: int) -> None:

@@ -11,8 +11,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from lab.servers import GlanceServer  # noqa: E402
 from support import GLANCEFS, GlanceAPI, Mount  # noqa: E402
+
+from lab.servers import GlanceServer  # noqa: E402
 
 MountFactory = Callable[..., Mount]
 
