@@ -52,6 +52,9 @@ class Catalog:
         self._missing: OrderedDict[str, float] = OrderedDict()
         self._listings: dict[Directory, tuple[float, Listing]] = {}
         self._locks: dict[Directory, trio.Lock] = {}
+        #: Images created in new/ by this mount, and when: new/ lists them for a while after
+        #: their upload, so that tools which write a temporary name and rename it work.
+        self._created: dict[str, float] = {}
 
     async def image(self, image_id: str, *, fresh: bool = False) -> Image:
         """The image's record; :class:`~glancefs.NotFound` when it is gone or hidden."""
@@ -108,6 +111,8 @@ class Catalog:
                 continue
             images.append(image)
             self._images[image.id] = (now, image)
+        if directory.kind is DirKind.NEW:
+            images += await self._recently_created({image.id for image in images}, now)
         if directory.kind is DirKind.BY_ID:
             names = {image.id: image.id for image in images}
         else:
@@ -115,6 +120,26 @@ class Catalog:
             names = assign_names(((i.id, i.name) for i in images), reserved)
         entries = tuple((names[image.id], image) for image in images)
         return Listing(entries=entries, by_name=dict(entries))
+
+    def created_here(self, image: Image) -> None:
+        """Record an image created in new/, so new/ keeps listing it for ``keep_new`` seconds."""
+        self._created[image.id] = self._clock()
+        self._images[image.id] = (self._clock(), image)
+        self.invalidate()
+
+    async def _recently_created(self, listed: set[str], now: float) -> list[Image]:
+        for image_id, created in list(self._created.items()):
+            if now - created > self._config.keep_new:
+                del self._created[image_id]
+        images = []
+        for image_id in list(self._created):
+            if image_id in listed:
+                continue
+            try:
+                images.append(await self.image(image_id))
+            except NotFound:
+                del self._created[image_id]
+        return images
 
     def invalidate(self, image_id: str | None = None) -> None:
         """Forget listings, and the record of ``image_id``, after glancefs changed something."""

@@ -25,6 +25,7 @@ from ._exceptions import GlanceError
 from ._version import __version__
 from .config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
 from .mount import MountError, check_reachable, serve
+from .xattrs import CONTAINER_FORMATS, DISK_FORMATS
 
 log = logging.getLogger("glancefs")
 
@@ -138,6 +139,22 @@ def main() -> None:
 @click.option("--gid", type=int, help="Group shown for every file [default: yours].")
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
 @click.option("--read-only", is_flag=True, help="Refuse every change (EROFS).")
+@click.option("--allow-delete", is_flag=True, help="Let rm (and mv over an image) delete images.")
+@click.option("--keep-failed", is_flag=True, help="Keep images whose upload failed.")
+@click.option(
+    "--disk-format",
+    type=click.Choice(sorted(DISK_FORMATS)),
+    default="raw",
+    show_default=True,
+    help="Disk format of uploads that content and name don't tell.",
+)
+@click.option(
+    "--container-format",
+    type=click.Choice(sorted(CONTAINER_FORMATS)),
+    default="bare",
+    show_default=True,
+    help="Container format of such uploads.",
+)
 @click.pass_context
 def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     """Mount Glance at MOUNTPOINT (in the background unless -f)."""
@@ -215,7 +232,10 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         uid=os.getuid() if params["uid"] is None else params["uid"],
         gid=os.getgid() if params["gid"] is None else params["gid"],
         verify=not params["no_verify"],
-        read_only=True,
+        read_only=params["read_only"],
+        allow_delete=params["allow_delete"],
+        keep_failed=params["keep_failed"],
+        default_formats=(params["disk_format"], params["container_format"]),
     )
 
 

@@ -76,7 +76,15 @@ class MountConfig:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     verify: bool = True
-    read_only: bool = True
+    read_only: bool = False
+    #: Allow ``rm`` (and ``mv`` over an existing image) to delete images.
+    allow_delete: bool = False
+    #: Keep an image whose upload failed (else glancefs deletes the image it created).
+    keep_failed: bool = False
+    #: Formats of an upload whose content and name tell none.
+    default_formats: tuple[str, str] = ("raw", "bare")
+    #: Seconds new/ keeps listing an image this mount created there.
+    keep_new: float = 300.0
     #: Bytes all prefetch windows together may hold.
     prefetch_memory: int = 128 * 1024 * 1024
 

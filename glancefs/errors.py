@@ -11,10 +11,13 @@ import errno
 
 __all__ = [
     "AccessDenied",
+    "CrossDevice",
+    "Exists",
     "InvalidArgument",
     "NoAttribute",
     "NoEntry",
     "NotPermitted",
+    "OutOfSpace",
     "ReadOnly",
     "Refusal",
     "Unsupported",
@@ -57,3 +60,17 @@ class InvalidArgument(Refusal):
 
 class Unsupported(Refusal):
     errno = errno.ENOTSUP
+
+
+class CrossDevice(Refusal):
+    errno = errno.EXDEV
+
+
+class Exists(Refusal):
+    errno = errno.EEXIST
+
+
+class OutOfSpace(Refusal):
+    """A Glance quota (properties, tags, storage) is full."""
+
+    errno = errno.ENOSPC

@@ -21,6 +21,7 @@ import trio
 
 from ._client import Client
 from ._exceptions import (
+    BadRequest,
     Forbidden,
     GlanceError,
     IntegrityError,
@@ -31,11 +32,24 @@ from ._exceptions import (
 from ._images import Image, parse_time
 from .catalog import Catalog
 from .config import MountConfig
-from .errors import AccessDenied, NoAttribute, NoEntry, ReadOnly, Refusal
+from .errors import (
+    AccessDenied,
+    CrossDevice,
+    Exists,
+    InvalidArgument,
+    NoAttribute,
+    NoEntry,
+    NotPermitted,
+    OutOfSpace,
+    ReadOnly,
+    Refusal,
+    Unsupported,
+)
 from .inodes import InodeTable, Key
 from .namespace import (
     BY_TAG,
     FIXED_INODES,
+    NEW,
     ROOT,
     ROOT_ENTRIES,
     Directory,
@@ -43,8 +57,10 @@ from .namespace import (
     file_mode,
     has_readable_size,
 )
+from .naming import sanitize
 from .reader import ImageReader, PrefetchBudget
-from .xattrs import image_xattrs
+from .uploader import ImageUpload
+from .xattrs import image_xattrs, remove_patch, set_patch, tag_operation
 
 __all__ = ["GlanceFS"]
 
@@ -59,10 +75,14 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
 def _errno_of(error: GlanceError) -> int:
     if isinstance(error, NotFound):
         return errno.ENOENT
-    if isinstance(error, Forbidden | Unauthorized):
+    if isinstance(error, Forbidden):
+        return errno.EPERM
+    if isinstance(error, Unauthorized):
         return errno.EACCES
     if isinstance(error, OverLimit):
         return errno.EDQUOT
+    if isinstance(error, BadRequest):
+        return errno.EINVAL
     return errno.EIO
 
 
@@ -96,7 +116,10 @@ def _boundary(
 class _OpenFile:
     inode: int
     image: Image
-    reader: ImageReader | None
+    reader: ImageReader | None = None
+    upload: ImageUpload | None = None
+    #: The image was created by this open (creat in new/): a failed upload deletes it.
+    created: bool = False
 
 
 _DIR_KEYS: dict[Directory, Key] = {d: ("dir", d.kind.value) for d in FIXED_INODES}
@@ -193,7 +216,8 @@ class GlanceFS(pyfuse3.Operations):
         attrs.st_gid = self._config.gid
         attrs.st_blksize = 1024 * 1024  # cp and dd size their buffers by this
         if image is None:
-            attrs.st_mode = stat.S_IFDIR | 0o555
+            writable = key == _key_of_dir(NEW) and not self._config.read_only
+            attrs.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mounted_ns
             return attrs
@@ -248,20 +272,51 @@ class GlanceFS(pyfuse3.Operations):
         key = self._inodes.key_of(inode)
         if key is None or key[0] != "image":
             raise NoEntry(f"inode {inode}")
+        image = await self.catalog.image(key[1], fresh=bool(flags & _WRITE_FLAGS))
         if flags & _WRITE_FLAGS:
-            raise ReadOnly(f"open {key[1]} for writing: this mount is read-only")
-        image = await self.catalog.image(key[1])
-        reader = None
+            return self._open_for_upload(inode, image, created=False)
+        open_file = _OpenFile(inode, image)
         if image.status == "active":
-            reader = ImageReader(
+            open_file.reader = ImageReader(
                 self._client, image, self._nursery, self._budget, verify=self._config.verify
             )
         elif image.status != "queued":
             raise AccessDenied(f"open {image.id}: image is {image.status}, its data is unreadable")
         handle = self._new_handle()
-        self._open_files[handle] = _OpenFile(inode, image, reader)
+        self._open_files[handle] = open_file
         # Active image data never changes, so pages the kernel cached stay valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=image.status == "active")
+
+    def _open_for_upload(self, inode: int, image: Image, *, created: bool) -> pyfuse3.FileInfo:
+        self._refuse_if_read_only(f"write {image.id}")
+        if image.status != "queued":
+            raise AccessDenied(
+                f"write {image.id}: image is {image.status}; only queued images take data"
+            )
+        upload = ImageUpload(
+            self._client, image, image.name or image.id, self._nursery,
+            self._config.default_formats,
+        )  # fmt: skip
+        handle = self._new_handle()
+        self._open_files[handle] = _OpenFile(inode, image, upload=upload, created=created)
+        return pyfuse3.FileInfo(fh=handle, direct_io=True)
+
+    @_boundary
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        text = os.fsdecode(name)
+        self._refuse_if_read_only(f"create {text}")
+        if self._directory(parent_inode) != NEW:
+            raise NotPermitted(f"create {text}: images are created in new/")
+        if text != sanitize(text):
+            raise InvalidArgument(f"create {text!r}: not a name Glance can store")
+        image = await self._client.images.create(name=text)
+        log.info("created image %s (%s) in new/", image.id, text)
+        self.catalog.created_here(image)
+        key = ("image", image.id)
+        inode = self._inodes.remember(key)
+        return self._open_for_upload(inode, image, created=True), self._attributes(key, image)
 
     @_boundary
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -283,10 +338,186 @@ class GlanceFS(pyfuse3.Operations):
     async def _drop_cached_pages(self, inode: int) -> None:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
 
+    @_boundary
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        open_file = self._open_files[fh]
+        if open_file.upload is None:
+            raise AccessDenied(f"write {open_file.image.id}: file is open for reading")
+        try:
+            return await open_file.upload.write(off, buf)
+        except Refusal:
+            await self._fail_upload(open_file)
+            raise
+
+    @_boundary
+    async def flush(self, fh: int) -> None:
+        open_file = self._open_files.get(fh)
+        if open_file is not None and open_file.upload is not None:
+            await self._finish_upload(open_file)
+
+    @_boundary
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.flush(fh)
+
+    async def _finish_upload(self, open_file: _OpenFile) -> None:
+        """Wait for Glance's verdict on the upload; a failure deletes what we created."""
+        upload = open_file.upload
+        assert upload is not None
+        try:
+            image = await upload.finish()
+        except GlanceError as error:
+            await self._fail_upload(open_file)
+            if isinstance(error, OverLimit):
+                raise OutOfSpace(f"upload {upload.image.id}: {error}") from None
+            raise
+        finally:
+            self.catalog.invalidate(upload.image.id)
+            self._nursery.start_soon(self._drop_cached_attributes, open_file.inode)
+        if upload.written:
+            log.info("image %s: %d bytes uploaded and verified", image.id, upload.written)
+
+    async def _fail_upload(self, open_file: _OpenFile) -> None:
+        upload = open_file.upload
+        assert upload is not None
+        await upload.abort()
+        if open_file.created and not self._config.keep_failed:
+            try:
+                await self._client.images.delete(upload.image.id)
+                log.warning("image %s: deleted after its failed upload", upload.image.id)
+            except GlanceError as error:
+                log.warning("image %s: could not delete it: %s", upload.image.id, error)
+        self.catalog.invalidate(upload.image.id)
+
+    async def _drop_cached_attributes(self, inode: int) -> None:
+        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+
     async def release(self, fh: int) -> None:
         open_file = self._open_files.pop(fh, None)
-        if open_file is not None and open_file.reader is not None:
+        if open_file is None:
+            return
+        if open_file.reader is not None:
             await open_file.reader.aclose()
+        if open_file.upload is not None and not open_file.upload.finished:
+            try:
+                await self._finish_upload(open_file)
+            except (GlanceError, Refusal) as error:
+                log.error("upload of image %s failed: %s", open_file.image.id, error)
+
+    # -- changing the catalog ---------------------------------------------------------------
+
+    @_boundary
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        key = self._inodes.key_of(inode)
+        if key is None:
+            raise NoEntry(f"inode {inode}")
+        image = await self.catalog.image(key[1]) if key[0] == "image" else None
+        if fields.update_size:
+            self._refuse_if_read_only(f"truncate {key[1]}")
+            if image is None or image.status != "queued" or attr.st_size != 0:
+                raise AccessDenied(
+                    f"truncate {key[1]}: only an empty queued image can be truncated (to 0)"
+                )
+        # chmod, chown and utime are accepted and ignored, so cp -p, rsync -a and tar x work.
+        return self._attributes(key, image)
+
+    @_boundary
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = os.fsdecode(name)
+        self._refuse_if_read_only(f"rm {text}")
+        _, image = await self._resolve(self._directory(parent_inode), text)
+        if image is None:
+            raise NotPermitted(f"rm {text}: is a directory")
+        if not self._config.allow_delete:
+            raise NotPermitted(f"rm {text}: deleting images needs --allow-delete")
+        if image.get("protected"):
+            raise NotPermitted(f"rm {text}: image {image.id} is protected")
+        await self._client.images.delete(image.id)
+        log.info("deleted image %s (%s)", image.id, text)
+        self.catalog.invalidate(image.id)
+
+    @_boundary
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        old, new = os.fsdecode(name_old), os.fsdecode(name_new)
+        self._refuse_if_read_only(f"mv {old} {new}")
+        if parent_inode_old != parent_inode_new:
+            raise CrossDevice(f"mv {old} {new}: images are renamed within one directory")
+        directory = self._directory(parent_inode_old)
+        if directory.kind in (DirKind.BY_ID, DirKind.BY_TAG):
+            raise NotPermitted(f"mv {old} {new}: names in {directory.kind.value}/ are fixed")
+        _, image = await self._resolve(directory, old)
+        if image is None:
+            raise NotPermitted(f"mv {old}: directories cannot be renamed")
+        if new != sanitize(new) or (directory == ROOT and new in ROOT_ENTRIES):
+            raise InvalidArgument(f"mv {old} {new!r}: not a name Glance can store")
+        try:
+            _, target = await self._resolve(directory, new)
+        except NoEntry:
+            target = None
+        if target is not None and target.id != image.id:
+            if flags & pyfuse3.RENAME_NOREPLACE:
+                raise Exists(f"mv {old} {new}: {new} exists")
+            if not self._config.allow_delete:
+                raise NotPermitted(
+                    f"mv {old} {new}: replacing image {target.id} needs --allow-delete"
+                )
+            await self._client.images.delete(target.id)
+            log.info("deleted image %s (%s), replaced by %s", target.id, new, image.id)
+            self.catalog.invalidate(target.id)
+        await self._client.images.update(image.id, name=new)
+        log.info("renamed image %s: %s -> %s", image.id, old, new)
+        self.catalog.invalidate(image.id)
+
+    @_boundary
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._refuse_if_read_only("mkdir")
+        raise NotPermitted(f"mkdir {os.fsdecode(name)}: the directory tree is fixed")
+
+    @_boundary
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        self._refuse_if_read_only("rmdir")
+        raise NotPermitted(f"rmdir {os.fsdecode(name)}: the directory tree is fixed")
+
+    @_boundary
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._refuse_if_read_only("symlink")
+        raise NotPermitted(f"symlink {os.fsdecode(name)}: images are regular files only")
+
+    @_boundary
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._refuse_if_read_only("link")
+        raise NotPermitted(f"link {os.fsdecode(new_name)}: images have exactly one name")
+
+    @_boundary
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        self._refuse_if_read_only("mknod")
+        raise NotPermitted(f"mknod {os.fsdecode(name)}: images are regular files only")
+
+    def _refuse_if_read_only(self, what: str) -> None:
+        if self._config.read_only:
+            raise ReadOnly(f"{what}: the mount is read-only")
 
     # -- extended attributes ----------------------------------------------------------------
 
@@ -310,6 +541,48 @@ class GlanceFS(pyfuse3.Operations):
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         image = await self._image_of(inode)
         return [os.fsencode(n) for n in image_xattrs(image)] if image else []
+
+    @_boundary
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        text = os.fsdecode(name)
+        self._refuse_if_read_only(f"setfattr {text}")
+        image = await self._image_for_change(inode, text)
+        single_tag = tag_operation(text, value)
+        try:
+            if single_tag is not None:
+                operation, tag = single_tag
+                if operation == "add":
+                    await self._client.image_tags.update(image.id, tag)
+                else:
+                    await self._client.image_tags.delete(image.id, tag)
+            else:
+                await self._client.images.patch(image.id, set_patch(image, text, value))
+        except OverLimit as error:
+            raise OutOfSpace(f"setfattr {text} on {image.id}: {error}") from None
+        finally:
+            self.catalog.invalidate(image.id)
+        log.info("image %s: set %s", image.id, text)
+
+    @_boundary
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        text = os.fsdecode(name)
+        self._refuse_if_read_only(f"setfattr -x {text}")
+        image = await self._image_for_change(inode, text)
+        try:
+            await self._client.images.patch(image.id, remove_patch(image, text))
+        finally:
+            self.catalog.invalidate(image.id)
+        log.info("image %s: removed %s", image.id, text)
+
+    async def _image_for_change(self, inode: int, what: str) -> Image:
+        key = self._inodes.key_of(inode)
+        if key is None:
+            raise NoEntry(f"inode {inode}")
+        if key[0] != "image":
+            raise Unsupported(f"setfattr {what}: directories have no attributes")
+        return await self.catalog.image(key[1], fresh=True)
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

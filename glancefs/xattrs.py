@@ -5,6 +5,10 @@ Every field of the record that has a value becomes ``user.<field>``: core fields
 properties (``user.os_distro``, ...). Values are text: booleans ``true``/``false``, numbers in
 decimal, lists comma-separated (``user.tags``, sorted: Glance keeps tags as a set). Fields that
 are null (the checksum of a queued image) have no attribute, so reading them gives ENODATA.
+
+Changing them (``setfattr``) goes the other way: :func:`set_patch` and :func:`remove_patch` turn
+one attribute change into one JSON-patch, refusing read-only fields (EPERM), bad values (EINVAL)
+and other namespaces (ENOTSUP) before anything is sent.
 """
 
 from __future__ import annotations
@@ -12,7 +16,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["PREFIX", "image_xattrs"]
+from .errors import InvalidArgument, NoAttribute, NotPermitted, Unsupported
+
+__all__ = ["PREFIX", "image_xattrs", "remove_patch", "set_patch", "tag_operation"]
 
 PREFIX = "user."
 
@@ -38,3 +44,119 @@ def image_xattrs(record: Mapping[str, Any]) -> dict[str, bytes]:
         if text is not None:
             attrs[PREFIX + key] = text.encode("utf-8", "surrogateescape")
     return attrs
+
+
+#: Fields Glance computes or owns: setting or removing them is refused (EPERM).
+READ_ONLY_FIELDS = frozenset(
+    {"id", "status", "checksum", "os_hash_algo", "os_hash_value", "size", "virtual_size",
+     "created_at", "updated_at", "owner", "self", "file", "schema", "direct_url", "locations",
+     "stores"}
+)  # fmt: skip
+#: Formats Glance accepts (its defaults); they may change only while the image is queued.
+DISK_FORMATS = frozenset(
+    {"ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop"}
+)
+CONTAINER_FORMATS = frozenset({"ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed"})
+VISIBILITIES = frozenset({"public", "private", "shared", "community"})
+#: Write-only names that add or remove a single tag: ``setfattr -n user.tags.add -v TAG``.
+TAG_ADD = "tags.add"
+TAG_REMOVE = "tags.remove"
+
+Patch = list[dict[str, Any]]
+
+
+def _field_name(name: str) -> str:
+    if not name.startswith(PREFIX):
+        raise Unsupported(f"{name}: only the user. namespace holds image fields")
+    key = name[len(PREFIX) :]
+    if not key:
+        raise InvalidArgument(f"{name}: empty field name")
+    return key
+
+
+def _text_value(name: str, value: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument(f"{name}: the value is not UTF-8 text") from None
+
+
+def _boolean(name: str, text: str) -> bool:
+    if text.lower() in ("true", "1", "yes"):
+        return True
+    if text.lower() in ("false", "0", "no"):
+        return False
+    raise InvalidArgument(f"{name}: expected true or false, got {text!r}")
+
+
+def _non_negative(name: str, text: str) -> int:
+    if not text.isdigit():
+        raise InvalidArgument(f"{name}: expected a whole number >= 0, got {text!r}")
+    return int(text)
+
+
+def _one_of(name: str, text: str, allowed: frozenset[str]) -> str:
+    if text not in allowed:
+        raise InvalidArgument(f"{name}: {text!r} is not one of {', '.join(sorted(allowed))}")
+    return text
+
+
+def set_patch(record: Mapping[str, Any], name: str, value: bytes) -> Patch:
+    """The JSON-patch that makes xattr ``name`` read ``value``; refusals raise.
+
+    Writable core fields are converted and checked strictly, so a bad value changes nothing.
+    ``user.tags`` replaces the whole tag list; ``user.tags.add``/``user.tags.remove`` are handled
+    by the caller (single-tag calls of their own).
+    """
+    key = _field_name(name)
+    text = _text_value(name, value)
+    if key in READ_ONLY_FIELDS:
+        raise NotPermitted(f"{name}: {key} is read-only")
+    converted: Any = text
+    if key == "tags":
+        converted = sorted({t.strip() for t in text.split(",") if t.strip()})
+    elif key in ("protected", "os_hidden"):
+        converted = _boolean(name, text)
+    elif key in ("min_ram", "min_disk"):
+        converted = _non_negative(name, text)
+    elif key == "visibility":
+        converted = _one_of(name, text, VISIBILITIES)
+    elif key in ("disk_format", "container_format"):
+        if record.get("status") != "queued":
+            raise NotPermitted(f"{name}: formats can change only while the image is queued")
+        allowed = DISK_FORMATS if key == "disk_format" else CONTAINER_FORMATS
+        converted = _one_of(name, text, allowed)
+    elif key == "name" and not text:
+        raise InvalidArgument(f"{name}: an image name cannot be empty here")
+    op = "replace" if record.get(key) is not None or key in CORE_WRITABLE else "add"
+    return [{"op": op, "path": f"/{key}", "value": converted}]
+
+
+#: Core fields that always exist in a record, so they are replaced rather than added.
+CORE_WRITABLE = frozenset(
+    {"name", "visibility", "protected", "min_ram", "min_disk", "os_hidden", "tags",
+     "disk_format", "container_format"}
+)  # fmt: skip
+
+
+def remove_patch(record: Mapping[str, Any], name: str) -> Patch:
+    """The JSON-patch that removes xattr ``name`` (a custom property, or every tag)."""
+    key = _field_name(name)
+    if key == "tags":
+        return [{"op": "replace", "path": "/tags", "value": []}]
+    if key in READ_ONLY_FIELDS or key in CORE_WRITABLE:
+        raise NotPermitted(f"{name}: {key} is a core field and cannot be removed")
+    if key not in record:
+        raise NoAttribute(name)
+    return [{"op": "remove", "path": f"/{key}"}]
+
+
+def tag_operation(name: str, value: bytes) -> tuple[str, str] | None:
+    """``("add"|"remove", tag)`` for the single-tag names, None for any other name."""
+    key = _field_name(name)
+    if key not in (TAG_ADD, TAG_REMOVE):
+        return None
+    tag = _text_value(name, value).strip()
+    if not tag or "," in tag:
+        raise InvalidArgument(f"{name}: expected one tag, got {tag!r}")
+    return ("add" if key == TAG_ADD else "remove"), tag

@@ -1,0 +1,37 @@
+"""``client.image_tags``: add and remove one tag of an image.
+
+Glance replaces an image's tags as a whole list in a PATCH (``images.update(id, tags=[...])``);
+these calls change a single tag without reading the list first, so concurrent taggers do not
+overwrite each other. Both are idempotent: adding a present tag or removing an absent one... see
+:meth:`ImageTagsManager.delete` for the one exception.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from ._records import segment
+
+if TYPE_CHECKING:
+    from ._client import Client
+
+__all__ = ["ImageTagsManager"]
+
+
+class ImageTagsManager:
+    """``client.image_tags``, as in python-glanceclient."""
+
+    def __init__(self, client: Client) -> None:
+        self._client = client
+
+    async def update(self, image_id: str, tag_value: str) -> None:
+        """Add ``tag_value`` to the image's tags (nothing changes when it is already there)."""
+        await self._client.request(
+            "PUT", f"/v2/images/{segment(image_id)}/tags/{segment(tag_value)}"
+        )
+
+    async def delete(self, image_id: str, tag_value: str) -> None:
+        """Remove ``tag_value`` from the image's tags; :class:`~glancefs.NotFound` if absent."""
+        await self._client.request(
+            "DELETE", f"/v2/images/{segment(image_id)}/tags/{segment(tag_value)}"
+        )
