@@ -55,10 +55,14 @@ class Catalog:
         #: Images created in new/ by this mount, and when: new/ lists them for a while after
         #: their upload, so that tools which write a temporary name and rename it work.
         self._created: dict[str, float] = {}
+        #: Images being deleted after a failed upload: never shown again.
+        self._hidden: set[str] = set()
 
     async def image(self, image_id: str, *, fresh: bool = False) -> Image:
         """The image's record; :class:`~glancefs.NotFound` when it is gone or hidden."""
         now = self._clock()
+        if image_id in self._hidden:
+            raise NotFound(404, f"image {image_id} is being deleted")
         if not fresh:
             cached = self._images.get(image_id)
             if cached and now - cached[0] < self._config.metadata_ttl:
@@ -107,7 +111,7 @@ class Catalog:
         async for image in self._client.images.list(
             sort=query.sort, filters=_group(query.filters), limit=query.limit
         ):
-            if image.status in HIDDEN_STATUSES:
+            if image.status in HIDDEN_STATUSES or image.id in self._hidden:
                 continue
             images.append(image)
             self._images[image.id] = (now, image)
@@ -140,6 +144,12 @@ class Catalog:
             except NotFound:
                 del self._created[image_id]
         return images
+
+    def hide(self, image_id: str) -> None:
+        """Never show this image again (it is left over from a failed upload, to be deleted)."""
+        self._hidden.add(image_id)
+        self._created.pop(image_id, None)
+        self.invalidate(image_id)
 
     def invalidate(self, image_id: str | None = None) -> None:
         """Forget listings, and the record of ``image_id``, after glancefs changed something."""

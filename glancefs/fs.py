@@ -345,8 +345,8 @@ class GlanceFS(pyfuse3.Operations):
             raise AccessDenied(f"write {open_file.image.id}: file is open for reading")
         try:
             return await open_file.upload.write(off, buf)
-        except Refusal:
-            await self._fail_upload(open_file)
+        except (Refusal, GlanceError) as error:
+            await self._fail_upload(open_file, str(error))
             raise
 
     @_boundary
@@ -366,7 +366,7 @@ class GlanceFS(pyfuse3.Operations):
         try:
             image = await upload.finish()
         except GlanceError as error:
-            await self._fail_upload(open_file)
+            await self._fail_upload(open_file, str(error))
             if isinstance(error, OverLimit):
                 raise OutOfSpace(f"upload {upload.image.id}: {error}") from None
             raise
@@ -376,17 +376,38 @@ class GlanceFS(pyfuse3.Operations):
         if upload.written:
             log.info("image %s: %d bytes uploaded and verified", image.id, upload.written)
 
-    async def _fail_upload(self, open_file: _OpenFile) -> None:
+    async def _fail_upload(self, open_file: _OpenFile, reason: str) -> None:
         upload = open_file.upload
         assert upload is not None
-        await upload.abort()
+        await upload.abort(reason)
         if open_file.created and not self._config.keep_failed:
+            open_file.created = False  # delete once, however often the failure is reported
+            self.catalog.hide(upload.image.id)
             try:
                 await self._client.images.delete(upload.image.id)
                 log.warning("image %s: deleted after its failed upload", upload.image.id)
             except GlanceError as error:
-                log.warning("image %s: could not delete it: %s", upload.image.id, error)
+                log.warning(
+                    "image %s: cannot delete it yet (%s); will retry", upload.image.id, error
+                )
+                self._nursery.start_soon(self._delete_when_possible, upload.image.id)
         self.catalog.invalidate(upload.image.id)
+
+    async def _delete_when_possible(self, image_id: str) -> None:
+        """Delete a failed upload's image once Glance answers again (it may be down now)."""
+        delay = 1.0
+        for _ in range(30):
+            await trio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+            try:
+                await self._client.images.delete(image_id)
+            except NotFound:
+                return
+            except GlanceError:
+                continue
+            log.warning("image %s: deleted after its failed upload", image_id)
+            return
+        log.error("image %s: gave up deleting the image of a failed upload", image_id)
 
     async def _drop_cached_attributes(self, inode: int) -> None:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)

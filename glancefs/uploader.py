@@ -119,9 +119,11 @@ class ImageUpload:
             self._error = error
             raise
 
-    async def abort(self) -> None:
+    async def abort(self, reason: str) -> None:
         """Stop the upload without finishing it; Glance puts the image back to queued."""
         self.finished = True
+        if self._error is None:
+            self._error = UploadFailed(f"image {self.image.id}: upload aborted: {reason}")
         if self._send is not None:
             await self._send.aclose()
 
