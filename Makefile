@@ -7,7 +7,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoi
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lab lint types unit integration test demo demo-stop bench clean
+.PHONY: all deps venv lab lab-glance lint types unit integration test demo demo-stop bench clean
 
 all: test
 
@@ -28,13 +28,16 @@ $(VENV)/.installed: pyproject.toml | deps
 
 venv: $(VENV)/.installed
 
-# The pinned Glance (and Keystone) in their own cached virtualenvs under .cache/lab.
+# The pinned Glance (and Keystone, for the auth tests) in cached virtualenvs under .cache/lab.
 lab: venv
-	$(PY) -m lab venvs --keystone
+	@$(PY) -m lab venvs --keystone >/dev/null
+
+lab-glance: venv
+	@$(PY) -m lab venvs >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check glancefs tests lab bench
-	$(VENV)/bin/ruff format --check glancefs tests lab bench
+	$(VENV)/bin/ruff check glancefs tests lab
+	$(VENV)/bin/ruff format --check glancefs tests lab
 
 types: venv
 	$(VENV)/bin/mypy glancefs
@@ -48,7 +51,7 @@ integration: lab
 test: lint types lab
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-demo: lab
+demo: lab-glance
 	@$(PY) -m lab.demo start --dir $(DEMO_DIR) --mountpoint mnt
 
 demo-stop: venv
@@ -57,5 +60,6 @@ demo-stop: venv
 bench: lab
 	$(PY) -m bench
 
-clean: demo-stop
+clean:
+	@if [ -x $(PY) ]; then $(PY) -m lab.demo stop --dir $(DEMO_DIR) --mountpoint mnt; fi
 	rm -rf $(VENV) .cache $(DEMO_DIR) .mypy_cache .ruff_cache .pytest_cache

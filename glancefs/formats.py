@@ -81,7 +81,8 @@ def choose_formats(name: str, head: bytes, default: Formats = ("raw", "bare")) -
     if detected in INSPECTED_FORMATS:
         container = by_name[1] if by_name and by_name[0] == detected else "bare"
         return detected, container
-    if by_name and by_name[0] in INSPECTED_FORMATS and detected == "raw":
+    contradicted = by_name is not None and by_name[1] == "bare" and by_name[0] in INSPECTED_FORMATS
+    if contradicted and detected == "raw":
         # The name promises a format the data is not: Glance would refuse the upload (415)
         # after receiving all of it. Store what the data is.
         return "raw", "bare"
