@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from .catalog import Catalog
 from .config import MountConfig
 from .fs import GlanceFS
 
-__all__ = ["MountError", "serve", "tune_kernel"]
+__all__ = ["MountError", "notify_systemd", "serve", "tune_kernel"]
 
 log = logging.getLogger("glancefs.mount")
 
@@ -57,6 +58,18 @@ def tune_kernel(mountpoint: str) -> None:
             (paths[group] / leaf).write_text(value)
         except OSError as error:
             log.debug("could not set %s to %s: %s", name, value, error.strerror)
+
+
+def notify_systemd() -> None:
+    """Tell systemd the mount is ready (``Type=notify`` units); a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):  # an abstract socket
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.connect(address)
+        sock.sendall(b"READY=1")
 
 
 async def check_reachable(client: Client) -> None:

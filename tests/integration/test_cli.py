@@ -123,3 +123,26 @@ def test_dash_o_options(glance: GlanceServer, api: GlanceAPI, mount_glancefs: Mo
         assert error.errno == 30  # EROFS
     else:
         raise AssertionError("read-only mount accepted a create")
+
+
+def test_systemd_notify_after_the_mount_is_ready(glance: GlanceServer, tmp_path: Path) -> None:
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
+        listener.bind(address)
+        listener.settimeout(30)
+        mountpoint = tmp_path / "mnt"
+        mountpoint.mkdir()
+        proc = subprocess.Popen(
+            [GLANCEFS, "mount", "-f", "--os-image-url", glance.url, str(mountpoint)],
+            env={**_clean_env(), "NOTIFY_SOCKET": address},
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert listener.recv(64) == b"READY=1"
+            assert os.path.ismount(mountpoint)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=20) == 0
+            assert not os.path.ismount(mountpoint)
