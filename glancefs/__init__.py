@@ -27,6 +27,11 @@ from ._exceptions import (
     UnsupportedMediaType,
 )
 from ._images import Image, ImageData
+from ._members import Member
+from ._metadefs import MetadefObject, MetadefProperty, MetadefTag, Namespace, ResourceType
+from ._records import Record
+from ._schemas import Schema
+from ._tasks import Task
 from ._version import __version__
 
 __all__ = [
@@ -42,12 +47,21 @@ __all__ = [
     "Image",
     "ImageData",
     "IntegrityError",
+    "Member",
+    "MetadefObject",
+    "MetadefProperty",
+    "MetadefTag",
+    "Namespace",
     "NotFound",
     "OverLimit",
     "RangeNotSatisfiable",
+    "Record",
+    "ResourceType",
+    "Schema",
     "ServerError",
     "ServiceUnavailable",
     "SessionAuth",
+    "Task",
     "Timeout",
     "TokenAuth",
     "TransportError",

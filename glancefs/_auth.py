@@ -12,13 +12,19 @@ answered 401, so that a fresh token is fetched and the request retried once. Two
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import re
+from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import trio
 
-from ._exceptions import AuthError
+from ._exceptions import AuthError, ConnectError
 
 __all__ = ["Auth", "SessionAuth", "TokenAuth"]
+
+log = logging.getLogger("glancefs.auth")
 
 
 class Auth(Protocol):
@@ -32,8 +38,12 @@ class Auth(Protocol):
         """Headers that authenticate one request (may renew the token first)."""
         ...
 
-    async def invalidate(self) -> bool:
-        """Forget the current token after a 401; True when a retry may now succeed."""
+    async def invalidate(self, token: str | None = None) -> bool:
+        """Forget ``token`` after Glance refused it (401); True when a retry may now succeed.
+
+        When a newer token than ``token`` is already in use (another request re-authenticated
+        meanwhile), nothing is forgotten: a burst of 401s costs one re-authentication.
+        """
         ...
 
     def secrets(self) -> list[str]:
@@ -63,7 +73,7 @@ class TokenAuth:
     async def headers(self) -> dict[str, str]:
         return {"X-Auth-Token": self._token} if self._token else {}
 
-    async def invalidate(self) -> bool:
+    async def invalidate(self, token: str | None = None) -> bool:
         return False
 
     def secrets(self) -> list[str]:
@@ -74,22 +84,32 @@ class SessionAuth:
     """Endpoint and tokens from a keystoneauth1 ``Session`` (clouds.yaml, ``OS_*`` variables).
 
     ``interface`` and ``region_name`` choose the catalog entry; ``endpoint_override`` skips the
-    catalog (``--os-image-url`` with Keystone credentials).
+    catalog (``--os-image-url`` with Keystone credentials). ``secrets`` are further values to keep
+    out of logs (the password the session authenticates with).
+
+    keystoneauth1 renews a token that expires within 120 s whenever headers are asked for, so a
+    mount stays authenticated for as long as its credentials are valid. Its errors (Keystone
+    unreachable, credentials refused, a certificate problem) become :class:`AuthError` or
+    :class:`~glancefs.ConnectError` with one clean line.
     """
 
     def __init__(
         self,
         session: Any,
         *,
-        interface: str = "public",
+        interface: str | list[str] = "public",
         region_name: str | None = None,
         endpoint_override: str | None = None,
+        secrets: Iterable[str] = (),
     ) -> None:
         self._session = session
         self._interface = interface
         self._region_name = region_name
         self._endpoint = strip_version(endpoint_override) if endpoint_override else None
         self._known_tokens: list[str] = []
+        self._secrets = [s for s in secrets if s]
+        self._current: str | None = None
+        self._renewing = trio.Lock()
 
     async def endpoint(self) -> str:
         if self._endpoint is None:
@@ -98,25 +118,102 @@ class SessionAuth:
         return self._endpoint
 
     def _catalog_endpoint(self) -> str:
-        url = self._session.get_endpoint(
-            service_type="image", interface=self._interface, region_name=self._region_name
-        )
+        with _keystone_errors(self.secrets()):
+            url = self._session.get_endpoint(
+                service_type="image", interface=self._interface, region_name=self._region_name
+            )
         if not url:
+            interface = self._interface
+            if not isinstance(interface, str):
+                interface = ",".join(interface)
             raise AuthError(
-                f"no image endpoint in the service catalog (interface {self._interface}, "
+                f"no image endpoint in the service catalog (interface {interface}, "
                 f"region {self._region_name or 'any'})"
             )
         return str(url)
 
     async def headers(self) -> dict[str, str]:
-        headers: dict[str, str] = await trio.to_thread.run_sync(self._session.get_auth_headers)
+        return await trio.to_thread.run_sync(self._headers)
+
+    def _headers(self) -> dict[str, str]:
+        """In a worker thread: the current token, fetching a new one when needed."""
+        with _keystone_errors(self.secrets()):
+            headers = dict(self._session.get_auth_headers() or {})
         token = headers.get("X-Auth-Token")
         if token and token not in self._known_tokens:
             self._known_tokens = [*self._known_tokens[-7:], token]
-        return dict(headers)
+            self._log_new_token()
+        if token:
+            self._current = token
+        return headers
 
-    async def invalidate(self) -> bool:
-        return bool(await trio.to_thread.run_sync(self._session.invalidate))
+    def _log_new_token(self) -> None:
+        try:
+            access = self._session.auth.get_access(self._session)
+            who = f"user {access.username or access.user_id}"
+            if access.project_name or access.project_id:
+                who += f", project {access.project_name or access.project_id}"
+            expires = access.expires.isoformat(timespec="seconds") if access.expires else "never"
+        except Exception:  # only for the log line: never let it fail a request
+            who, expires = "?", "?"
+        log.info("authenticated with Keystone (%s); token expires %s", who, expires)
+
+    async def invalidate(self, token: str | None = None) -> bool:
+        async with self._renewing:
+            if token is not None and self._current is not None and token != self._current:
+                return True  # a concurrent request already got a new token
+            if not await trio.to_thread.run_sync(self._session.invalidate):
+                return False
+            await self.headers()  # under the lock: concurrent 401s see the new token
+            return True
 
     def secrets(self) -> list[str]:
-        return list(self._known_tokens)
+        return [*self._secrets, *self._known_tokens]
+
+
+@contextlib.contextmanager
+def _keystone_errors(secrets: list[str]) -> Iterator[None]:
+    """Turn keystoneauth1's exceptions into glancefs's, with one clean line and no secret."""
+    from keystoneauth1 import exceptions as ks
+
+    try:
+        yield
+    except ks.SSLError as error:
+        reason = _ssl_reason(error)
+        raise ConnectError(_clean(f"Keystone: certificate problem: {reason}", secrets)) from None
+    except ks.ConnectionError as error:  # refused, timed out, DNS...
+        raise ConnectError(_clean(f"Keystone: {_connect_reason(error)}", secrets)) from None
+    except ks.Unauthorized:
+        raise AuthError("Keystone refused the credentials (401)") from None
+    except ks.EndpointNotFound as error:
+        raise AuthError(_clean(f"service catalog: {error}", secrets)) from None
+    except ks.ClientException as error:
+        raise AuthError(_clean(f"Keystone: {error}", secrets)) from None
+
+
+def _ssl_reason(error: BaseException) -> str:
+    """The innermost ``[SSL: ...]`` text of a wrapped certificate failure."""
+    text = str(error)
+    start = text.find("[SSL")
+    if start < 0:
+        return text
+    end = text.find(")", text.find("]", start))
+    return text[start : end + 1 if end > 0 else len(text)]
+
+
+def _connect_reason(error: BaseException) -> str:
+    """keystoneauth1's "Unable to establish connection to URL: <requests' long story>", short."""
+    text = str(error)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")]*", text)
+    if errno is None:
+        return text
+    head = text.split(": ", 1)[0] if ": " in text else text
+    return f"{head}: {errno.group(0).strip()}"
+
+
+def _clean(text: str, secrets: list[str]) -> str:
+    text = " ".join(text.split())
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text

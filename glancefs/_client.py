@@ -10,7 +10,8 @@ Pitfalls:
 * Only idempotent requests (GET, HEAD, PUT of a replayable body, DELETE) are retried after a
   transport failure or a 502/503/504; a POST or a streamed upload is never sent twice.
 * A 401 invalidates the token and retries once, when the auth source can fetch a new token and the
-  body can be sent again.
+  body can be sent again. A streamed body cannot, so with Keystone a cheap authenticated GET goes
+  first: Glance checks the token only when a request starts, and an upload may outlive it.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import ssl
 import time
 from collections.abc import AsyncIterable, Mapping
 from types import TracebackType
@@ -74,8 +76,8 @@ class Client:
 
     ``timeout`` bounds every wait for Glance (connect, and each read of a response); ``retries`` is
     how often an idempotent request is repeated after a transport failure or a 502/503/504.
-    ``verify`` is True, False or the path of a CA bundle; ``cert`` a client certificate file or a
-    ``(cert, key)`` pair.
+    ``verify`` is True, False, the path of a CA bundle or an ``ssl.SSLContext``; ``cert`` a client
+    certificate file or a ``(cert, key)`` pair.
     """
 
     def __init__(
@@ -87,7 +89,7 @@ class Client:
         auth: Auth | None = None,
         timeout: float = 30.0,
         retries: int = 3,
-        verify: bool | str = True,
+        verify: bool | str | ssl.SSLContext = True,
         cert: str | tuple[str, str] | None = None,
         max_connections: int = 32,
     ) -> None:
@@ -111,8 +113,30 @@ class Client:
             follow_redirects=False,
         )
         from ._images import ImagesManager
+        from ._info import InfoManager
+        from ._members import ImageMembersManager
+        from ._metadefs import (
+            NamespacesManager,
+            ObjectsManager,
+            PropertiesManager,
+            ResourceTypesManager,
+            TagsManager,
+        )
+        from ._schemas import SchemasManager
+        from ._tags import ImageTagsManager
+        from ._tasks import TasksManager
 
         self.images = ImagesManager(self)
+        self.image_tags = ImageTagsManager(self)
+        self.image_members = ImageMembersManager(self)
+        self.tasks = TasksManager(self)
+        self.info = InfoManager(self)
+        self.schemas = SchemasManager(self)
+        self.metadefs_namespace = NamespacesManager(self)
+        self.metadefs_object = ObjectsManager(self)
+        self.metadefs_property = PropertiesManager(self)
+        self.metadefs_tag = TagsManager(self)
+        self.metadefs_resource_type = ResourceTypesManager(self)
 
     async def __aenter__(self) -> Client:
         return self
@@ -151,6 +175,11 @@ class Client:
         Raises a :class:`~glancefs.GlanceError` subclass for anything else.
         """
         replayable = not isinstance(content, AsyncIterable)
+        if not replayable and not isinstance(self.auth, TokenAuth):
+            # A streamed body cannot be sent again after a 401, and Glance checks the token
+            # only when the request starts (an upload may then outlive it): make sure the token
+            # is accepted right now, re-authenticating if it is not.
+            await self.request("GET", "/v2/images", params={"limit": 1})
         retry_transport = method in _IDEMPOTENT and replayable
         attempts = 1 + (self.retries if retry_transport else 0)
         reauthenticated = False
@@ -171,7 +200,7 @@ class Client:
             error = await self._error_from(response)
             if isinstance(error, Unauthorized) and replayable and not reauthenticated:
                 reauthenticated = True
-                if await self.auth.invalidate():
+                if await self.auth.invalidate(response.request.headers.get("X-Auth-Token")):
                     log.info("token refused (401): re-authenticating once")
                     attempt -= 1
                     continue

@@ -5,8 +5,12 @@ Names follow python-glanceclient's ``client.images`` so that its users find thei
 
 from __future__ import annotations
 
+import builtins
+import io
 import json as jsonlib
+import os
 import re
+import stat
 from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -20,6 +24,7 @@ from ._integrity import Verifier
 
 if TYPE_CHECKING:
     from ._client import Client
+    from ._tasks import Task
 
 __all__ = ["CORE_FIELDS", "Image", "ImageData", "ImagesManager", "parse_time"]
 
@@ -34,6 +39,8 @@ CORE_FIELDS = frozenset(
 )  # fmt: skip
 
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
+#: What :meth:`ImagesManager.upload` and :meth:`ImagesManager.stage` accept as data.
+UploadData = bytes | bytearray | memoryview | BinaryIO | AsyncIterable[bytes]
 PAGE_SIZE_MAX = 1000  # Glance's default api_limit_max
 
 
@@ -66,6 +73,8 @@ class Image(Mapping[str, Any]):
         return len(self._record)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):  # copy and pickle probe dunders before _record exists
+            raise AttributeError(name)
         try:
             return self._record[name]
         except KeyError:
@@ -159,7 +168,7 @@ class ImagesManager:
         self,
         *,
         sort: str | None = None,
-        filters: Mapping[str, str | Sequence[str]] | None = None,
+        filters: Mapping[str, str | bool | int | Sequence[str]] | None = None,
         limit: int | None = None,
         page_size: int = PAGE_SIZE_MAX,
         marker: str | None = None,
@@ -167,13 +176,17 @@ class ImagesManager:
         """Every image matching ``filters`` in ``sort`` order, fetched a page at a time.
 
         ``sort`` is Glance's ``key:dir,key:dir`` syntax; ``filters`` are Glance's query parameters
-        (a sequence value repeats the parameter, as several ``tag`` filters do); ``limit`` caps the
-        total; ``marker`` starts after that image id. Pages follow Glance's ``next`` links.
+        (a sequence value repeats the parameter, as several ``tag`` filters do; booleans are sent
+        as ``true``/``false``); ``limit`` caps the total; ``marker`` starts after that image id.
+        Pages follow Glance's ``next`` links. Hidden images (``os_hidden``) are left out unless
+        ``filters={"os_hidden": True}``, which lists only them.
         """
+        if limit is not None and limit <= 0:
+            return
         params: list[tuple[str, str]] = []
         for key, value in (filters or {}).items():
-            values = [value] if isinstance(value, str) else list(value)
-            params.extend((key, v) for v in values)
+            values = [value] if isinstance(value, str | bool | int) else list(value)
+            params.extend((key, _query_value(v)) for v in values)
         if sort:
             params.append(("sort", sort))
         if marker:
@@ -242,33 +255,106 @@ class ImagesManager:
     async def upload(
         self,
         image_id: str,
-        data: bytes | BinaryIO | AsyncIterable[bytes],
+        data: UploadData,
         size: int | None = None,
+        *,
+        backend: str | None = None,
     ) -> None:
         """Upload the image's data in one streamed request; returns once Glance has accepted it.
 
         ``data`` is bytes, a binary file (read in 8 MiB pieces in a worker thread) or an async
-        iterable of bytes; ``size``, when known, is sent as Content-Length.
+        iterable of bytes; ``size``, when known, is sent as Content-Length (a regular file's size
+        is found by itself), else the body is sent chunked. ``backend`` names the store to write
+        to when Glance has several. Bytes are sent again after a transport failure; a file or an
+        iterable is sent once.
         """
-        await self._put_data(f"/v2/images/{image_id}/file", data, size)
+        headers = {"X-Image-Meta-Store": backend} if backend else {}
+        await self._put_data(f"/v2/images/{image_id}/file", data, size, headers)
 
-    async def stage(
-        self,
-        image_id: str,
-        data: bytes | BinaryIO | AsyncIterable[bytes],
-        size: int | None = None,
-    ) -> None:
-        """Upload data to the staging area, for a later ``glance-direct`` import."""
-        await self._put_data(f"/v2/images/{image_id}/stage", data, size)
+    async def stage(self, image_id: str, data: UploadData, size: int | None = None) -> None:
+        """Upload data to the staging area for a later ``glance-direct`` :meth:`image_import`.
+
+        ``data`` and ``size`` are as for :meth:`upload`; the image goes from ``queued`` to
+        ``uploading``.
+        """
+        await self._put_data(f"/v2/images/{image_id}/stage", data, size, {})
 
     async def _put_data(
-        self, path: str, data: bytes | BinaryIO | AsyncIterable[bytes], size: int | None
+        self, path: str, data: UploadData, size: int | None, extra: Mapping[str, str]
     ) -> None:
-        headers = {"Content-Type": "application/octet-stream"}
+        headers = {"Content-Type": "application/octet-stream", **extra}
+        body: bytes | AsyncIterable[bytes]
+        if isinstance(data, bytes | bytearray | memoryview):
+            body = bytes(data)
+        elif isinstance(data, AsyncIterable):
+            body = data
+        else:
+            if size is None:
+                size = _remaining_file_size(data)
+            body = _read_file(data)
         if size is not None:
             headers["Content-Length"] = str(size)
-        body = data if isinstance(data, bytes | AsyncIterable) else _read_file(data)
         await self._client.request("PUT", path, content=body, headers=headers)
+
+    async def image_import(
+        self,
+        image_id: str,
+        method: str = "glance-direct",
+        uri: str | None = None,
+        *,
+        stores: Sequence[str] | None = None,
+        all_stores: bool | None = None,
+        allow_failure: bool = True,
+        backend: str | None = None,
+        remote_region: str | None = None,
+        remote_image_id: str | None = None,
+        remote_service_interface: str | None = None,
+    ) -> None:
+        """Start an interoperable import; Glance answers at once and imports in the background.
+
+        ``method`` is one of :meth:`InfoManager.import_methods`: ``glance-direct`` (the data
+        :meth:`stage` uploaded), ``web-download`` (Glance fetches ``uri``), ``copy-image`` (copy an
+        active image's data to further ``stores``) or ``glance-download`` (from another region:
+        ``remote_region``, ``remote_image_id``, ``remote_service_interface``). ``stores`` or
+        ``all_stores`` choose target stores; with ``allow_failure=False`` the import fails
+        unless every store succeeds; ``backend`` is the single target store (an older header).
+
+        Poll :meth:`get` until ``status`` is ``active``. A failed import puts the image back in
+        its earlier status (``queued`` for web-download) and lists the store that failed in
+        ``os_glance_failed_import``; :meth:`get_associated_image_tasks` tells why.
+        """
+        body: dict[str, Any] = {"method": {"name": method}}
+        if uri is not None:
+            body["method"]["uri"] = uri
+        for key, value in (
+            ("glance_region", remote_region),
+            ("glance_image_id", remote_image_id),
+            ("glance_service_interface", remote_service_interface),
+        ):
+            if value is not None:
+                body["method"][key] = value
+        if stores is not None:
+            body["stores"] = list(stores)
+        if all_stores is not None:
+            body["all_stores"] = all_stores
+        if stores is not None or all_stores is not None:
+            body["all_stores_must_succeed"] = not allow_failure
+        headers = {"X-Image-Meta-Store": backend} if backend else None
+        await self._client.request(
+            "POST", f"/v2/images/{image_id}/import", json=body, headers=headers
+        )
+
+    async def delete_from_store(self, store_id: str, image_id: str) -> None:
+        """Delete the image's data from one store only (it must remain in another)."""
+        await self._client.request("DELETE", f"/v2/stores/{store_id}/{image_id}")
+
+    async def get_associated_image_tasks(self, image_id: str) -> builtins.list[Task]:
+        """The import tasks that ran for this image, with their ``input``, ``result`` and
+        ``message`` (admin, or the image's owner)."""
+        from ._tasks import Task
+
+        body = (await self._client.request("GET", f"/v2/images/{image_id}/tasks")).json()
+        return [Task(record) for record in body.get("tasks") or []]
 
     async def open_data(
         self, image_id: str, offset: int = 0, length: int | None = None
@@ -277,6 +363,8 @@ class ImagesManager:
 
         One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it.
         """
+        if length is not None and length <= 0:
+            return ImageData(None, offset, offset, None)
         headers: dict[str, str] = {}
         if offset > 0 or length is not None:
             last = "" if length is None else str(offset + length - 1)
@@ -327,6 +415,24 @@ class ImagesManager:
                 yield chunk
         if verifier is not None:
             verifier.check()
+
+
+def _query_value(value: str | bool | int) -> str:
+    """A filter value as Glance expects it in a query: booleans in lower case."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def _remaining_file_size(file: BinaryIO) -> int | None:
+    """Bytes left to read in a regular file, or None when that cannot be known (pipe, socket)."""
+    try:
+        info = os.fstat(file.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            return None
+        return max(info.st_size - file.tell(), 0)
+    except (AttributeError, OSError, ValueError, io.UnsupportedOperation):
+        return None
 
 
 async def _read_file(file: BinaryIO, chunk_size: int = 8 * 1024 * 1024) -> AsyncIterator[bytes]:

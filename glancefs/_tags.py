@@ -2,8 +2,9 @@
 
 Glance replaces an image's tags as a whole list in a PATCH (``images.update(id, tags=[...])``);
 these calls change a single tag without reading the list first, so concurrent taggers do not
-overwrite each other. Both are idempotent: adding a present tag or removing an absent one... see
-:meth:`ImageTagsManager.delete` for the one exception.
+overwrite each other. Adding a tag that is there already changes nothing; removing one that is not
+there is :class:`~glancefs.NotFound`; more tags than ``image_tag_quota`` is
+:class:`~glancefs.OverLimit`.
 """
 
 from __future__ import annotations
