@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 __all__ = [
     "SORT_KEYS",
@@ -83,6 +84,8 @@ class MountConfig:
     keep_failed: bool = False
     #: Formats of an upload whose content and name tell none.
     default_formats: tuple[str, str] = ("raw", "bare")
+    #: Where uploads are spooled, so that writes may come at any offset (None: stream them).
+    spool_dir: Path | None = None
     #: Seconds new/ keeps listing an image this mount created there.
     keep_new: float = 300.0
     #: Bytes all prefetch windows together may hold.

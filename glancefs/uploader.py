@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import tempfile
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import trio
 
@@ -25,7 +28,7 @@ from ._images import Image
 from .errors import InvalidArgument
 from .formats import DETECTION_BYTES, Formats, choose_formats
 
-__all__ = ["ImageUpload", "UploadFailed"]
+__all__ = ["ImageUpload", "SpooledUpload", "Upload", "UploadFailed"]
 
 log = logging.getLogger("glancefs.upload")
 
@@ -40,8 +43,8 @@ class UploadFailed(GlanceError):
     """Glance did not end up with the data that was written (the message says what differs)."""
 
 
-class ImageUpload:
-    """The upload behind one writable open file of a queued image."""
+class _Upload:
+    """What every upload shares: the image, the hashes of what was written, the verdict."""
 
     def __init__(
         self,
@@ -57,14 +60,79 @@ class ImageUpload:
         self._nursery = nursery
         self._default_formats = default_formats
         self.written = 0
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._send: trio.MemorySendChannel[bytes] | None = None
-        self._put_finished = trio.Event()
         self._error: GlanceError | None = None
         self._sha512 = hashlib.sha512()
         self._md5 = hashlib.md5()
         self.finished = False
+
+    async def abort(self, reason: str) -> None:
+        """Stop the upload without finishing it; Glance puts the image back to queued."""
+        self.finished = True
+        if self._error is None:
+            self._error = UploadFailed(f"image {self.image.id}: upload aborted: {reason}")
+
+    def _refuse_if_done(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if self.finished:
+            raise InvalidArgument(f"image {self.image.id}: write after the upload was finished")
+
+    async def _set_formats(self, head: bytes) -> None:
+        """Declare the disk and container formats, unless the image has them already."""
+        if self.image.get("disk_format") and self.image.get("container_format"):
+            return
+        disk, container = choose_formats(self._name, head, self._default_formats)
+        log.info("image %s (%s): uploading as %s/%s", self.image.id, self._name, disk, container)
+        self.image = await self._client.images.update(
+            self.image.id, disk_format=disk, container_format=container
+        )
+
+    async def _hash(self, chunk: bytes) -> None:
+        if len(chunk) >= _THREAD_THRESHOLD:
+            await trio.to_thread.run_sync(self._hash_now, chunk)
+        else:
+            self._hash_now(chunk)
+
+    def _hash_now(self, chunk: bytes) -> None:
+        self._sha512.update(chunk)
+        self._md5.update(chunk)
+
+    async def _verify(self) -> Image:
+        """Glance's record of the finished upload, checked against what was written."""
+        image = await self._client.images.get(self.image.id)
+        problems = []
+        if image.status != "active":
+            problems.append(f"status is {image.status}")
+        if image.size != self.written:
+            problems.append(f"size is {image.size}, {self.written} bytes were written")
+        if image.get("os_hash_algo") == "sha512" and (
+            image.get("os_hash_value") != self._sha512.hexdigest()
+        ):
+            problems.append("its sha512 differs from the data written")
+        if image.get("checksum") and image.get("checksum") != self._md5.hexdigest():
+            problems.append("its md5 checksum differs from the data written")
+        if problems:
+            raise UploadFailed(f"image {image.id}: upload not accepted: " + "; ".join(problems))
+        self.image = image
+        return image
+
+
+class ImageUpload(_Upload):
+    """Streams sequential writes to Glance as they come (the default)."""
+
+    def __init__(
+        self,
+        client: Client,
+        image: Image,
+        name: str,
+        nursery: trio.Nursery,
+        default_formats: Formats,
+    ) -> None:
+        super().__init__(client, image, name, nursery, default_formats)
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._send: trio.MemorySendChannel[bytes] | None = None
+        self._put_finished = trio.Event()
 
     @property
     def started(self) -> bool:
@@ -72,10 +140,7 @@ class ImageUpload:
 
     async def write(self, offset: int, data: bytes) -> int:
         """Accept the bytes at ``offset``, which must be where the previous write ended."""
-        if self._error is not None:
-            raise self._error
-        if self.finished:
-            raise InvalidArgument(f"image {self.image.id}: write after the upload was finished")
+        self._refuse_if_done()
         if offset != self.written:
             raise InvalidArgument(
                 f"image {self.image.id}: write at offset {offset}, but uploads must be "
@@ -112,32 +177,18 @@ class ImageUpload:
             await self._put_finished.wait()
             if self._error is not None:
                 raise self._error
-            self.image = await self._client.images.get(self.image.id)
-            self._check(self.image)
-            return self.image
+            return await self._verify()
         except GlanceError as error:
             self._error = error
             raise
 
     async def abort(self, reason: str) -> None:
-        """Stop the upload without finishing it; Glance puts the image back to queued."""
-        self.finished = True
-        if self._error is None:
-            self._error = UploadFailed(f"image {self.image.id}: upload aborted: {reason}")
+        await super().abort(reason)
         if self._send is not None:
             await self._send.aclose()
 
     async def _start(self) -> None:
-        head = b"".join(self._pending)[:DETECTION_BYTES]
-        formats = (self.image.get("disk_format"), self.image.get("container_format"))
-        if not (formats[0] and formats[1]):
-            disk, container = choose_formats(self._name, head, self._default_formats)
-            log.info(
-                "image %s (%s): uploading as %s/%s", self.image.id, self._name, disk, container
-            )
-            self.image = await self._client.images.update(
-                self.image.id, disk_format=disk, container_format=container
-            )
+        await self._set_formats(b"".join(self._pending)[:DETECTION_BYTES])
         send, receive = trio.open_memory_channel[bytes](QUEUED_CHUNKS)
         self._send = send
         self._nursery.start_soon(self._put, receive)
@@ -166,10 +217,7 @@ class ImageUpload:
         chunk = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        if len(chunk) >= _THREAD_THRESHOLD:
-            await trio.to_thread.run_sync(self._hash, chunk)
-        else:
-            self._hash(chunk)
+        await self._hash(chunk)
         assert self._send is not None
         try:
             await self._send.send(chunk)
@@ -180,21 +228,61 @@ class ImageUpload:
                 f"image {self.image.id}: upload ended early"
             ) from None
 
-    def _hash(self, chunk: bytes) -> None:
-        self._sha512.update(chunk)
-        self._md5.update(chunk)
 
-    def _check(self, image: Image) -> None:
-        problems = []
-        if image.status != "active":
-            problems.append(f"status is {image.status}")
-        if image.size != self.written:
-            problems.append(f"size is {image.size}, {self.written} bytes were written")
-        if image.get("os_hash_algo") == "sha512" and (
-            image.get("os_hash_value") != self._sha512.hexdigest()
-        ):
-            problems.append("its sha512 differs from the data written")
-        if image.get("checksum") and image.get("checksum") != self._md5.hexdigest():
-            problems.append("its md5 checksum differs from the data written")
-        if problems:
-            raise UploadFailed(f"image {image.id}: upload not accepted: " + "; ".join(problems))
+class SpooledUpload(_Upload):
+    """Writes at any offset go to a local spool file, uploaded whole on close (``--spool-dir``).
+
+    For tools that do not write sequentially (editors, ``qemu-img convert``, torrent-like
+    writers). Costs local disk the size of the image, and the upload starts only at close.
+    """
+
+    def __init__(
+        self,
+        client: Client,
+        image: Image,
+        name: str,
+        nursery: trio.Nursery,
+        default_formats: Formats,
+        spool_dir: Path,
+    ) -> None:
+        super().__init__(client, image, name, nursery, default_formats)
+        # Unlinked at once: the spool vanishes with the process, whatever happens.
+        self._spool = tempfile.TemporaryFile(dir=spool_dir, prefix="glancefs-")  # noqa: SIM115
+
+    async def write(self, offset: int, data: bytes) -> int:
+        self._refuse_if_done()
+        written = await trio.to_thread.run_sync(os.pwrite, self._spool.fileno(), data, offset)
+        self.written = max(self.written, offset + written)
+        return written
+
+    async def finish(self) -> Image:
+        if self.written == 0 or self.finished:
+            if self._error is not None:
+                raise self._error
+            return self.image
+        self.finished = True
+        try:
+            head = await trio.to_thread.run_sync(os.pread, self._spool.fileno(), DETECTION_BYTES, 0)
+            await self._set_formats(head)
+            await self._client.images.upload(self.image.id, self._chunks(), size=self.written)
+            return await self._verify()
+        except GlanceError as error:
+            self._error = error
+            raise
+        finally:
+            self._spool.close()
+
+    async def abort(self, reason: str) -> None:
+        await super().abort(reason)
+        self._spool.close()
+
+    async def _chunks(self) -> AsyncIterator[bytes]:
+        for offset in range(0, self.written, CHUNK_BYTES):
+            size = min(CHUNK_BYTES, self.written - offset)
+            chunk = await trio.to_thread.run_sync(os.pread, self._spool.fileno(), size, offset)
+            await self._hash(chunk)
+            yield chunk
+
+
+#: Either kind of upload, as the filesystem holds it.
+Upload = ImageUpload | SpooledUpload

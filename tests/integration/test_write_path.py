@@ -373,3 +373,52 @@ def test_glance_killed_during_tee(
     assert again.returncode == 0, again.stderr
     active = [i for i in api.list() if i["status"] == "active"]
     assert [i["os_hash_value"] for i in active] == [_sha512(source)]
+
+
+def test_spool_dir_accepts_random_writes(
+    api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory, tmp_path: Path
+) -> None:
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    mount = mount_glancefs(glance.url, "--spool-dir", str(spool))
+    name = f"spooled-{uuid.uuid4().hex[:6]}"
+    expected = bytearray(3 * MiB)
+    fd = os.open(mount.path / "new" / name, os.O_WRONLY | os.O_CREAT)
+    try:
+        for offset in (2 * MiB, 0, MiB, 5):  # backwards and overlapping
+            chunk = random.randbytes(MiB)
+            os.pwrite(fd, chunk, offset)
+            expected[offset : offset + MiB] = chunk
+        assert os.listdir(spool) == []  # the spool file is unlinked from the start
+    finally:
+        os.close(fd)
+    image = _the_image(api, name)
+    assert image["status"] == "active"
+    assert image["os_hash_value"] == hashlib.sha512(expected).hexdigest()
+
+
+@pytest.fixture
+def capped_glance(tmp_path: Path) -> Iterator[GlanceServer]:
+    with GlanceServer(
+        tmp_path / "glance",
+        flavor="noauth",
+        conf_overrides={"DEFAULT": {"image_size_cap": "2097152"}},
+    ) as server:
+        yield server
+
+
+def test_size_cap_gives_enospc_and_leaves_nothing(
+    capped_glance: GlanceServer, mount_glancefs: MountFactory
+) -> None:
+    api = GlanceAPI(capped_glance.url)
+    mount = mount_glancefs(capped_glance.url)
+    fd = os.open(mount.path / "new" / "too-big.raw", os.O_WRONLY | os.O_CREAT)
+    with pytest.raises(OSError) as refused:
+        try:
+            for _ in range(4):
+                os.write(fd, random.randbytes(MiB))
+        finally:
+            os.close(fd)
+    assert refused.value.errno == errno.ENOSPC, refused.value
+    assert api.list() == []
+    assert "413" in mount.log()
