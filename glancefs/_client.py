@@ -238,21 +238,23 @@ class Client:
         )
         started = time.monotonic()
         debug = log.isEnabledFor(logging.DEBUG)
-        if debug:
-            log.debug("%s", self._curl_line(request))
         try:
             response = await self._http.send(request, stream=True)
         except httpx.TimeoutException as exc:
+            if debug:
+                log.debug("%s -> no answer in time", self._curl_line(request))
             raise Timeout(f"{method} {request.url.path}: no answer from Glance in time") from exc
         except (httpx.TransportError, OSError) as exc:
+            if debug:
+                log.debug("%s -> %s", self._curl_line(request), _reason(exc))
             # The bare exception text of a refused connection is all the user needs.
             raise ConnectError(f"{method} {request.url.path}: {_reason(exc)}") from exc
         if debug:
+            # One line per request, written when the answer's head arrives.
             log.debug(
-                "RESP %s %s %s in %.0f ms (%s)",
+                "%s -> %s in %.0f ms (%s)",
+                self._curl_line(request),
                 response.status_code,
-                method,
-                request.url.path,
                 (time.monotonic() - started) * 1000,
                 response.headers.get("x-openstack-request-id", "-"),
             )
@@ -268,7 +270,7 @@ class Client:
         return response
 
     def _curl_line(self, request: httpx.Request) -> str:
-        parts = [f"REQ: curl -g -i -X {request.method} '{request.url}'"]
+        parts = [f"curl -g -i -X {request.method} '{request.url}'"]
         for name in ("X-Auth-Token", "Content-Type", "Range"):
             if name in request.headers:
                 parts.append(f"-H '{name}: {request.headers[name]}'")
@@ -300,15 +302,20 @@ def _backoff(attempt: int) -> float:
 
 
 def _reason(exc: BaseException) -> str:
-    """The innermost readable reason of a transport failure, on one line."""
-    while exc.__cause__ is not None or exc.__context__ is not None:
-        inner = exc.__cause__ or exc.__context__
-        assert inner is not None
+    """The innermost readable reason of a transport failure, on one line.
+
+    Wrappers may have empty messages (httpx and httpcore ConnectError, trio's
+    BrokenResourceError around an ``ssl.SSLCertVerificationError``): look past them.
+    """
+    best = exc
+    seen = {id(exc)}
+    inner = exc.__cause__ or exc.__context__
+    while inner is not None and id(inner) not in seen:
+        seen.add(id(inner))
         if str(inner):
-            exc = inner
-        else:
-            break
-    text = " ".join(str(exc).split()) or type(exc).__name__
+            best = inner
+        inner = inner.__cause__ or inner.__context__
+    text = " ".join(str(best).split()) or type(best).__name__
     return text
 
 

@@ -21,10 +21,12 @@ import pyfuse3
 import trio
 
 from ._client import Client
-from ._exceptions import GlanceError
+from ._exceptions import AuthError, GlanceError
 from ._version import __version__
 from .config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
-from .mount import MountError, check_reachable, serve
+from .credentials import Credentials, CredentialsError, hide_from_ps
+from .credentials import load as load_credentials
+from .mount import MountError, check_reachable, notify_systemd, serve
 from .xattrs import CONTAINER_FORMATS, DISK_FORMATS
 
 log = logging.getLogger("glancefs")
@@ -45,6 +47,12 @@ _OPTION_FLAGS = {
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 #: Parameters that can repeat (``-o tag=a,tag=b``).
 _MULTIPLE = {"filter", "tag"}
+
+
+def _os_option(flag: str, metavar: str, help: str) -> Callable[[Any], Any]:
+    """An ``--os-*`` option read from its ``OS_*`` variable too, as the OpenStack CLIs do."""
+    envvar = flag.lstrip("-").replace("-", "_").upper()
+    return click.option(flag, envvar=envvar, metavar=metavar, help=f"{help} [env: {envvar}]")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -69,27 +77,50 @@ def main() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help=f"Where a background mount logs [default: {DEFAULT_LOG}].",
 )
-@click.option(
+@_os_option("--os-cloud", "NAME", "Cloud in clouds.yaml to take the credentials from.")
+@_os_option("--os-auth-url", "URL", "Keystone (identity) URL.")
+@_os_option(
+    "--os-auth-type",
+    "TYPE",
+    "password, token, v3password, v3token, ... [default: from what is given]",
+)
+@_os_option("--os-username", "NAME", "User name.")
+@_os_option("--os-user-id", "ID", "User id.")
+@_os_option(
+    "--os-password",
+    "PASSWORD",
+    "Password; better in clouds.yaml/secure.yaml or OS_PASSWORD (asked for on a terminal).",
+)
+@_os_option("--os-token", "TOKEN", "Keystone token for token auth.")
+@_os_option("--os-project-name", "NAME", "Project to scope to.")
+@_os_option("--os-project-id", "ID", "Project id to scope to.")
+@_os_option("--os-tenant-name", "NAME", "Old name of --os-project-name.")
+@_os_option("--os-tenant-id", "ID", "Old name of --os-project-id.")
+@_os_option("--os-user-domain-name", "NAME", "Domain of the user.")
+@_os_option("--os-user-domain-id", "ID", "Domain id of the user.")
+@_os_option("--os-project-domain-name", "NAME", "Domain of the project.")
+@_os_option("--os-project-domain-id", "ID", "Domain id of the project.")
+@_os_option("--os-region-name", "REGION", "Region of the image endpoint in the catalog.")
+@_os_option("--os-interface", "INTERFACE", "public, internal or admin endpoint [default: public].")
+@_os_option(
     "--os-image-url",
-    envvar="OS_IMAGE_URL",
-    metavar="URL",
-    help="Glance endpoint; with --os-auth-token skips Keystone. [env: OS_IMAGE_URL]",
+    "URL",
+    "Glance endpoint (skips the catalog); with --os-auth-token it also skips Keystone.",
 )
-@click.option(
+@_os_option(
     "--os-auth-token",
-    envvar="OS_AUTH_TOKEN",
-    metavar="TOKEN",
-    help="A token for --os-image-url. [env: OS_AUTH_TOKEN]",
+    "TOKEN",
+    "A token: for --os-image-url without Keystone, else for Keystone token auth.",
 )
+@_os_option("--os-cacert", "FILE", "CA bundle to verify Glance's and Keystone's certificates.")
+@_os_option("--os-cert", "FILE", "Client certificate (PEM).")
+@_os_option("--os-key", "FILE", "Client certificate's key (PEM).")
 @click.option(
-    "--os-cacert",
-    envvar="OS_CACERT",
-    metavar="FILE",
-    help="CA bundle to verify Glance's certificate. [env: OS_CACERT]",
+    "--insecure",
+    is_flag=True,
+    envvar="OS_INSECURE",
+    help="Do not verify certificates (a warning says so). [env: OS_INSECURE]",
 )
-@click.option("--os-cert", envvar="OS_CERT", metavar="FILE", help="Client certificate.")
-@click.option("--os-key", envvar="OS_KEY", metavar="FILE", help="Client certificate's key.")
-@click.option("--insecure", is_flag=True, help="Do not verify Glance's certificate.")
 @click.option(
     "--sort",
     default="name:asc",
@@ -142,6 +173,11 @@ def main() -> None:
 @click.option("--allow-delete", is_flag=True, help="Let rm (and mv over an image) delete images.")
 @click.option("--keep-failed", is_flag=True, help="Keep images whose upload failed.")
 @click.option(
+    "--spool-dir",
+    type=click.Path(file_okay=False, exists=True, path_type=Path),
+    help="Accept writes at any offset: spool uploads here, send them on close.",
+)
+@click.option(
     "--disk-format",
     type=click.Choice(sorted(DISK_FORMATS)),
     default="raw",
@@ -167,11 +203,12 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     options = set(pyfuse3.default_options) | {"fsname=glancefs", "subtype=glancefs"}
     if params["allow_other"]:
         options.add("allow_other")
-    if params["insecure"]:
-        click.echo("glancefs: warning: --insecure: Glance's certificate is not verified", err=True)
+    credentials = _credentials(params)
 
     def run(ready: Callable[[], None]) -> bool:
-        return trio.run(_mount_and_serve, params, config, str(mountpoint), options, ready)
+        return trio.run(
+            _mount_and_serve, params, credentials, config, str(mountpoint), options, ready
+        )
 
     if params["foreground"]:
         _setup_logging(params["debug"], None)
@@ -236,34 +273,70 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         allow_delete=params["allow_delete"],
         keep_failed=params["keep_failed"],
         default_formats=(params["disk_format"], params["container_format"]),
+        spool_dir=params["spool_dir"],
     )
 
 
-def build_client(params: dict[str, Any]) -> Client:
-    """The API client for the ``--os-*`` parameters."""
-    url = params["os_image_url"]
-    if not url:
-        raise MountError("no Glance endpoint: set --os-image-url (OS_IMAGE_URL)")
-    verify: bool | str = True
-    if params["insecure"]:
-        verify = False
-    elif params["os_cacert"]:
-        verify = params["os_cacert"]
-    cert: str | tuple[str, str] | None = params["os_cert"]
-    if params["os_cert"] and params["os_key"]:
-        cert = (params["os_cert"], params["os_key"])
+def _credentials(params: dict[str, Any]) -> Credentials:
+    """Credentials for the mount; secrets given as arguments are hidden from ``ps`` first."""
+    given = [params[n] for n in ("os_password", "os_token", "os_auth_token") if params.get(n)]
+    argv = sys.argv[1:]
+    on_command_line = [secret for secret in given if any(secret in arg for arg in argv)]
+    if on_command_line:
+        hidden = hide_from_ps(on_command_line)
+        if params.get("os_password") in on_command_line:
+            click.echo(
+                "glancefs: warning: a password on the command line can be seen by other users "
+                f"{'until glancefs hides it' if hidden else '(ps)'} and stays in shell history; "
+                "put it in clouds.yaml (secure.yaml) and use --os-cloud, or set OS_PASSWORD",
+                err=True,
+            )
+    prompt = _ask if sys.stdin is not None and sys.stdin.isatty() else None
+    try:
+        credentials = load_credentials(params, prompt=prompt)
+    except CredentialsError as error:
+        click.echo(f"glancefs: {error}", err=True)
+        sys.exit(1)
+    if credentials.tls.verify is False:
+        click.echo("glancefs: warning: --insecure: certificates are not verified", err=True)
+    return credentials
+
+
+def _ask(prompt: str) -> str:
+    return str(click.prompt(prompt.strip().rstrip(":"), hide_input=True, err=True))
+
+
+def build_client(credentials: Credentials, params: dict[str, Any]) -> Client:
+    """The API client for the credentials and the ``--timeout``/``--retries`` parameters."""
+    try:
+        verify = credentials.tls.ssl_context()
+    except CredentialsError as error:
+        raise MountError(str(error)) from None
     return Client(
-        url,
-        params["os_auth_token"],
+        auth=credentials.auth,
         timeout=params["timeout"],
         retries=params["retries"],
         verify=verify,
-        cert=cert,
     )
+
+
+async def _explain(client: Client, credentials: Credentials, error: GlanceError) -> str:
+    """The one line saying why Glance could not be used."""
+    if isinstance(error, AuthError):
+        return f"cannot authenticate ({credentials.source}): {error}"
+    try:
+        endpoint = await client.auth.endpoint()
+    except GlanceError:  # the catalog itself failed: the error is about Keystone
+        return f"cannot authenticate ({credentials.source}): {error}"
+    text = f"cannot use Glance at {endpoint}: {error}"
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        text += " (give the CA with --os-cacert, or skip the check with --insecure)"
+    return text
 
 
 async def _mount_and_serve(
     params: dict[str, Any],
+    credentials: Credentials,
     config: MountConfig,
     mountpoint: str,
     options: set[str],
@@ -273,12 +346,11 @@ async def _mount_and_serve(
         raise MountError(f"{mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point")
-    async with build_client(params) as client:
+    async with build_client(credentials, params) as client:
         try:
             await check_reachable(client)
         except GlanceError as error:
-            endpoint = await client.auth.endpoint()
-            raise MountError(f"cannot use Glance at {endpoint}: {error}") from None
+            raise MountError(await _explain(client, credentials, error)) from None
         try:
             return await serve(client, config, mountpoint, options, ready)
         except RuntimeError as error:  # pyfuse3.init: /dev/fuse, permissions, options
@@ -287,7 +359,7 @@ async def _mount_and_serve(
 
 def _run_foreground(run: Callable[[Callable[[], None]], bool]) -> int:
     try:
-        interrupted = run(lambda: None)
+        interrupted = run(notify_systemd)
     except MountError as error:
         click.echo(f"glancefs: {error}", err=True)
         return 1
@@ -357,3 +429,6 @@ def _setup_logging(debug: bool, log_file: Path | None) -> None:
     root.addHandler(handler)
     root.setLevel(logging.WARNING)
     logging.getLogger("glancefs").setLevel(logging.DEBUG if debug else logging.INFO)
+    # Keystone's requests too with --debug (keystoneauth1 redacts them itself); without it, not
+    # even its warnings: what matters reaches the user as glancefs's own one-line errors.
+    logging.getLogger("keystoneauth").setLevel(logging.DEBUG if debug else logging.ERROR)

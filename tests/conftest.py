@@ -34,13 +34,24 @@ def api(glance: GlanceServer) -> Iterator[GlanceAPI]:
 
 @pytest.fixture
 def mount_glancefs(tmp_path: Path) -> Iterator[MountFactory]:
-    """Start ``glancefs mount -f URL MNT *args``; every mount is stopped at teardown."""
+    """Start ``glancefs mount -f [--os-image-url URL] MNT *args``; all are stopped at teardown.
+
+    ``url=None`` leaves the endpoint to the credentials (Keystone's catalog); ``env`` replaces the
+    mount's environment; ``path`` mounts somewhere else than ``tmp_path / name``.
+    """
     mounts: list[Mount] = []
 
-    def start(url: str, *args: str, name: str = "mnt") -> Mount:
-        mountpoint = tmp_path / name
-        argv = [GLANCEFS, "mount", "-f", "--os-image-url", url, str(mountpoint), *args]
-        mount = Mount(mountpoint, tmp_path / f"{name}.log", argv)
+    def start(
+        url: str | None,
+        *args: str,
+        name: str = "mnt",
+        env: dict[str, str] | None = None,
+        path: Path | None = None,
+    ) -> Mount:
+        mountpoint = path or tmp_path / name
+        endpoint = ["--os-image-url", url] if url else []
+        argv = [GLANCEFS, "mount", "-f", *endpoint, str(mountpoint), *args]
+        mount = Mount(mountpoint, tmp_path / f"{name}.log", argv, env=env)
         mounts.append(mount)
         return mount.start()
 

@@ -79,10 +79,13 @@ class GlanceAPI:
 class Mount:
     """A glancefs mount run in the foreground as a child process, logging to a file."""
 
-    def __init__(self, mountpoint: Path, log_path: Path, argv: list[str]) -> None:
+    def __init__(
+        self, mountpoint: Path, log_path: Path, argv: list[str], env: dict[str, str] | None = None
+    ) -> None:
         self.path = mountpoint
         self.log_path = log_path
         self.argv = argv
+        self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.connection: int | None = None
 
@@ -90,7 +93,7 @@ class Mount:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
             )
         deadline = time.monotonic() + timeout
         while not os.path.ismount(self.path):
