@@ -39,6 +39,19 @@ from ._exceptions import (
     Unauthorized,
     error_for_status,
 )
+from ._images import ImagesManager
+from ._info import InfoManager
+from ._members import ImageMembersManager
+from ._metadefs import (
+    NamespacesManager,
+    ObjectsManager,
+    PropertiesManager,
+    ResourceTypesManager,
+    TagsManager,
+)
+from ._schemas import SchemasManager
+from ._tags import ImageTagsManager
+from ._tasks import TasksManager
 
 __all__ = ["Client"]
 
@@ -116,20 +129,6 @@ class Client:
             cert=cert,
             follow_redirects=False,
         )
-        from ._images import ImagesManager
-        from ._info import InfoManager
-        from ._members import ImageMembersManager
-        from ._metadefs import (
-            NamespacesManager,
-            ObjectsManager,
-            PropertiesManager,
-            ResourceTypesManager,
-            TagsManager,
-        )
-        from ._schemas import SchemasManager
-        from ._tags import ImageTagsManager
-        from ._tasks import TasksManager
-
         self.images = ImagesManager(self)
         self.image_tags = ImageTagsManager(self)
         self.image_members = ImageMembersManager(self)

@@ -11,7 +11,7 @@ import json as jsonlib
 import os
 import re
 import stat
-from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -21,6 +21,7 @@ import trio
 
 from ._exceptions import ConnectError, GlanceError, RangeNotSatisfiable, Timeout
 from ._integrity import Verifier
+from ._records import Record, paginate
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -51,37 +52,15 @@ def parse_time(value: str | None) -> int:
     return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()) * 1_000_000_000
 
 
-class Image(Mapping[str, Any]):
+class Image(Record):
     """One image record, readable as attributes (``image.status``) and as a mapping.
 
     The mapping holds exactly what Glance returned; custom properties are top-level keys, as in
     Glance's API, and also collected in :attr:`properties`.
     """
 
-    __slots__ = ("_record",)
-
-    def __init__(self, record: Mapping[str, Any]) -> None:
-        self._record = dict(record)
-
-    def __getitem__(self, key: str) -> Any:
-        return self._record[key]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._record)
-
-    def __len__(self) -> int:
-        return len(self._record)
-
-    def __getattr__(self, name: str) -> Any:
-        if name.startswith("_"):  # copy and pickle probe dunders before _record exists
-            raise AttributeError(name)
-        try:
-            return self._record[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def __repr__(self) -> str:
-        return f"Image(id={self.id!r}, name={self.name!r}, status={self.status!r})"
+    __slots__ = ()
+    _repr_keys = ("id", "name", "status")
 
     @property
     def id(self) -> str:
@@ -191,24 +170,10 @@ class ImagesManager:
             params.append(("sort", sort))
         if marker:
             params.append(("marker", marker))
-        remaining = limit
-        page = min(page_size, remaining) if remaining is not None else page_size
-        params.append(("limit", str(page)))
-        path: str | None = "/v2/images"
-        query: list[tuple[str, str]] | None = params
-        while path is not None:
-            body = (await self._client.request("GET", path, params=query)).json()
-            for record in body.get("images", []):
-                yield Image(record)
-                if remaining is not None:
-                    remaining -= 1
-                    if remaining <= 0:
-                        return
-            next_link = body.get("next")
-            if not next_link or not body.get("images"):
-                return
-            # Glance's next link is relative to the endpoint and carries every parameter.
-            path, query = next_link, None
+        async for record in paginate(
+            self._client, "/v2/images", "images", params, limit=limit, page_size=page_size
+        ):
+            yield Image(record)
 
     async def get(self, image_id: str) -> Image:
         """The image record; :class:`~glancefs.NotFound` when it does not exist (or is hidden)."""

@@ -152,7 +152,7 @@ async def read_all(glance: glancefs.Client, image_id: str, **kwargs: Any) -> byt
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 60
+    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 150
 ) -> Any:
     """Call ``probe`` until ``done(result)``; fail after ``timeout`` seconds."""
     with trio.fail_after(timeout):
