@@ -12,7 +12,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
@@ -30,7 +30,7 @@ from ._exceptions import (
     Unauthorized,
 )
 from ._images import Image, parse_time
-from .catalog import Catalog
+from .catalog import Catalog, Entry, Listing
 from .config import MountConfig
 from .errors import (
     AccessDenied,
@@ -59,10 +59,10 @@ from .namespace import (
 )
 from .naming import sanitize
 from .reader import ImageReader, PrefetchBudget
-from .uploader import ImageUpload
+from .uploader import ImageUpload, SpooledUpload, Upload
 from .xattrs import image_xattrs, remove_patch, set_patch, tag_operation
 
-__all__ = ["GlanceFS"]
+__all__ = ["GlanceFS", "statvfs_of"]
 
 log = logging.getLogger("glancefs.fs")
 
@@ -117,7 +117,7 @@ class _OpenFile:
     inode: int
     image: Image
     reader: ImageReader | None = None
-    upload: ImageUpload | None = None
+    upload: Upload | None = None
     #: The image was created by this open (creat in new/): a failed upload deletes it.
     created: bool = False
 
@@ -137,6 +137,34 @@ def _dir_of_key(key: Key) -> Directory | None:
     return None
 
 
+_BLOCK = 4096
+#: What df shows when Glance sets no limit: 1 PiB, all of it free, and 2**32 files.
+_NO_LIMIT_BLOCKS = (1 << 50) // _BLOCK
+_NO_LIMIT_FILES = (1 << 32) - 1
+
+
+def statvfs_of(usage: Mapping[str, Mapping[str, int]]) -> pyfuse3.StatvfsData:
+    """``df`` from Glance's quota usage: ``image_size_total`` (MiB) gives the blocks,
+    ``image_count_total`` the files; a quantity without a limit (absent or negative: unified limits
+    off, or unlimited) shows as a large, entirely free one."""
+    stats = pyfuse3.StatvfsData()
+    stats.f_bsize = stats.f_frsize = _BLOCK
+    stats.f_namemax = 255
+    stats.f_blocks = stats.f_bfree = stats.f_bavail = _NO_LIMIT_BLOCKS
+    stats.f_files = stats.f_ffree = stats.f_favail = _NO_LIMIT_FILES
+    size = usage.get("image_size_total") or {}
+    if int(size.get("limit", -1)) >= 0:
+        per_mib = (1024 * 1024) // _BLOCK
+        stats.f_blocks = int(size["limit"]) * per_mib
+        used = min(int(size.get("usage", 0)) * per_mib, stats.f_blocks)
+        stats.f_bfree = stats.f_bavail = stats.f_blocks - used
+    count = usage.get("image_count_total") or {}
+    if int(count.get("limit", -1)) >= 0:
+        stats.f_files = int(count["limit"])
+        stats.f_ffree = stats.f_favail = max(stats.f_files - int(count.get("usage", 0)), 0)
+    return stats
+
+
 class GlanceFS(pyfuse3.Operations):
     """Glance's image catalog as a directory tree (see :mod:`glancefs.namespace`)."""
 
@@ -151,7 +179,8 @@ class GlanceFS(pyfuse3.Operations):
         self._inodes = InodeTable({_key_of_dir(d): inode for d, inode in FIXED_INODES.items()})
         self._budget = PrefetchBudget(config.prefetch_memory)
         self._open_files: dict[int, _OpenFile] = {}
-        self._open_dirs: dict[int, tuple[tuple[str, Key, Image | None], ...]] = {}
+        #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.
+        self._open_dirs: dict[int, tuple[tuple[tuple[str, Key], ...], Listing]] = {}
         self._next_handle = 1
         self._corrupt: set[str] = set()
         self._mounted_ns = time.time_ns()
@@ -167,16 +196,16 @@ class GlanceFS(pyfuse3.Operations):
         self._inodes.remember(key)
         return attrs
 
-    async def _resolve(self, directory: Directory, name: str) -> tuple[Key, Image | None]:
-        """The key (and image, for files) of ``name`` in ``directory``."""
+    async def _resolve(self, directory: Directory, name: str) -> tuple[Key, Entry | None]:
+        """The key (and attributes, for files) of ``name`` in ``directory``."""
         if directory == ROOT and name in ROOT_ENTRIES:
             return _key_of_dir(ROOT_ENTRIES[name]), None
         if directory.kind is DirKind.BY_ID:
             try:
-                image = await self.catalog.image(name)
+                entry = await self.catalog.attributes(name)
             except NotFound:
                 raise NoEntry(name) from None
-            return ("image", image.id), image
+            return ("image", entry.id), entry
         listing = await self.catalog.listing(directory)
         if directory == BY_TAG:
             if name not in listing.tags:
@@ -199,15 +228,15 @@ class GlanceFS(pyfuse3.Operations):
         key = self._inodes.key_of(inode)
         if key is None:
             raise NoEntry(f"inode {inode}")
-        image = None
+        entry = None
         if key[0] == "image":
             try:
-                image = await self.catalog.image(key[1])
+                entry = await self.catalog.attributes(key[1])
             except NotFound:
                 raise NoEntry(key[1]) from None
-        return self._attributes(key, image)
+        return self._attributes(key, entry)
 
-    def _attributes(self, key: Key, image: Image | None) -> pyfuse3.EntryAttributes:
+    def _attributes(self, key: Key, image: Entry | Image | None) -> pyfuse3.EntryAttributes:
         attrs = pyfuse3.EntryAttributes()
         attrs.st_ino = self._inodes.inode_of(key)
         attrs.entry_timeout = self._config.metadata_ttl
@@ -226,7 +255,10 @@ class GlanceFS(pyfuse3.Operations):
         size = (image.size or 0) if has_readable_size(image.status) else 0
         attrs.st_size = size
         attrs.st_blocks = (size + 511) // 512
-        updated = parse_time(image.get("updated_at"))
+        if isinstance(image, Entry):
+            updated = image.updated_ns
+        else:
+            updated = parse_time(image.get("updated_at"))
         attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = updated
         return attrs
 
@@ -239,26 +271,39 @@ class GlanceFS(pyfuse3.Operations):
     @_boundary
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         directory = self._directory(inode)
-        entries: list[tuple[str, Key, Image | None]] = []
+        fixed: list[tuple[str, Key]] = []
         if directory == ROOT:
-            entries += [(name, _key_of_dir(d), None) for name, d in ROOT_ENTRIES.items()]
+            fixed += [(name, _key_of_dir(d)) for name, d in ROOT_ENTRIES.items()]
         listing = await self.catalog.listing(directory)
         if directory == BY_TAG:
-            entries += [(tag, ("tag", tag), None) for tag in listing.tags]
-        else:
-            entries += [(name, ("image", image.id), image) for name, image in listing.entries]
+            fixed += [(tag, ("tag", tag)) for tag in listing.tags]
         handle = self._new_handle()
-        # The handle keeps this snapshot: offsets stay valid while newer listings replace it.
-        self._open_dirs[handle] = tuple(entries)
+        # The handle keeps this snapshot (listings are immutable, so this copies nothing):
+        # offsets stay valid while newer listings replace it.
+        self._open_dirs[handle] = (tuple(fixed), listing)
         return handle
 
     @_boundary
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        entries = self._open_dirs[fh]
-        for index in range(start_id, len(entries)):
-            name, key, image = entries[index]
-            attrs = self._attributes(key, image)
+        # Offsets: 1..len(fixed) are the sub-directories, then one per listed image.
+        fixed, listing = self._open_dirs[fh]
+        index = start_id
+        while index < len(fixed):
+            name, key = fixed[index]
+            attrs = self._attributes(key, None)
             if not pyfuse3.readdir_reply(token, os.fsencode(name), attrs, index + 1):
+                return
+            self._inodes.remember(key)
+            index += 1
+        names, entries = listing.names, listing.entries
+        first = len(fixed)
+        for position in range(index - first, len(entries)):
+            entry = entries[position]
+            key = ("image", entry.id)
+            attrs = self._attributes(key, entry)
+            if not pyfuse3.readdir_reply(
+                token, os.fsencode(names[position]), attrs, first + position + 1
+            ):
                 return
             self._inodes.remember(key)
 
@@ -293,10 +338,17 @@ class GlanceFS(pyfuse3.Operations):
             raise AccessDenied(
                 f"write {image.id}: image is {image.status}; only queued images take data"
             )
-        upload = ImageUpload(
-            self._client, image, image.name or image.id, self._nursery,
-            self._config.default_formats,
-        )  # fmt: skip
+        name = image.name or image.id
+        upload: Upload
+        if self._config.spool_dir is not None:
+            upload = SpooledUpload(
+                self._client, image, name, self._nursery, self._config.default_formats,
+                self._config.spool_dir,
+            )  # fmt: skip
+        else:
+            upload = ImageUpload(
+                self._client, image, name, self._nursery, self._config.default_formats
+            )
         handle = self._new_handle()
         self._open_files[handle] = _OpenFile(inode, image, upload=upload, created=created)
         return pyfuse3.FileInfo(fh=handle, direct_io=True)
@@ -457,7 +509,7 @@ class GlanceFS(pyfuse3.Operations):
             raise NotPermitted(f"rm {text}: is a directory")
         if not self._config.allow_delete:
             raise NotPermitted(f"rm {text}: deleting images needs --allow-delete")
-        if image.get("protected"):
+        if image.protected:
             raise NotPermitted(f"rm {text}: image {image.id} is protected")
         await self._client.images.delete(image.id)
         log.info("deleted image %s (%s)", image.id, text)
@@ -552,6 +604,11 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if not name.startswith(b"user."):
+            # ls -l asks every file for security.selinux and system.posix_acl_access: answer
+            # at once, without fetching the record (that would be one GET per file), and
+            # without the cost of a Refusal: this runs twice per file of every ls -l.
+            raise pyfuse3.FUSEError(errno.ENODATA)
         image = await self._image_of(inode)
         value = image_xattrs(image).get(os.fsdecode(name)) if image else None
         if value is None:
@@ -607,10 +664,7 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        stats = pyfuse3.StatvfsData()
-        stats.f_bsize = stats.f_frsize = 4096
-        stats.f_namemax = 255
-        return stats
+        return statvfs_of(await self.catalog.usage())
 
     # -- helpers ------------------------------------------------------------------------------
 
