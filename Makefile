@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoimage
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoimage fio
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
@@ -36,8 +36,8 @@ lab-glance: venv
 	@$(PY) -m lab venvs >/dev/null
 
 lint: venv
-	$(VENV)/bin/ruff check glancefs tests lab
-	$(VENV)/bin/ruff format --check glancefs tests lab
+	$(VENV)/bin/ruff check glancefs tests lab bench
+	$(VENV)/bin/ruff format --check glancefs tests lab bench
 
 types: venv
 	$(VENV)/bin/mypy glancefs

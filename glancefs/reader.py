@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 from collections import OrderedDict, deque
 from dataclasses import dataclass
 
@@ -74,6 +75,9 @@ class _Stream:
         self.end = origin  # offset after the last buffered byte
         self.chunks: deque[bytes] = deque()
         self.wanted = origin  # furthest byte any read asked for
+        #: Bytes up to here are hashed; the buffer keeps what is not, and the download runs at
+        #: most a window ahead of it, so a hash that lags behind bounds memory like a slow reader.
+        self.hashed = sys.maxsize
         self.window = window
         self.error: GlanceError | None = None
         self.done = False  # pump finished (end of data or error)
@@ -86,20 +90,38 @@ class _Stream:
         self.changed = trio.Event()
 
     def slice(self, offset: int, end: int) -> bytes:
-        """Buffered bytes ``[offset, end)``; the caller checked they are all here."""
-        parts: list[bytes] = []
+        """Buffered bytes ``[offset, end)``; the caller checked they are all here.
+
+        Copies each byte once (memoryview slices, then one join), or not at all when the range is
+        exactly one chunk: this runs for every 1 MiB FUSE read.
+        """
+        parts: list[bytes | memoryview] = []
         position = self.start
         for chunk in self.chunks:
             chunk_end = position + len(chunk)
             if chunk_end > offset and position < end:
-                parts.append(chunk[max(0, offset - position) : min(len(chunk), end - position)])
+                low, high = max(0, offset - position), min(len(chunk), end - position)
+                parts.append(chunk if high - low == len(chunk) else memoryview(chunk)[low:high])
             if chunk_end >= end:
                 break
             position = chunk_end
+        if len(parts) == 1 and isinstance(parts[0], bytes):
+            return parts[0]
         return b"".join(parts)
 
+    def unhashed(self) -> list[bytes]:
+        """The buffered chunks from ``hashed`` on (chunks are hashed whole)."""
+        pending: list[bytes] = []
+        position = self.start
+        for chunk in self.chunks:
+            if position >= self.hashed:
+                pending.append(chunk)
+            position += len(chunk)
+        return pending
+
     def trim(self, keep_from: int) -> None:
-        """Drop whole chunks that end before ``keep_from``."""
+        """Drop whole chunks that end before ``keep_from`` (never chunks not hashed yet)."""
+        keep_from = min(keep_from, self.hashed)
         while self.chunks and self.start + len(self.chunks[0]) <= keep_from:
             self.start += len(self.chunks.popleft())
 
@@ -167,6 +189,8 @@ class ImageReader:
         verifier = None
         if self._verify and offset == 0:
             verifier = Verifier.for_image(self._image)
+            if verifier is not None:
+                stream.hashed = offset
         self._nursery.start_soon(self._pump, stream, verifier)
         return stream
 
@@ -209,7 +233,7 @@ class ImageReader:
         with stream.cancel_scope:
             try:
                 if verifier is None:
-                    await self._download(stream, None)
+                    await self._download(stream)
                 else:
                     await self._download_and_hash(stream, verifier)
             except GlanceError as error:
@@ -223,19 +247,15 @@ class ImageReader:
 
     async def _download_and_hash(self, stream: _Stream, verifier: Verifier) -> None:
         """Download and hash side by side: hashing costs as much CPU as receiving."""
-        send, receive = trio.open_memory_channel[bytes](16)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._hash, receive, verifier, stream, nursery.cancel_scope)
-            async with send:
-                try:
-                    await self._download(stream, send)
-                except GlanceError as error:
-                    stream.error = error
-                    nursery.cancel_scope.cancel()
+            nursery.start_soon(self._hash, verifier, stream, nursery.cancel_scope)
+            try:
+                await self._download(stream)
+            except GlanceError as error:
+                stream.error = error
+                nursery.cancel_scope.cancel()
 
-    async def _download(
-        self, stream: _Stream, to_hash: trio.MemorySendChannel[bytes] | None
-    ) -> None:
+    async def _download(self, stream: _Stream) -> None:
         failures = 0
         while stream.end < self._size:
             try:
@@ -245,9 +265,7 @@ class ImageReader:
                         stream.end += len(chunk)
                         failures = 0
                         stream.notify()
-                        if to_hash is not None:
-                            await to_hash.send(chunk)
-                        while stream.end - stream.wanted >= stream.window:
+                        while stream.end - min(stream.wanted, stream.hashed) >= stream.window:
                             stream.wants_more = trio.Event()
                             await stream.wants_more.wait()
                     if data.end <= stream.end and stream.end < self._size:
@@ -267,18 +285,20 @@ class ImageReader:
                 )
                 await trio.sleep(0.25 * failures)
 
-    async def _hash(
-        self,
-        receive: trio.MemoryReceiveChannel[bytes],
-        verifier: Verifier,
-        stream: _Stream,
-        download: trio.CancelScope,
-    ) -> None:
-        async with receive:
-            async for chunk in receive:
-                await verifier.update(chunk)
-        if verifier.length != self._size:
-            return
+    async def _hash(self, verifier: Verifier, stream: _Stream, download: trio.CancelScope) -> None:
+        """Hash the stream's buffer as it fills, in a worker thread.
+
+        Each batch is everything that arrived while the previous one was hashed: one hop to the
+        thread per batch, not per socket read (each hop costs GIL handoffs and a wakeup).
+        """
+        while stream.hashed < self._size:
+            batch = stream.unhashed()
+            if not batch:
+                await stream.changed.wait()
+                continue
+            await verifier.update_many(batch)
+            stream.hashed += sum(len(chunk) for chunk in batch)
+            stream.wants_more.set()  # the download may be waiting for the hash to catch up
         try:
             verifier.check()
         except IntegrityError as error:

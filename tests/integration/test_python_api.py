@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import ast
 import copy
-import http.server
 import io
 import pickle
 import random
 import re
 import socket
-import threading
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
@@ -30,7 +31,7 @@ import pytest
 import trio
 
 import glancefs
-from lab.servers import GlanceServer
+from lab.servers import GlanceServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 DOC = REPO / "docs" / "python-api.md"
@@ -43,34 +44,34 @@ REQUEST_ID = re.compile(r"req-[0-9a-f-]{36}")
 # -- servers -------------------------------------------------------------------------------------
 
 
-class _Files(http.server.BaseHTTPRequestHandler):
-    """Serves ``self.server.files`` (path -> bytes) to Glance's web-download."""
-
-    def do_GET(self) -> None:
-        data = self.server.files.get(self.path)  # type: ignore[attr-defined]
-        if data is None:
-            self.send_error(404)
-            return
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
 @pytest.fixture(scope="module")
-def web() -> Iterator[tuple[str, dict[str, bytes]]]:
-    """An HTTP server on loopback; put bytes into the dict to publish them."""
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Files)
-    server.files = {}  # type: ignore[attr-defined]
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", server.files  # type: ignore[attr-defined]
-    server.shutdown()
-    server.server_close()
+def web(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:
+    """An HTTP server on loopback serving a directory: write files into it to publish them.
+
+    A process of its own (``python -m http.server``), so that nothing in the test process can
+    keep it from answering Glance's web-download.
+    """
+    root = tmp_path_factory.mktemp("web")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(root),
+         str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 20
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                break
+        except OSError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.05)
+    yield url, root
+    proc.terminate()
+    proc.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +429,7 @@ async def test_web_download_import(
     client: glancefs.Client, web: tuple[str, dict[str, bytes]]
 ) -> None:
     payload = random.Random(2).randbytes(20_000)
-    web[1]["/web.raw"] = payload
+    (web[1] / "web.raw").write_bytes(payload)
     image = await new_image(client)
     await client.images.image_import(image.id, method="web-download", uri=web[0] + "/web.raw")
     image = await imported(client, image.id)
@@ -552,7 +553,7 @@ async def test_tasks_create_get_list(
     client: glancefs.Client, web: tuple[str, dict[str, bytes]]
 ) -> None:
     payload = random.Random(3).randbytes(10_000)
-    web[1]["/task.raw"] = payload
+    (web[1] / "task.raw").write_bytes(payload)
     name = unique("task")
     task = await client.tasks.create(
         type="import",

@@ -1,0 +1,244 @@
+"""What every measurement needs: timed commands, mounts, the page cache, results and the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GLANCEFS = str(Path(sys.executable).with_name("glancefs"))
+MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes), as glance-lab.md does
+
+
+def run(*command: str, cwd: Path | None = None, timeout: float = 600) -> str:
+    """Run a command; raise with its stderr when it fails; return its stdout."""
+    result = subprocess.run(
+        command, cwd=cwd, capture_output=True, text=True, errors="replace", timeout=timeout
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}: {result.stderr}")
+    return result.stdout
+
+
+def timed(*command: str, timeout: float = 600) -> tuple[float, str]:
+    """Wall-clock seconds of one command (process start to exit), and its stderr+stdout."""
+    started = time.perf_counter()
+    result = subprocess.run(
+        command, capture_output=True, text=True, errors="replace", timeout=timeout
+    )
+    elapsed = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} exited {result.returncode}: {result.stderr}")
+    return elapsed, result.stderr + result.stdout
+
+
+def drop_page_cache() -> None:
+    """Write back and drop the page cache, dentries and inodes (root only)."""
+    os.sync()
+    Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+def warm(path: Path) -> None:
+    """Read a file once so that it sits in the page cache."""
+    with path.open("rb") as f:
+        while f.read(8 * 1024 * 1024):
+            pass
+
+
+def cpu_seconds(pid: int, children: bool = False) -> float:
+    """User + system CPU seconds of a process, or of its direct children (gunicorn's workers)."""
+    pids = [pid]
+    if children:
+        tasks = Path(f"/proc/{pid}/task")
+        pids = [int(c) for t in tasks.iterdir() for c in (t / "children").read_text().split()]
+    total = 0
+    for each in pids:
+        fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+class Mount:
+    """``glancefs mount -f`` as a child process; its pid is the process serving FUSE."""
+
+    def __init__(self, url: str, path: Path, log: Path, options: list[str]) -> None:
+        self.argv = [GLANCEFS, "mount", "-f", "--os-image-url", url, str(path), *options]
+        self.path = path
+        self.log = log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Mount:
+        self.path.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
+            )
+        deadline = time.monotonic() + 30
+        while not os.path.ismount(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.__exit__()
+                raise RuntimeError(f"glancefs did not mount; see {self.log}")
+            time.sleep(0.02)
+        # The mount tunes the kernel's readahead through sysfs right after it starts serving.
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
+            if os.path.ismount(self.path):
+                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+
+    def status(self, field_name: str) -> int:
+        """A ``/proc/PID/status`` memory field (VmHWM, VmRSS) of the mount process, in bytes."""
+        assert self.proc is not None
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+        raise KeyError(field_name)
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time the mount process (all its threads) has used so far."""
+        assert self.proc is not None
+        return cpu_seconds(self.proc.pid)
+
+    def kernel_settings(self) -> dict[str, str]:
+        """The sysfs values the kernel uses for this mount (what tune_kernel wrote)."""
+        device = os.stat(self.path).st_dev
+        bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}")
+        conn = Path(f"/sys/fs/fuse/connections/{os.minor(device)}")
+        values = {}
+        for name, path in (
+            ("read_ahead_kb", bdi / "read_ahead_kb"),
+            ("max_background", conn / "max_background"),
+            ("congestion_threshold", conn / "congestion_threshold"),
+        ):
+            try:
+                values[name] = path.read_text().strip()
+            except OSError:
+                values[name] = "?"
+        return values
+
+
+@dataclass
+class Series:
+    """The values of several runs of one tool, in the metric's unit."""
+
+    tool: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "tool": self.tool,
+            "median": round(self.median, 4),
+            "min": round(min(self.values), 4),
+            "max": round(max(self.values), 4),
+            "runs": [round(v, 4) for v in self.values],
+        }
+
+
+@dataclass
+class Metric:
+    """One line of the table.
+
+    ``ratio`` is ours/peer of the medians: a speed-up for throughputs (higher is better, the
+    target is a minimum) and a time factor for latencies (lower is better, the target a maximum).
+    Without a peer the target applies to our median itself.
+    """
+
+    name: str
+    unit: str
+    higher_is_better: bool
+    ours: Series
+    peer: Series | None = None
+    target: float | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float | None:
+        if self.peer is None or not self.peer.values or not self.ours.values:
+            return None
+        return self.ours.median / self.peer.median
+
+    @property
+    def target_text(self) -> str:
+        if self.target is None:
+            return "-"
+        op = ">=" if self.higher_is_better else "<="
+        if self.peer is None:
+            return f"{op} {self.target:g} {self.unit}"
+        return f"{op} {self.target:g}x"
+
+    @property
+    def passed(self) -> bool | None:
+        if self.target is None or not self.ours.values:
+            return None
+        value = self.ratio if self.peer is not None else self.ours.median
+        if value is None:
+            return None
+        return value >= self.target if self.higher_is_better else value <= self.target
+
+    def json_line(self) -> str:
+        return json.dumps(
+            {
+                "metric": self.name,
+                "unit": self.unit,
+                "ours": self.ours.summary() if self.ours.values else None,
+                "peer": self.peer.summary() if self.peer and self.peer.values else None,
+                "ratio": None if self.ratio is None else round(self.ratio, 3),
+                "target": self.target_text,
+                "pass": self.passed,
+                "note": self.note,
+            }
+        )
+
+
+def _fmt(value: float) -> str:
+    if value >= 100:
+        return f"{value:.0f}"
+    if value >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3g}"
+
+
+def _cell(series: Series | None) -> str:
+    if series is None or not series.values:
+        return "-"
+    return (
+        f"{_fmt(series.median)} ({_fmt(min(series.values))}-{_fmt(max(series.values))}) "
+        f"{series.tool}"
+    )
+
+
+def table(metrics: list[Metric]) -> str:
+    """A Markdown table: median (min-max) of ours and of the peer, ratio, target, verdict."""
+    rows = [
+        ("metric", "unit", "glancefs median (min-max)", "peer median (min-max)", "ratio",
+         "target", "pass"),
+    ]  # fmt: skip
+    for m in metrics:
+        verdict = {True: "PASS", False: "FAIL", None: "-"}[m.passed]
+        ratio = "-" if m.ratio is None else f"{m.ratio:.2f}x"
+        rows.append((m.name, m.unit, _cell(m.ours), _cell(m.peer), ratio, m.target_text, verdict))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in rows
+    ]
+    lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,384 @@
+"""The measurements, in the order `make bench` runs them, and the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from bench.data import GIB, Glance, insert_images, random_file
+from bench.harness import (
+    MB,
+    Metric,
+    Mount,
+    Series,
+    cpu_seconds,
+    drop_page_cache,
+    run,
+    table,
+    timed,
+    warm,
+)
+from lab.servers import GlanceServer
+from lab.venvs import ensure_venv
+
+GLANCECLIENT = "python-glanceclient==4.13.0"
+LISTED_IMAGES = 5000
+RANDOM_READS = 200  # per fio run
+CURL_RANGES = 30  # ranged curl GETs per run
+RSS_COPIES = 10
+LS_TIMEOUT = 60.0
+
+
+def log(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+class CpuUse:
+    text = ""
+
+
+class Bench:
+    def __init__(self, work: Path, runs: int, mount_options: list[str]) -> None:
+        self.work = work
+        self.runs = runs
+        self.mount_options = mount_options
+        self.glance = GlanceServer(work / "glance", flavor="noauth")
+        self.metrics: list[Metric] = []
+        self.settings: dict[str, str] = {}
+        self.api: Glance
+        self.source: Path
+        self.image_id: str
+
+    # -- setup --------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        log("installing python-glanceclient (cached) and starting Glance")
+        self.glanceclient = ensure_venv("glanceclient-4.13.0", [GLANCECLIENT]) / "bin" / "glance"
+        self.glance.start()
+        self.api = Glance(self.glance.url)
+        log("writing 1 GiB of random data")
+        self.source = random_file(self.work / "source.raw")
+        self.image_id = self.api.create("bench-1g.raw")
+        self.curl_upload(self.image_id)
+        image = self.api.get(self.image_id)
+        assert image["status"] == "active" and image["size"] == GIB, image
+        log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
+        insert_images(self.glance.sqlite_path, LISTED_IMAGES)
+
+    def close(self) -> None:
+        if hasattr(self, "api"):
+            self.api.close()
+        self.glance.stop()
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def data_url(self, image_id: str) -> str:
+        return f"{self.glance.url}/v2/images/{image_id}/file"
+
+    @contextmanager
+    def mount(self, name: str, *options: str) -> Iterator[Mount]:
+        path = self.work / "mnt" / name
+        with Mount(
+            self.glance.url, path, self.work / f"{name}.log", [*self.mount_options, *options]
+        ) as mount:
+            if not self.settings:
+                self.settings = mount.kernel_settings()
+            yield mount
+
+    @contextmanager
+    def cpu(self, mount: Mount) -> Iterator[CpuUse]:
+        """CPU seconds the mount and Glance's worker use in the block (the last run's)."""
+        use = CpuUse()
+        assert self.glance.pid is not None
+        before = mount.cpu_seconds(), cpu_seconds(self.glance.pid, children=True)
+        started = time.perf_counter()
+        yield use
+        elapsed = time.perf_counter() - started
+        after = mount.cpu_seconds(), cpu_seconds(self.glance.pid, children=True)
+        use.text = (
+            f"last run: {elapsed:.2f} s wall, CPU s: mount {after[0] - before[0]:.2f}, "
+            f"Glance {after[1] - before[1]:.2f}"
+        )
+
+    def cold(self) -> None:
+        """Empty the page cache, then read Glance's stored file again, so that every tool reads
+        from a Glance whose store is in memory (as in glance-lab.md) and none from a local cache.
+        """
+        drop_page_cache()
+        warm(self.glance.store_dir / self.image_id)
+
+    def curl_upload(self, image_id: str) -> float:
+        seconds, _ = timed(
+            "curl", "-sS", "-f", "-T", str(self.source),
+            "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
+        )  # fmt: skip
+        return seconds
+
+    def add(self, metric: Metric) -> None:
+        self.metrics.append(metric)
+        print(metric.json_line(), flush=True)
+
+    # -- the measurements ---------------------------------------------------------------------
+
+    def upload(self) -> None:
+        log("upload: curl -T, then cp into new/")
+        curl = Series("curl -T")
+        for index in range(self.runs):
+            image_id = self.api.create(f"curl-up-{index}.raw")
+            warm(self.source)
+            curl.values.append(GIB / self.curl_upload(image_id) / MB)
+            self.api.delete(image_id)
+        ours = Series("cp into new/")
+        hwm = Series("VmHWM")
+        with self.mount("upload") as mount:
+            for index in range(self.runs):
+                name = f"cp-up-{index}.raw"
+                warm(self.source)
+                with self.cpu(mount) as upload_cpu:
+                    seconds, _ = timed("cp", str(self.source), str(mount.path / "new" / name))
+                ours.values.append(GIB / seconds / MB)
+                hwm.values.append(mount.status("VmHWM") / MB)
+                (image,) = self.api.find(name)
+                assert image["status"] == "active" and image["size"] == GIB, image
+                self.api.delete(image["id"])
+        self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, upload_cpu.text))
+        self.add(
+            Metric(
+                "peak RSS, uploads", "MB", False, hwm, None, 200,
+                "VmHWM after each of the uploads",
+            )
+        )  # fmt: skip
+
+    def reads(self) -> None:
+        log("first reads: glance image-download, dd through the mount (verified)")
+        client = Series("glance image-download")
+        for _ in range(self.runs):
+            self.cold()
+            seconds, _ = timed(
+                str(self.glanceclient), "--os-image-url", self.glance.url,
+                "--os-auth-token", "bench", "image-download", "--file", "/dev/null",
+                self.image_id,
+            )  # fmt: skip
+            client.values.append(GIB / seconds / MB)
+        first, second = Series("dd bs=1M"), Series("dd bs=1M")
+        with self.mount("read") as mount:
+            path = mount.path / "by-id" / self.image_id
+            for _ in range(self.runs):
+                self.cold()
+                with self.cpu(mount) as verified_cpu:
+                    first.values.append(GIB / self.dd(path) / MB)
+                second.values.append(GIB / self.dd(path) / MB)
+        log("first reads: curl, dd through the mount (--no-verify)")
+        curl = Series("curl")
+        for _ in range(self.runs):
+            self.cold()
+            seconds, _ = timed("curl", "-sS", "-f", "-o", "/dev/null", self.data_url(self.image_id))
+            curl.values.append(GIB / seconds / MB)
+        unverified = Series("dd bs=1M")
+        with self.mount("read-nv", "--no-verify") as mount:
+            path = mount.path / "by-id" / self.image_id
+            for _ in range(self.runs):
+                self.cold()
+                with self.cpu(mount) as unverified_cpu:
+                    unverified.values.append(GIB / self.dd(path) / MB)
+        self.add(
+            Metric("first read, verified", "MB/s", True, first, client, 1.5, verified_cpu.text)
+        )
+        self.add(
+            Metric(
+                "first read, --no-verify", "MB/s", True, unverified, curl, 0.4,
+                unverified_cpu.text,
+            )
+        )  # fmt: skip
+        self.add(Metric("second read (page cache)", "MB/s", True, second, curl, 1.5))
+
+    @staticmethod
+    def dd(path: Path) -> float:
+        seconds, output = timed("dd", f"if={path}", "of=/dev/null", "bs=1M")
+        if f"{GIB} bytes" not in output:
+            raise RuntimeError(f"dd of {path} did not read {GIB} bytes: {output}")
+        return seconds
+
+    def listing(self) -> None:
+        log(f"ls -l of {LISTED_IMAGES} images: curl paging, then cold and warm mounts")
+        curl = Series("curl, 1000 per page")
+        count = 0
+        for _ in range(self.runs):
+            started = time.perf_counter()
+            count = self.curl_pages()
+            curl.values.append(time.perf_counter() - started)
+        cold, warm_ls = Series("ls -l"), Series("ls -l")
+        note = ""
+        for index in range(self.runs):
+            with self.mount(f"ls-{index}") as mount:
+                try:
+                    seconds, output = timed("ls", "-l", str(mount.path), timeout=LS_TIMEOUT)
+                except subprocess.TimeoutExpired:
+                    # Keep `make bench` short: a listing this slow is a lower bound, once.
+                    cold.values.append(LS_TIMEOUT)
+                    note = f"ls -l did not finish in {LS_TIMEOUT:.0f} s: value is a lower bound"
+                    break
+                cold.values.append(seconds)
+                warm_ls.values.append(timed("ls", "-l", str(mount.path))[0])
+            files = sum(1 for line in output.splitlines() if line.startswith("-"))
+            if files != count:
+                raise RuntimeError(f"ls -l showed {files} files, Glance listed {count} images")
+        name = f"ls -l {LISTED_IMAGES} images"
+        self.add(Metric(f"{name}, cold", "s", False, cold, curl, 1.2, note))
+        self.add(Metric(f"{name}, warm", "s", False, warm_ls, None, 0.1, note))
+
+    def curl_pages(self) -> int:
+        """Page through the root listing's query (name:asc) with curl as a client would."""
+        path: str | None = "/v2/images?sort=name:asc&limit=1000"
+        count = 0
+        while path:
+            body = json.loads(run("curl", "-sS", "-f", self.glance.url + path))
+            count += len(body["images"])
+            path = body.get("next") if body["images"] else None
+        return count
+
+    def random_reads(self) -> None:
+        log("random 4 KiB reads: fio randread on the mount, ranged curl GETs")
+        rng = random.Random(6)
+        curl = Series("curl -r (4 KiB)")
+        for _ in range(self.runs):
+            samples = []
+            for _ in range(CURL_RANGES):
+                start = rng.randrange(GIB // 4096) * 4096
+                output = run(
+                    "curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{time_total}",
+                    "-r", f"{start}-{start + 4095}", self.data_url(self.image_id),
+                )  # fmt: skip
+                samples.append(float(output) * 1000)
+            curl.values.append(statistics.median(samples))
+        ours = Series("fio randread 4k")
+        with self.mount("random") as mount:
+            path = mount.path / "by-id" / self.image_id
+            for index in range(self.runs):
+                drop_page_cache()
+                command = [
+                    "fio", "--name=randread", f"--filename={path}", "--readonly",
+                    "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
+                    f"--number_ios={RANDOM_READS}", f"--randseed={index + 1}",
+                    "--output-format=json",
+                ]  # fmt: skip
+                result = json.loads(run(*command))
+                percentiles = result["jobs"][0]["read"]["clat_ns"]["percentile"]
+                ours.values.append(percentiles["50.000000"] / 1e6)
+        self.add(Metric("random 4 KiB read, median latency", "ms", False, ours, curl, 1.5))
+
+    def first_byte(self) -> None:
+        log("time to first byte: head -c 1 on the mount, curl -r 0-0")
+        curl, ours = Series("curl -r 0-0"), Series("head -c 1")
+        for _ in range(self.runs):
+            self.cold()
+            seconds, _ = timed(
+                "curl", "-sS", "-f", "-o", "/dev/null", "-r", "0-0", self.data_url(self.image_id)
+            )
+            curl.values.append(seconds * 1000)
+        with self.mount("ttfb") as mount:
+            path = mount.path / "by-id" / self.image_id
+            for _ in range(self.runs):
+                self.cold()
+                ours.values.append(timed("head", "-c", "1", str(path))[0] * 1000)
+        self.add(Metric("time to first byte", "ms", False, ours, curl, None))
+
+    def memory(self) -> None:
+        log(f"peak RSS: {RSS_COPIES} cold copies of the 1 GiB image out of the mount")
+        first, last = Series("VmHWM after 1 copy"), Series(f"VmHWM after {RSS_COPIES} copies")
+        with self.mount("rss") as mount:
+            path = mount.path / "by-id" / self.image_id
+            for copy in range(RSS_COPIES):
+                self.cold()
+                timed("cp", str(path), "/dev/null")
+                if copy == 0:
+                    first.values.append(mount.status("VmHWM") / MB)
+            last.values.append(mount.status("VmHWM") / MB)
+        self.add(Metric("peak RSS, 1 GiB copy", "MB", False, first, None, 200))
+        self.add(
+            Metric(
+                f"peak RSS after {RSS_COPIES} copies", "MB", False, last, None, 200,
+                f"growth over the first copy: {last.median - first.median:+.1f} MB",
+            )
+        )  # fmt: skip
+
+
+GROUPS: dict[str, Callable[[Bench], None]] = {
+    "upload": Bench.upload,
+    "read": Bench.reads,
+    "ls": Bench.listing,
+    "random": Bench.random_reads,
+    "ttfb": Bench.first_byte,
+    "rss": Bench.memory,
+}
+
+
+def machine() -> str:
+    load = Path("/proc/loadavg").read_text().split()[:3]
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"{os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}, load average {' '.join(load)} at start"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
+    parser.add_argument(
+        "--only", default=",".join(GROUPS), help=f"comma-separated, of: {', '.join(GROUPS)}"
+    )
+    parser.add_argument(
+        "--mount-option", action="append", default=[], help="extra glancefs mount argument"
+    )
+    parser.add_argument("--keep-dir", action="store_true", help="keep the work directory")
+    args = parser.parse_args(argv)
+    groups = [g for g in args.only.split(",") if g]
+    unknown = [g for g in groups if g not in GROUPS]
+    if unknown:
+        parser.error(f"unknown --only {unknown}")
+    if os.geteuid() != 0:
+        parser.error("needs root: it mounts and drops the page cache")
+    for tool in ("curl", "fio", "fusermount3", "dd"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is missing: `make deps` installs it")
+    work = Path(tempfile.mkdtemp(prefix="glancefs-bench-", dir="/var/tmp"))
+    bench = Bench(work, args.runs, args.mount_option)
+    started = time.monotonic()
+    at_start = machine()
+    log(at_start)
+    try:
+        bench.setup()
+        for group in groups:
+            GROUPS[group](bench)
+    finally:
+        bench.close()
+        if args.keep_dir:
+            log(f"work directory kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    print()
+    print(table(bench.metrics))
+    print()
+    load_now = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    print(f"{at_start}, {load_now} at the end; {args.runs} runs each; ", end="")
+    print(f"{time.monotonic() - started:.0f} s in all")
+    print(
+        "kernel settings of the mount: " + ", ".join(f"{k}={v}" for k, v in bench.settings.items())
+    )
+    failed = [m.name for m in bench.metrics if m.passed is False]
+    if failed:
+        print(f"targets missed: {', '.join(failed)}")
+    return 0
