@@ -50,6 +50,10 @@ class Auth(Protocol):
         """Values that must never appear in a log line (tokens, passwords)."""
         ...
 
+    async def roles(self) -> frozenset[str] | None:
+        """The role names the token carries in its project; None when unknown."""
+        ...
+
 
 def strip_version(url: str) -> str:
     """Catalogs list the image endpoint with or without ``/v2``; the client adds it itself."""
@@ -78,6 +82,9 @@ class TokenAuth:
 
     def secrets(self) -> list[str]:
         return [self._token] if self._token else []
+
+    async def roles(self) -> frozenset[str] | None:
+        return None  # a bare token says nothing about itself
 
 
 class SessionAuth:
@@ -169,6 +176,18 @@ class SessionAuth:
 
     def secrets(self) -> list[str]:
         return [*self._secrets, *self._known_tokens]
+
+    async def roles(self) -> frozenset[str] | None:
+        return await trio.to_thread.run_sync(self._roles)
+
+    def _roles(self) -> frozenset[str] | None:
+        """In a worker thread: the role names of the current token (authenticating if needed)."""
+        auth = self._session.auth
+        if auth is None or not hasattr(auth, "get_access"):
+            return None  # a plugin that is not a Keystone identity (a fixed token endpoint)
+        with _keystone_errors(self.secrets()):
+            names = auth.get_access(self._session).role_names
+        return frozenset(names) if names else None
 
 
 @contextlib.contextmanager

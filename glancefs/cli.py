@@ -26,7 +26,7 @@ from ._version import __version__
 from .config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
-from .mount import MountError, check_reachable, notify_systemd, serve
+from .mount import MountError, check_reachable, limit_to_credentials, notify_systemd, serve
 from .xattrs import CONTAINER_FORMATS, DISK_FORMATS
 
 log = logging.getLogger("glancefs")
@@ -349,6 +349,7 @@ async def _mount_and_serve(
     async with build_client(credentials, params) as client:
         try:
             await check_reachable(client)
+            config = await limit_to_credentials(client, config)
         except GlanceError as error:
             raise MountError(await _explain(client, credentials, error)) from None
         try:

@@ -250,7 +250,7 @@ class GlanceFS(pyfuse3.Operations):
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mounted_ns
             return attrs
-        attrs.st_mode = file_mode(image.status)
+        attrs.st_mode = file_mode(image.status, read_only=self._config.read_only)
         attrs.st_nlink = 1
         size = (image.size or 0) if has_readable_size(image.status) else 0
         attrs.st_size = size

@@ -10,6 +10,7 @@ cache.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -25,7 +26,7 @@ from .catalog import Catalog
 from .config import MountConfig
 from .fs import GlanceFS
 
-__all__ = ["MountError", "notify_systemd", "serve", "tune_kernel"]
+__all__ = ["MountError", "limit_to_credentials", "notify_systemd", "serve", "tune_kernel"]
 
 log = logging.getLogger("glancefs.mount")
 
@@ -76,6 +77,27 @@ async def check_reachable(client: Client) -> None:
     """Fail early and clearly when Glance cannot be reached or refuses our credentials."""
     async for _ in client.images.list(limit=1):
         break
+
+
+#: Roles that Glance's default (secure RBAC) policy lets change images; ``_member_`` is the
+#: legacy name of ``member``. Keystone puts implied roles in the token (admin implies member).
+WRITE_ROLES = frozenset({"admin", "member", "_member_"})
+
+
+async def limit_to_credentials(client: Client, config: MountConfig) -> MountConfig:
+    """``config``, read-only when the token's roles cannot change anything in Glance.
+
+    Modes then show what the credentials allow, to every user of an ``--allow-other`` mount, and
+    a change fails with EROFS at once rather than with Glance's 403. Unknown roles (a bare
+    token) leave the config as it is.
+    """
+    if config.read_only:
+        return config
+    roles = await client.auth.roles()
+    if roles is None or roles & WRITE_ROLES:
+        return config
+    log.info("credentials have only the reader role: mounting read-only")
+    return dataclasses.replace(config, read_only=True)
 
 
 async def serve(

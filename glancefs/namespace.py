@@ -90,9 +90,15 @@ _MODES = {
 }
 
 
-def file_mode(status: str) -> int:
-    """``st_mode`` of an image file: the permission bits show where it is in its lifecycle."""
-    return stat.S_IFREG | _MODES.get(status, 0o000)
+def file_mode(status: str, *, read_only: bool = False) -> int:
+    """``st_mode`` of an image file: the permission bits show where it is in its lifecycle.
+
+    On a read-only mount nothing is writable, a ``queued`` image included.
+    """
+    mode = _MODES.get(status, 0o000)
+    if read_only:
+        mode &= ~0o222
+    return stat.S_IFREG | mode
 
 
 def has_readable_size(status: str) -> bool:

@@ -4,8 +4,9 @@ usage: python keystone_register.py KEYSTONE_URL GLANCE_URL
 
 Run as a script (stdlib only, no ``lab`` import) so it works from any interpreter;
 KeystoneServer.register() runs it with the keystone venv's python.  Creates projects
-service/demo/alt, users glance/demo/alt (passwords ``<name>-secret``), their roles,
-and the ``image`` service with public/internal/admin endpoints at GLANCE_URL.
+service/demo/alt, users glance/demo/alt/viewer (passwords ``<name>-secret``), their roles
+(viewer has only ``reader`` on demo), and the ``image`` service with public/internal/admin
+endpoints at GLANCE_URL.
 """
 
 import json
@@ -77,7 +78,7 @@ def register(keystone_url: str, glance_url: str) -> dict[str, str]:
         ids[f"project:{name}"] = ks.get_or_create(
             "project", {"name": name, "domain_id": "default"}, f"name={name}"
         )["id"]
-    for name in ("glance", "demo", "alt"):
+    for name in ("glance", "demo", "alt", "viewer"):
         body = {"name": name, "password": f"{name}-secret", "domain_id": "default"}
         ids[f"user:{name}"] = ks.get_or_create("user", body, f"name={name}")["id"]
     for project, user, role in [
@@ -85,6 +86,7 @@ def register(keystone_url: str, glance_url: str) -> dict[str, str]:
         ("service", "glance", "service"),
         ("demo", "demo", "member"),
         ("alt", "alt", "member"),
+        ("demo", "viewer", "reader"),
     ]:
         project_id, user_id = ids[f"project:{project}"], ids[f"user:{user}"]
         ks.call("PUT", f"/projects/{project_id}/users/{user_id}/roles/{roles[role]}")

@@ -57,6 +57,7 @@ USERS = {
     "glance": "glance-secret",
     "demo": "demo-secret",
     "alt": "alt-secret",
+    "viewer": "viewer-secret",  # only the reader role, on project demo
 }
 
 # Runs in a separate interpreter: blocks on its stdin pipe, whose write end only the

@@ -9,6 +9,7 @@ certificates; no password or token shows in a --debug log or in ``ps``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import pty
@@ -799,6 +800,66 @@ def test_other_users_need_allow_other(
     write = _as_nobody("touch", str(shared.path / "new" / "intruder.raw"))
     assert write.returncode != 0 and "Permission denied" in write.stderr
     assert images["alt"]["name"] not in seen.stdout  # and only what the credentials see
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_reader_role_mounts_read_only(
+    keystone: KeystoneServer,
+    glance_ks: GlanceServer,
+    images: dict[str, dict],
+    shared_dir: Path,  # before mount_glancefs: removed after the mounts are gone
+    mount_glancefs: MountFactory,
+    tmp_path: Path,
+) -> None:
+    """Credentials with only the reader role: modes and errors say what Glance would say.
+
+    Glance's default policy lets a reader list images and read their metadata, but neither
+    change anything nor download data (``download_image`` wants ``member``).
+    """
+    demo = api_as(keystone, glance_ks, "demo")
+    queued = demo.create(f"queued-{uuid.uuid4().hex[:6]}", visibility="private")
+    demo.close()
+    env = demo_env(keystone, tmp_path, password=False)
+    env.update(OS_USERNAME="viewer", OS_PASSWORD=USERS["viewer"])
+    mount = mount_glancefs(
+        None, "--allow-other", name="viewer", env=env, path=shared_dir / "viewer"
+    )
+    assert "credentials have only the reader role: mounting read-only" in mount.log()
+    new, queued_path = mount.path / "new", mount.path / queued["name"]
+    active = mount.path / images["demo"]["name"]
+    source = shared_dir / "upload.raw"  # readable by nobody too
+    source.write_bytes(b"never uploaded")
+    source.chmod(0o644)
+    try:
+        # As root (the mounting user).
+        assert os.stat(new).st_mode & 0o777 == 0o555
+        assert os.stat(queued_path).st_mode & 0o777 == 0o444
+        assert os.stat(active).st_mode & 0o777 == 0o444
+        copy = subprocess.run(
+            ["cp", str(source), str(new / "refused.raw")], capture_output=True, text=True
+        )
+        assert copy.returncode != 0 and "Read-only file system" in copy.stderr, copy.stderr
+        with pytest.raises(OSError) as refused:
+            os.open(queued_path, os.O_WRONLY)
+        assert refused.value.errno == errno.EROFS
+        assert os.getxattr(active, "user.status") == b"active"
+        with pytest.raises(OSError) as forbidden:
+            active.read_bytes()
+        assert forbidden.value.errno == errno.EPERM  # Glance's 403 on download
+        # As another user: the same modes; the kernel refuses the write on them.
+        modes = _as_nobody("stat", "-c", "%a", str(new), str(queued_path), str(active))
+        assert modes.stdout.split() == ["555", "444", "444"], modes.stderr
+        copy = _as_nobody("cp", str(source), str(new / "refused.raw"))
+        assert copy.returncode != 0 and "Permission denied" in copy.stderr, copy.stderr
+        seen = _as_nobody("ls", str(mount.path))
+        assert seen.returncode == 0 and images["demo"]["name"] in seen.stdout, seen.stderr
+        status = _as_nobody("getfattr", "--only-values", "-n", "user.status", str(active))
+        assert status.returncode == 0 and status.stdout == "active", status.stderr
+        read = _as_nobody("cat", str(active))
+        assert read.returncode != 0 and "Operation not permitted" in read.stderr, read.stderr
+    finally:
+        source.unlink()
+    assert "refused.raw" not in {*os.listdir(mount.path), *os.listdir(new)}
 
 
 def test_mount_ends_cleanly_on_sigterm(

@@ -113,6 +113,9 @@ class ProjectAuth:
     def secrets(self) -> list[str]:
         return [self._headers["X-Auth-Token"]]
 
+    async def roles(self) -> frozenset[str] | None:
+        return frozenset(self._headers["X-Roles"].split(","))
+
 
 @pytest.fixture
 async def client(server: GlanceServer) -> AsyncIterator[glancefs.Client]:

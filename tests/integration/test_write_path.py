@@ -259,6 +259,16 @@ def test_read_only_mount_refuses_every_change(
     assert api.get(image["id"])["name"] == image["name"]
 
 
+def test_read_only_mount_shows_no_write_bit(
+    api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory
+) -> None:
+    queued = api.create(f"ro-queued-{uuid.uuid4().hex[:6]}")
+    mount = mount_glancefs(glance.url, "--read-only")
+    for path in (mount.path / queued["name"], mount.path / "new" / queued["name"]):
+        assert os.stat(path).st_mode & 0o777 == 0o444, path
+    assert os.stat(mount.path / "new").st_mode & 0o777 == 0o555
+
+
 def test_xattr_round_trips(api: GlanceAPI, writable: Mount) -> None:
     image = api.create(f"props-{uuid.uuid4().hex[:6]}", b"x", tags=["old"])
     path = writable.path / image["name"]

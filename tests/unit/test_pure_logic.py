@@ -84,6 +84,7 @@ class TestConfig:
 class TestNamespace:
     def test_modes_follow_the_lifecycle(self) -> None:
         assert file_mode("queued") == stat.S_IFREG | 0o644
+        assert file_mode("queued", read_only=True) == stat.S_IFREG | 0o444
         assert file_mode("active") == stat.S_IFREG | 0o444
         assert file_mode("saving") == stat.S_IFREG | 0o444
         assert file_mode("killed") == stat.S_IFREG
