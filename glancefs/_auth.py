@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ._exceptions import AuthError, ConnectError
+from ._exceptions import AuthError, ConnectError, scrub
 
 __all__ = ["Auth", "SessionAuth", "TokenAuth"]
 
@@ -199,15 +199,15 @@ def _keystone_errors(secrets: list[str]) -> Iterator[None]:
         yield
     except ks.SSLError as error:
         reason = _ssl_reason(error)
-        raise ConnectError(_clean(f"Keystone: certificate problem: {reason}", secrets)) from None
+        raise ConnectError(scrub(f"Keystone: certificate problem: {reason}", secrets)) from None
     except ks.ConnectionError as error:  # refused, timed out, DNS...
-        raise ConnectError(_clean(f"Keystone: {_connect_reason(error)}", secrets)) from None
+        raise ConnectError(scrub(f"Keystone: {_connect_reason(error)}", secrets)) from None
     except ks.Unauthorized:
         raise AuthError("Keystone refused the credentials (401)") from None
     except ks.EndpointNotFound as error:
-        raise AuthError(_clean(f"service catalog: {error}", secrets)) from None
+        raise AuthError(scrub(f"service catalog: {error}", secrets)) from None
     except ks.ClientException as error:
-        raise AuthError(_clean(f"Keystone: {error}", secrets)) from None
+        raise AuthError(scrub(f"Keystone: {error}", secrets)) from None
 
 
 def _ssl_reason(error: BaseException) -> str:
@@ -228,11 +228,3 @@ def _connect_reason(error: BaseException) -> str:
         return text
     head = text.split(": ", 1)[0] if ": " in text else text
     return f"{head}: {errno.group(0).strip()}"
-
-
-def _clean(text: str, secrets: list[str]) -> str:
-    text = " ".join(text.split())
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections.abc import Iterable
 
 __all__ = [
     "AuthError",
@@ -156,6 +157,15 @@ def clean_text(text: str, limit: int = 300) -> str:
     """Reduce an error body (HTML or text) to one short line: no tags, no entities, no newlines."""
     line = _SPACE.sub(" ", html.unescape(_TAG.sub(" ", text))).strip()
     return line if len(line) <= limit else line[: limit - 1] + "…"
+
+
+def scrub(text: str, secrets: Iterable[str]) -> str:
+    """``text`` on one line with every secret replaced by ``***`` (for keystoneauth errors)."""
+    text = " ".join(text.split())
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
 
 
 def error_for_status(status: int, detail: str, request_id: str | None = None) -> HTTPError:

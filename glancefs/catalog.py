@@ -182,11 +182,6 @@ class Catalog:
             self._images.popitem(last=False)
         self._attrs[image.id] = Entry.of(image, now)
 
-    def cached_image(self, image_id: str) -> Image | None:
-        """The last record seen, however old (for attributes of a file being released)."""
-        cached = self._images.get(image_id)
-        return cached[1] if cached else None
-
     async def listing(self, directory: Directory) -> Listing:
         """The directory's current listing (at most ``listing_ttl`` old)."""
         lock = self._locks.setdefault(directory, trio.Lock())

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._auth import Auth, SessionAuth, TokenAuth
+from ._exceptions import scrub
 
 __all__ = ["TLS", "Credentials", "CredentialsError", "hide_from_ps", "load"]
 
@@ -202,9 +203,9 @@ def _keystone(params: Mapping[str, Any], prompt: Prompt | None, hinted: bool) ->
     except ks_exceptions.NoMatchingPlugin as error:
         raise CredentialsError(f"unknown auth type {error.name!r}") from None
     except sdk_exceptions.ConfigException as error:
-        raise CredentialsError("clouds.yaml: " + _one_line(str(error), secrets)) from None
+        raise CredentialsError("clouds.yaml: " + scrub(str(error), secrets)) from None
     except (ks_exceptions.ClientException, ValueError) as error:
-        raise CredentialsError(_one_line(str(error), secrets)) from None
+        raise CredentialsError(scrub(str(error), secrets)) from None
 
     auth_options = region.config.get("auth") or {}
     secrets += [str(v) for k, v in auth_options.items() if k in _SECRET_KEYS and v]
@@ -283,14 +284,6 @@ def _option_name(dest: str) -> str:
 
 def _where(cloud: str | None) -> str:
     return f" for cloud {cloud!r}" if cloud else ""
-
-
-def _one_line(text: str, secrets: Iterable[str]) -> str:
-    text = " ".join(text.split())
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    return text
 
 
 def hide_from_ps(secrets: Iterable[str]) -> bool:

@@ -154,6 +154,19 @@ def _edit_ini(
     return out.getvalue()
 
 
+def _db_sync(manage: Path, tmp: Path, conf_name: str, conf_text: str, db_name: str) -> Path:
+    """Create ``db_name``.sqlite in ``tmp`` with ``manage db_sync`` (the config says where)."""
+    (tmp / "log").mkdir()
+    conf = tmp / conf_name
+    conf.write_text(conf_text)
+    _run(
+        [str(manage), "--config-file", str(conf), "db_sync"],
+        tmp / "log" / "setup.log",
+        _child_env(),
+    )
+    return tmp / f"{db_name}.sqlite"
+
+
 def _pristine_db(venv: Path, name: str, make: Callable[[Path], Path]) -> Path:
     """A freshly migrated SQLite DB cached beside the venv, made once by ``make(tmpdir)``.
 
@@ -561,15 +574,8 @@ class GlanceServer(_GunicornServer):
 
     def _make_pristine_db(self, venv: Path, tmp: Path) -> Path:
         """Run db_sync against an empty SQLite in ``tmp``."""
-        (tmp / "log").mkdir()
-        conf = tmp / "glance-api.conf"
-        conf.write_text(self._render_conf(tmp, overrides=False))  # shared by all workdirs
-        _run(
-            [str(venv / "bin" / "glance-manage"), "--config-file", str(conf), "db_sync"],
-            tmp / "log" / "setup.log",
-            _child_env(),
-        )
-        return tmp / "glance.sqlite"
+        conf = self._render_conf(tmp, overrides=False)  # shared by all workdirs
+        return _db_sync(venv / "bin" / "glance-manage", tmp, "glance-api.conf", conf, "glance")
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         venv = self._venv or ensure_glance_venv()
@@ -681,15 +687,8 @@ class KeystoneServer(_GunicornServer):
 
     def _make_pristine_db(self, venv: Path, tmp: Path) -> Path:
         """keystone-manage db_sync against an empty SQLite in ``tmp``."""
-        (tmp / "log").mkdir()
-        conf = tmp / "keystone.conf"
-        conf.write_text(self._render_conf(tmp))
-        _run(
-            [str(venv / "bin" / "keystone-manage"), "--config-file", str(conf), "db_sync"],
-            tmp / "log" / "setup.log",
-            _child_env(),
-        )
-        return tmp / "keystone.sqlite"
+        conf = self._render_conf(tmp)
+        return _db_sync(venv / "bin" / "keystone-manage", tmp, "keystone.conf", conf, "keystone")
 
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
         venv = self._venv or ensure_keystone_venv()
