@@ -155,8 +155,14 @@ async def read_all(glance: glancefs.Client, image_id: str, **kwargs: Any) -> byt
     return b"".join([chunk async for chunk in glance.images.data(image_id, **kwargs)])
 
 
+# Glance 33 on SQLite now and then leaves an async task "processing" for good (seen in about one
+# full-suite run in three; never when this module runs alone): a task-driven test is retried with a
+# fresh image and task rather than waiting longer.
+GLANCE_TASK = pytest.mark.flaky(reruns=2)
+
+
 async def eventually(
-    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 150
+    probe: Callable[[], Awaitable[Any]], done: Callable[[Any], bool], timeout: float = 45
 ) -> Any:
     """Call ``probe`` until ``done(result)``; fail after ``timeout`` seconds."""
     with trio.fail_after(timeout):
@@ -413,6 +419,7 @@ async def test_data_ranges_and_integrity(client: glancefs.Client, server: Glance
 # -- import --------------------------------------------------------------------------------------
 
 
+@GLANCE_TASK
 async def test_glance_direct_import_ends_active(client: glancefs.Client) -> None:
     assert "glance-direct" in await client.info.import_methods()
     payload = random.Random(1).randbytes(30_000)
@@ -428,6 +435,7 @@ async def test_glance_direct_import_ends_active(client: glancefs.Client) -> None
     assert tasks[0]["input"]["import_req"]["method"]["name"] == "glance-direct"
 
 
+@GLANCE_TASK
 async def test_web_download_import(
     client: glancefs.Client, web: tuple[str, dict[str, bytes]]
 ) -> None:
@@ -440,6 +448,7 @@ async def test_web_download_import(
     assert await read_all(client, image.id) == payload
 
 
+@GLANCE_TASK
 async def test_copy_image_import_and_delete_from_store(client: glancefs.Client) -> None:
     image = await new_image(client, b"c" * 1000)
     assert image["stores"] == "fs"
@@ -552,6 +561,7 @@ async def test_members_share_an_image_between_two_projects(
 # -- tasks, info, schemas ------------------------------------------------------------------------
 
 
+@GLANCE_TASK
 async def test_tasks_create_get_list(
     client: glancefs.Client, web: tuple[str, dict[str, bytes]]
 ) -> None:
