@@ -147,6 +147,9 @@ def test_xattrs_show_the_record(api: GlanceAPI, mounted: Mount) -> None:
     with pytest.raises(OSError) as missing:
         os.getxattr(mounted.path / image["name"], "user.no_such_property")
     assert missing.value.errno == errno.ENODATA
+    with pytest.raises(OSError) as other_namespace:
+        os.getxattr(mounted.path / image["name"], "security.selinux")
+    assert other_namespace.value.errno == errno.ENOTSUP
 
 
 def test_corrupt_data_fails_the_full_read(
