@@ -6,8 +6,9 @@ calls costs nothing.
 Every change glancefs makes itself calls :meth:`Catalog.invalidate`, and SIGHUP :meth:`drop_all`.
 Concurrent callers wanting the same stale listing share one fetch.
 
-A :class:`Listing` is never changed once built, so a directory handle that holds one sees a
-stable sequence of entries (stable readdir offsets) while newer listings replace it.
+A :class:`Listing` only grows while its pages arrive and never changes once complete, so a
+directory handle that holds one sees a stable sequence of entries (stable readdir offsets) while
+newer listings replace it; readdir hands out names as soon as they are final.
 
 Memory: a listing keeps one compact :class:`Entry` per image (what readdir, lookup and stat need),
 not Glance's whole record; 100,000 images cost tens of MB, not hundreds. Full records are fetched
@@ -21,7 +22,6 @@ import logging
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import trio
 
@@ -30,7 +30,7 @@ from ._exceptions import GlanceError, NotFound
 from ._images import Image, parse_time
 from .config import MountConfig
 from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for
-from .naming import assign_names
+from .naming import NameStream, assign_names
 
 __all__ = ["Catalog", "Entry", "Listing"]
 
@@ -89,32 +89,83 @@ class Entry:
         return f"Entry(id={self.id!r}, name={self.name!r}, status={self.status!r})"
 
 
-@dataclass(frozen=True)
 class Listing:
-    """One directory's entries in display order (``names[i]`` is the file name of
-    ``entries[i]``); tags for by-tag/."""
+    """One directory's entries in display order, growing while the server's pages arrive.
 
-    names: tuple[str, ...] = ()
-    entries: tuple[Entry, ...] = ()
-    tags: tuple[str, ...] = ()
-    by_name: dict[str, Entry] = field(default_factory=dict)
+    ``entries`` holds the images received so far, ``names[i]`` is the file name of ``entries[i]``
+    once that name is final (names may lag behind entries: see :class:`~glancefs.naming.
+    NameStream`). Both only ever grow, so a directory handle holding a listing keeps stable
+    offsets; once :attr:`complete`, a listing never changes. ``by_name`` (for lookups) and
+    ``tags`` (for by-tag/) are filled at completion.
+    """
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.entries: list[Entry] = []
+        self.tags: tuple[str, ...] = ()
+        self.by_name: dict[str, Entry] = {}
+        self.complete = False
+        self.error: GlanceError | None = None
+        self._progress = trio.lowlevel.ParkingLot()
+
+    async def names_beyond(self, count: int) -> bool:
+        """Wait until more than ``count`` names are final (True) or the listing ended without
+        more (False). Raises the error that ended the fetch, if one did."""
+        while len(self.names) <= count and not self.complete:
+            await self._progress.park()
+        if self.error is not None:
+            raise self.error
+        return len(self.names) > count
+
+    async def wait_complete(self) -> None:
+        """Wait for the whole listing; raises the error that ended the fetch, if one did."""
+        while not self.complete:
+            await self._progress.park()
+        if self.error is not None:
+            raise self.error
+
+    def add(self, entry: Entry, settled: list[str]) -> None:
+        self.entries.append(entry)
+        if settled:
+            self.names += settled
+            self._progress.unpark_all()
+
+    def finish(self, names: list[str], tags: tuple[str, ...] = ()) -> None:
+        if self.names != names[: len(self.names)]:
+            # Only if the server's collation ties names that NameStream keeps apart.
+            log.warning("readdir handed out provisional names: the server sorts names unusually")
+        self.names = names
+        self.tags = tags
+        self.by_name = dict(zip(names, self.entries, strict=True))
+        self.complete = True
+        self._progress.unpark_all()
+
+    def fail(self, error: GlanceError) -> None:
+        self.error = error
+        self.complete = True
+        self._progress.unpark_all()
 
 
 class Catalog:
     """Cached access to image records and listings for one mount."""
 
     def __init__(
-        self, client: Client, config: MountConfig, clock: Callable[[], float] = trio.current_time
+        self,
+        client: Client,
+        config: MountConfig,
+        nursery: trio.Nursery,
+        clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self._client = client
         self._config = config
+        self._nursery = nursery
         self._clock = clock
         self._images: OrderedDict[str, tuple[float, Image]] = OrderedDict()
         #: Attributes by image id, from listings and records (each Entry knows when it was seen).
         self._attrs: dict[str, Entry] = {}
         self._missing: OrderedDict[str, float] = OrderedDict()
+        #: Per directory: when its listing was started, and the listing.
         self._listings: dict[Directory, tuple[float, Listing]] = {}
-        self._locks: dict[Directory, trio.Lock] = {}
         #: Images created in new/ by this mount, and when: new/ lists them for a while after
         #: their upload, so that tools which write a temporary name and rename it work.
         self._created: dict[str, float] = {}
@@ -183,38 +234,57 @@ class Catalog:
         self._attrs[image.id] = Entry.of(image, now)
 
     async def listing(self, directory: Directory) -> Listing:
-        """The directory's current listing (at most ``listing_ttl`` old)."""
-        lock = self._locks.setdefault(directory, trio.Lock())
-        async with lock:
-            cached = self._listings.get(directory)
-            if cached and self._clock() - cached[0] < self._config.listing_ttl:
-                return cached[1]
-            started = self._clock()
-            listing = await self._fetch(directory)
-            self._listings[directory] = (started, listing)
-            return listing
+        """The directory's whole current listing (at most ``listing_ttl`` old)."""
+        listing = self.open_listing(directory)
+        await listing.wait_complete()
+        return listing
 
-    async def _fetch(self, directory: Directory) -> Listing:
+    def open_listing(self, directory: Directory) -> Listing:
+        """The directory's current listing, possibly still arriving (see :class:`Listing`).
+
+        A listing younger than ``listing_ttl``, or still being fetched, is shared; otherwise a
+        fetch starts in the background, so that readdir can hand out names as pages arrive.
+        """
+        cached = self._listings.get(directory)
+        if cached is not None:
+            started, listing = cached
+            if not listing.complete or self._clock() - started < self._config.listing_ttl:
+                return listing
+        listing = Listing()
+        self._listings[directory] = (self._clock(), listing)
+        self._nursery.start_soon(self._fill, directory, listing)
+        return listing
+
+    async def _fill(self, directory: Directory, listing: Listing) -> None:
+        """Fetch ``listing``. Runs in the mount's nursery: it must never raise, or the whole
+        mount would stop; a failure is stored in the listing for its readers to raise."""
+        try:
+            await self._fetch(directory, listing)
+        except Exception as error:
+            if not isinstance(error, GlanceError):
+                log.exception("listing %s failed", directory.kind.value)
+                error = GlanceError(f"listing {directory.kind.value}: internal error: {error}")
+            if self._listings.get(directory, (0.0, None))[1] is listing:
+                del self._listings[directory]
+            listing.fail(error)
+
+    async def _fetch(self, directory: Directory, listing: Listing) -> None:
         if directory.kind is DirKind.BY_TAG:
             every = await self.listing(Directory(DirKind.BY_ID))
-            tags = sorted({tag for entry in every.entries for tag in entry.tags})
-            return Listing(tags=tuple(tags))
+            listing.finish([], tuple(sorted({tag for e in every.entries for tag in e.tags})))
+            return
         query = query_for(directory, self._config.view)
-        entries: list[Entry] = []
+        reserved = ROOT_ENTRIES.keys() if directory.kind is DirKind.ROOT else ()
+        # Names settle as pages arrive for by-id/ (names are ids) and for views sorted by name
+        # first (see NameStream); any other order needs the whole listing before any name.
+        by_name = query.sort is not None and query.sort.split(",")[0].split(":")[0] == "name"
+        streamed = NameStream(reserved) if by_name and directory.kind is not DirKind.NEW else None
         listed: set[str] = set()
         attrs = self._attrs
         # Pages of limit=1000 (the most Glance gives), following ``next``. Glance pages by
         # marker on a total order (the sort keys, then created_at and id), so an image that exists
         # throughout is listed exactly once even while others are created and deleted; the id
         # check only guards against a server that would repeat one.
-        #
-        # Trade-off: the whole listing is read before opendir answers, rather than handed to
-        # readdir page by page. The naming rule (every image of a duplicated name gets
-        # ``~<id>``, a name never silently changes meaning) needs every name first: a name handed
-        # out from page 1 could turn out to be duplicated on page 90 of the same listing. The
-        # cost: what the reader does per entry cannot overlap the fetching. For ls -l that is two
-        # getxattr round trips per file (security.selinux, system.posix_acl_access), about
-        # 7 s for 100,000 files after a 40 s fetch (measured: tests/integration/test_views.py).
         async for image in self._client.images.list(
             sort=query.sort, filters=_group(query.filters), limit=query.limit
         ):
@@ -222,24 +292,26 @@ class Catalog:
                 continue
             entry = Entry.of(image, self._clock())
             listed.add(entry.id)
-            entries.append(entry)
             attrs[entry.id] = entry
+            if directory.kind is DirKind.BY_ID:
+                listing.add(entry, [entry.id])
+            else:
+                listing.add(entry, streamed.add(entry.id, entry.name) if streamed else [])
         del listed
         if directory.kind is DirKind.NEW:
             now = self._clock()
-            seen = {entry.id for entry in entries}
-            entries += [Entry.of(i, now) for i in await self._recently_created(seen, now)]
+            seen = {entry.id for entry in listing.entries}
+            for image in await self._recently_created(seen, now):
+                listing.add(Entry.of(image, now), [])
         if directory.kind is DirKind.BY_ID:
-            names = tuple(entry.id for entry in entries)
+            names = listing.names
         else:
-            reserved = ROOT_ENTRIES.keys() if directory.kind is DirKind.ROOT else ()
+            entries = listing.entries
             chosen = assign_names(((e.id, e.name) for e in entries), reserved)
-            names = tuple(chosen[entry.id] for entry in entries)
+            names = [chosen[entry.id] for entry in entries]
             del chosen
         self._prune_attributes()
-        return Listing(
-            names=names, entries=tuple(entries), by_name=dict(zip(names, entries, strict=True))
-        )
+        listing.finish(names)
 
     def _prune_attributes(self) -> None:
         """Forget attributes past their TTL (once per listing: the cache stays near its size)."""

@@ -274,12 +274,16 @@ class GlanceFS(pyfuse3.Operations):
         fixed: list[tuple[str, Key]] = []
         if directory == ROOT:
             fixed += [(name, _key_of_dir(d)) for name, d in ROOT_ENTRIES.items()]
-        listing = await self.catalog.listing(directory)
+        listing = self.catalog.open_listing(directory)
         if directory == BY_TAG:
+            await listing.wait_complete()
             fixed += [(tag, ("tag", tag)) for tag in listing.tags]
+        else:
+            # Fail here rather than in readdir when Glance does not answer the first page.
+            await listing.names_beyond(0)
         handle = self._new_handle()
-        # The handle keeps this snapshot (listings are immutable, so this copies nothing):
-        # offsets stay valid while newer listings replace it.
+        # The handle keeps this listing (it only grows, then never changes): offsets stay
+        # valid while newer listings replace it.
         self._open_dirs[handle] = (tuple(fixed), listing)
         return handle
 
@@ -295,17 +299,27 @@ class GlanceFS(pyfuse3.Operations):
                 return
             self._inodes.remember(key)
             index += 1
-        names, entries = listing.names, listing.entries
         first = len(fixed)
-        for position in range(index - first, len(entries)):
-            entry = entries[position]
-            key = ("image", entry.id)
-            attrs = self._attributes(key, entry)
-            if not pyfuse3.readdir_reply(
-                token, os.fsencode(names[position]), attrs, first + position + 1
-            ):
+        position = index - first
+        replied = index > start_id
+        while True:
+            names, entries = listing.names, listing.entries
+            while position < len(names):
+                entry = entries[position]
+                key = ("image", entry.id)
+                attrs = self._attributes(key, entry)
+                if not pyfuse3.readdir_reply(
+                    token, os.fsencode(names[position]), attrs, first + position + 1
+                ):
+                    return
+                self._inodes.remember(key)
+                position += 1
+                replied = True
+            # Names are handed out as soon as they are final, while later pages still arrive:
+            # return what there is, and wait only when there is nothing yet (an empty answer
+            # would end the directory).
+            if replied or not await listing.names_beyond(position):
                 return
-            self._inodes.remember(key)
 
     async def releasedir(self, fh: int) -> None:
         self._open_dirs.pop(fh, None)

@@ -126,7 +126,7 @@ async def serve(
                 return
 
     async with trio.open_nursery() as nursery:
-        operations = GlanceFS(client, config, nursery, Catalog(client, config))
+        operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery))
         pyfuse3.init(operations, mountpoint, fuse_options)
         try:
             nursery.start_soon(watch_signals)

@@ -40,10 +40,12 @@ whole is O(total length of the names).
 ``new`` in the root): they count as taken.
 """
 
+import unicodedata
+import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 
-__all__ = ["NAME_MAX", "assign_names", "id_suffix", "sanitize"]
+__all__ = ["NAME_MAX", "NameStream", "assign_names", "id_suffix", "sanitize"]
 
 #: The longest file name, in UTF-8 bytes, that Linux file systems accept.
 NAME_MAX = 255
@@ -152,3 +154,84 @@ def assign_names(
         names[image_id] = image_id
     # Keep the caller's order, which is handy for listings and costs nothing.
     return {image_id: names[image_id] for image_id in bases}
+
+
+# -- names ahead of the whole listing -------------------------------------------------------------
+
+#: Characters :func:`sanitize` puts in; a base name holding one may share it with another raw name.
+_REPLACEMENT_MARKS = frozenset("\u2215\u2400\ufffd")
+
+
+def _could_tie(base: str) -> str:
+    """The key under which a database collation may sort ``base`` next to other names.
+
+    Case, accents and trailing spaces are ignored by the usual collations (MySQL's ``_ci``
+    ones, PostgreSQL's ICU ones); names equal under this key form one *run*.
+    """
+    folded = unicodedata.normalize("NFKD", base).casefold()
+    return "".join(c for c in folded if not unicodedata.combining(c)).rstrip(" ")
+
+
+def _is_plain(base: str, reserved: Collection[str]) -> bool:
+    """Whether only an image of the same exact name can take ``base`` away from its image.
+
+    Not plain: names changed or produced by sanitising (another raw name may give the same
+    base), names too long (they get a suffix), reserved names, and names shaped like an image
+    id (another image's id takes precedence, rule 0).
+    """
+    if base in reserved or len(base.encode()) > NAME_MAX or not _REPLACEMENT_MARKS.isdisjoint(base):
+        return False
+    try:
+        uuid.UUID(base)
+    except ValueError:
+        return True
+    return False
+
+
+class NameStream:
+    """File names for a listing sorted by name, settled while it is still arriving.
+
+    :func:`assign_names` needs the whole listing, because an image may share its name with one
+    listed much later. In a listing sorted by name (either direction) the server puts names that
+    its collation considers equal next to each other, so once a different name arrives, the
+    images before it can no longer gain a duplicate. Feed the images in the server's order with
+    :meth:`add`; it returns the names that became final, in order. An image of the run settles
+    then if it has no name (it is named by its id, whatever comes later) or its name is plain
+    (see :func:`_is_plain`) and unique within the run; any other image (a duplicate, a name
+    sanitising changed) stops the stream: from there on, names wait for :func:`assign_names` on
+    the whole listing, which remains the reference. Settled names always equal its result, as
+    long as the server's collation ties no names that :func:`_could_tie` keeps apart.
+    """
+
+    def __init__(self, reserved: Collection[str] = ()) -> None:
+        self._reserved = frozenset(reserved)
+        self._run: list[tuple[str, str]] = []  # (image id, base name) of the current run
+        self._run_key = ""
+        self.stopped = False
+
+    def add(self, image_id: str, name: str | None) -> list[str]:
+        """Take the next image of the listing; return the names this settles, in order."""
+        if self.stopped:
+            return []
+        base = sanitize(name)
+        key = _could_tie(base)
+        settled: list[str] = []
+        if self._run and key != self._run_key:
+            settled = self._settle_run()
+        self._run.append((image_id, base))
+        self._run_key = key
+        return settled
+
+    def _settle_run(self) -> list[str]:
+        counts = Counter(base for _, base in self._run)
+        names = []
+        for image_id, base in self._run:
+            if not base:
+                names.append(image_id)
+            elif counts[base] == 1 and _is_plain(base, self._reserved):
+                names.append(base)
+            else:
+                self.stopped = True
+                return []
+        self._run.clear()
+        return names

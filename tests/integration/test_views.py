@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, Mount
+from support import GlanceAPI, HoldingProxy, Mount
 
 from lab.servers import GlanceServer
 
@@ -41,7 +41,7 @@ def insert_images(
     formats, visibility), one ``os_distro`` property; every tenth (or every one, with ``tag``)
     carries a tag. Glance reads them like any other image (no data file: they are never read).
     """
-    rng = random.Random(seed)
+    rng = random.Random(f"{prefix}-{seed}")  # ids differ between prefixes
     start = datetime(2026, 1, 1, tzinfo=UTC)
     distros = ("ubuntu", "debian", "fedora", "centos", "cirros")
     images, properties, tags, made = [], [], [], []
@@ -207,6 +207,27 @@ def test_statfs_without_quotas(glance: GlanceServer, mount_glancefs: MountFactor
 
 
 # -- listings while the catalog changes, TTLs, SIGHUP ------------------------------------------
+
+
+def test_readdir_hands_out_names_while_later_pages_are_on_their_way(
+    glance: GlanceServer, mount_glancefs: MountFactory
+) -> None:
+    tag = f"stream-{uuid.uuid4().hex[:8]}"
+    inserted = insert_images(glance.sqlite_path, 2500, tag, tag=tag)  # three pages
+    try:
+        with HoldingProxy(glance.url) as proxy:
+            mount = mount_glancefs(proxy.url, "--tag", tag)
+            with os.scandir(mount.path) as directory:
+                entries = iter(directory)
+                first_page = [next(entries).name for _ in range(len(FIXED) + 900)]
+                # Those came from page 1 alone: the request for page 2 is still held.
+                assert proxy.holding.is_set()
+                proxy.release()
+                rest = [entry.name for entry in entries]
+        names = [name for name in first_page + rest if name not in FIXED]
+        assert names == sorted(name for _, name in inserted)  # all, once, in Glance's order
+    finally:
+        remove_inserted(glance.sqlite_path, [image_id for image_id, _ in inserted])
 
 
 def test_listing_during_creates_and_deletes_lists_each_survivor_once(

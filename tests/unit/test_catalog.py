@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from glancefs._exceptions import NotFound
+import pytest
+import trio
+
+from glancefs._exceptions import NotFound, ServiceUnavailable
 from glancefs._images import Image
 from glancefs.catalog import Catalog, Entry
 from glancefs.config import MountConfig, View
@@ -31,10 +35,19 @@ class FakeImages:
         self.records = records
         self.lists: list[dict[str, Any]] = []
         self.gets = 0
+        #: When set: the listing stops after this many records until ``resume`` is set, then
+        #: raises ``error`` if there is one (a second page that is slow, then fails).
+        self.pause_after: int | None = None
+        self.resume = trio.Event()
+        self.error: Exception | None = None
 
     async def list(self, **query: Any) -> AsyncIterator[Image]:
         self.lists.append(query)
-        for r in self.records:
+        for index, r in enumerate(self.records):
+            if index == self.pause_after:
+                await self.resume.wait()
+                if self.error is not None:
+                    raise self.error
             yield Image(r)
 
     async def get(self, image_id: str) -> Image:
@@ -57,43 +70,79 @@ class Clock:
         return self.now
 
 
-def catalog(records: list[dict[str, Any]], **config: Any) -> tuple[Catalog, FakeClient, Clock]:
+@asynccontextmanager
+async def catalog(
+    records: list[dict[str, Any]], **config: Any
+) -> AsyncIterator[tuple[Catalog, FakeClient, Clock]]:
     client, clock = FakeClient(records), Clock()
-    return Catalog(client, MountConfig(**config), clock=clock), client, clock  # type: ignore[arg-type]
+    async with trio.open_nursery() as nursery:
+        yield Catalog(client, MountConfig(**config), nursery, clock), client, clock  # type: ignore[arg-type]
 
 
 async def test_listing_keeps_compact_entries_in_server_order() -> None:
     records = [record(3), record(1, "dup"), record(2, "dup"), record(4, status="deleted")]
-    cat, client, _ = catalog(records, view=View(sort="size:desc", tags=("t",), limit=7))
-    listing = await cat.listing(ROOT)
-    assert client.images.lists == [{"sort": "size:desc", "filters": {"tag": ["t"]}, "limit": 7}]
-    assert listing.names == ("image-3", "dup~00000001", "dup~00000002")
-    assert all(type(entry) is Entry for entry in listing.entries)
-    assert listing.by_name["image-3"].size == 30
-    assert listing.entries[0].updated_ns == 1767225600 * 10**9
+    async with catalog(records, view=View(sort="size:desc", tags=("t",), limit=7)) as (
+        cat,
+        client,
+        _,
+    ):
+        listing = await cat.listing(ROOT)
+        assert client.images.lists == [{"sort": "size:desc", "filters": {"tag": ["t"]}, "limit": 7}]
+        assert listing.names == ["image-3", "dup~00000001", "dup~00000002"]
+        assert all(type(entry) is Entry for entry in listing.entries)
+        assert listing.by_name["image-3"].size == 30
+        assert listing.entries[0].updated_ns == 1767225600 * 10**9
 
 
 async def test_attributes_come_from_the_listing_until_the_metadata_ttl() -> None:
-    cat, client, clock = catalog([record(1)], metadata_ttl=1.0)
-    await cat.listing(BY_ID)
-    image_id = record(1)["id"]
-    assert (await cat.attributes(image_id)).size == 10
-    assert client.images.gets == 0
-    clock.now += 2
-    assert (await cat.attributes(image_id)).size == 10
-    assert client.images.gets == 1
+    async with catalog([record(1)], metadata_ttl=1.0) as (cat, client, clock):
+        await cat.listing(BY_ID)
+        image_id = record(1)["id"]
+        assert (await cat.attributes(image_id)).size == 10
+        assert client.images.gets == 0
+        clock.now += 2
+        assert (await cat.attributes(image_id)).size == 10
+        assert client.images.gets == 1
 
 
 async def test_listings_are_reused_for_the_listing_ttl_and_dropped_by_sighup() -> None:
-    cat, client, clock = catalog([record(1)], listing_ttl=5.0)
-    first = await cat.listing(ROOT)
-    clock.now += 4
-    assert await cat.listing(ROOT) is first
-    cat.drop_all()
-    assert await cat.listing(ROOT) is not first
-    clock.now += 6
-    await cat.listing(ROOT)
-    assert len(client.images.lists) == 3
+    async with catalog([record(1)], listing_ttl=5.0) as (cat, client, clock):
+        first = await cat.listing(ROOT)
+        clock.now += 4
+        assert await cat.listing(ROOT) is first
+        cat.drop_all()
+        assert await cat.listing(ROOT) is not first
+        clock.now += 6
+        await cat.listing(ROOT)
+        assert len(client.images.lists) == 3
+
+
+async def test_names_reach_readers_before_the_listing_ends() -> None:
+    records = [record(n) for n in range(1, 6)]
+    async with catalog(records) as (cat, client, _):
+        client.images.pause_after = 3
+        listing = cat.open_listing(ROOT)
+        assert await listing.names_beyond(0)
+        # image-3 waits: another image-3 could start the next page.
+        assert (listing.names, listing.complete) == (["image-1", "image-2"], False)
+        assert cat.open_listing(ROOT) is listing  # one fetch, shared
+        client.images.resume.set()
+        await listing.wait_complete()
+        assert listing.names == [f"image-{n}" for n in range(1, 6)]
+        assert not await listing.names_beyond(5)
+
+
+async def test_a_failed_listing_raises_for_its_readers_and_is_not_kept() -> None:
+    async with catalog([record(n) for n in range(1, 6)]) as (cat, client, _):
+        client.images.pause_after = 3
+        client.images.error = ServiceUnavailable(503, "Glance is down")
+        listing = cat.open_listing(ROOT)
+        assert await listing.names_beyond(0)
+        client.images.resume.set()
+        with pytest.raises(ServiceUnavailable):
+            await listing.names_beyond(2)
+        client.images.pause_after = None
+        assert (await cat.listing(ROOT)).names[-1] == "image-5"
 
 
 def test_statfs_without_limits_is_large_and_free() -> None:

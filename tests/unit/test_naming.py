@@ -3,12 +3,13 @@
 import random
 import time
 import uuid
+from collections.abc import Callable, Collection
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glancefs.naming import NAME_MAX, assign_names, id_suffix, sanitize
+from glancefs.naming import NAME_MAX, NameStream, assign_names, id_suffix, sanitize
 
 ID_A = "6f0c4e0d-1111-4222-8333-444455556666"
 ID_B = "0a1b2c3d-aaaa-4bbb-8ccc-dddddddddddd"
@@ -561,3 +562,58 @@ def test_property_sanitize(name: str | None) -> None:
         clean.encode()  # no lone surrogates left
         assert name is not None and len(clean) == len(name)
     assert sanitize(clean) == clean  # idempotent
+
+
+# -- names settled while a listing arrives ---------------------------------------------------------
+
+
+def streamed(images: list[tuple[str, str | None]], reserved: Collection[str] = ()) -> list[str]:
+    stream = NameStream(reserved)
+    return [name for image_id, name in images for name in stream.add(image_id, name)]
+
+
+def test_stream_settles_each_name_once_a_different_one_follows() -> None:
+    images = [(ID_B, None), (ID_A, "alpha"), (ID_C, "beta")]
+    assert streamed(images) == [ID_B, "alpha"]  # "beta" waits: a second "beta" may follow
+
+
+def test_stream_waits_for_the_whole_listing_from_the_first_doubtful_name() -> None:
+    # A duplicate, a reserved name, a sanitised name, an id-shaped name: each stops the stream.
+    assert streamed([(ID_A, "a"), (ID_B, "dup"), (ID_C, "dup"), (ID_A2, "z")]) == ["a"]
+    assert streamed([(ID_A, "new"), (ID_B, "z")], reserved=ROOT_RESERVED) == []
+    assert streamed([(ID_A, "a/b"), (ID_B, "z")]) == []
+    assert streamed([(ID_A, ID_C), (ID_B, "z")]) == []
+
+
+def test_stream_keeps_names_a_collation_may_tie_together() -> None:
+    # Case-insensitive order may put "a", "A", "a" together: "A" settles with the run, and the
+    # run holds a duplicate, so the stream stops before it.
+    assert streamed([(ID_A, "a"), (ID_B, "A"), (ID_C, "a"), (ID_A2, "b")]) == []
+    assert streamed([(ID_A, "Café"), (ID_B, "cafe "), (ID_C, "d"), (ID_A2, "e")]) == [
+        "Café",
+        "cafe ",
+        "d",
+    ]
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    directories(),
+    st.sampled_from([str, str.casefold]),
+    st.booleans(),
+    st.randoms(use_true_random=False),
+)
+def test_property_streamed_names_are_the_final_names(
+    directory: tuple[list[tuple[str, str | None]], frozenset[str]],
+    collate: Callable[[str], str],
+    descending: bool,
+    rnd: random.Random,
+) -> None:
+    """Whatever the names, a listing sorted by name (exact or case-insensitive collation, ties
+    in any order, either direction) settles only names that the whole listing confirms."""
+    images, reserved = directory
+    rnd.shuffle(images)
+    ordered = sorted(images, key=lambda image: collate(image[1] or ""), reverse=descending)
+    final = assign_names(ordered, reserved=reserved)
+    settled = streamed(ordered, reserved)
+    assert settled == [final[image_id] for image_id, _ in ordered][: len(settled)]
