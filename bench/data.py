@@ -1,12 +1,8 @@
-"""The benchmark's data: a random file, images made through the API, and 5,000 inserted rows."""
+"""The benchmark's data: a random file and images made through the API (rows: lab.rows)."""
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sqlite3
-import uuid
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,30 +51,3 @@ class Glance:
 
     def close(self) -> None:
         self.http.close()
-
-
-def insert_images(sqlite_path: Path, count: int, prefix: str = "list") -> None:
-    """Insert ``count`` small active public images straight into Glance's SQLite.
-
-    Creating thousands through the API takes minutes (glance-lab.md: 23-192 ms each); the
-    listing benchmark then reads them only through the API. They have no data (no location).
-    """
-    now = datetime.now(UTC).replace(tzinfo=None).isoformat(sep=" ")
-    rows = []
-    for index in range(count):
-        data = f"{prefix}-{index}".encode()
-        rows.append(
-            (
-                str(uuid.uuid4()), f"{prefix}-{index:05d}.raw", len(data), "active", now, now,
-                None, False, "raw", "bare", hashlib.md5(data).hexdigest(), None, 0, 0, False,
-                None, "public", False, "sha512", hashlib.sha512(data).hexdigest(),
-            )
-        )  # fmt: skip
-    with sqlite3.connect(sqlite_path) as db:
-        db.executemany(
-            "INSERT INTO images (id, name, size, status, created_at, updated_at, deleted_at, "
-            "deleted, disk_format, container_format, checksum, owner, min_disk, min_ram, "
-            "protected, virtual_size, visibility, os_hidden, os_hash_algo, os_hash_value) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            rows,
-        )

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.data import GIB, Glance, insert_images, random_file
+from bench.data import GIB, Glance, random_file
 from bench.harness import (
     MB,
     Metric,
@@ -30,6 +30,7 @@ from bench.harness import (
     timed,
     warm,
 )
+from lab.rows import insert_images
 from lab.servers import GlanceServer
 from lab.venvs import ensure_venv
 
@@ -75,7 +76,7 @@ class Bench:
         image = self.api.get(self.image_id)
         assert image["status"] == "active" and image["size"] == GIB, image
         log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
-        insert_images(self.glance.sqlite_path, LISTED_IMAGES)
+        insert_images(self.glance.sqlite_path, LISTED_IMAGES, "list")
 
     def close(self) -> None:
         if hasattr(self, "api"):

@@ -95,8 +95,8 @@ class Listing:
     ``entries`` holds the images received so far, ``names[i]`` is the file name of ``entries[i]``
     once that name is final (names may lag behind entries: see :class:`~glancefs.naming.
     NameStream`). Both only ever grow, so a directory handle holding a listing keeps stable
-    offsets; once :attr:`complete`, a listing never changes. ``by_name`` (for lookups) and
-    ``tags`` (for by-tag/) are filled at completion.
+    offsets; once :attr:`complete`, a listing never changes. ``by_name`` (for lookups) holds the
+    final names; ``tags`` (for by-tag/) is filled at completion.
     """
 
     def __init__(self) -> None:
@@ -124,23 +124,41 @@ class Listing:
         if self.error is not None:
             raise self.error
 
+    async def find(self, name: str) -> Entry | None:
+        """The entry called ``name``: at once if that name is final already, else once the
+        listing is complete (None if it has no such name)."""
+        found = self.by_name.get(name)
+        if found is None:
+            await self.wait_complete()
+            found = self.by_name.get(name)
+        return found
+
     def add(self, entry: Entry, settled: list[str]) -> None:
+        """Append the next entry, and the names that became final with it (catalog only)."""
         self.entries.append(entry)
         if settled:
-            self.names += settled
+            for name in settled:
+                self.by_name[name] = self.entries[len(self.names)]
+                self.names.append(name)
             self._progress.unpark_all()
 
     def finish(self, names: list[str], tags: tuple[str, ...] = ()) -> None:
-        if self.names != names[: len(self.names)]:
+        """Set every name (the reference: assign_names on the whole listing) (catalog only)."""
+        settled = len(self.names)
+        if self.names != names[:settled]:
             # Only if the server's collation ties names that NameStream keeps apart.
             log.warning("readdir handed out provisional names: the server sorts names unusually")
+            self.by_name = dict(zip(names, self.entries, strict=True))
+        else:
+            for position in range(settled, len(names)):
+                self.by_name[names[position]] = self.entries[position]
         self.names = names
         self.tags = tags
-        self.by_name = dict(zip(names, self.entries, strict=True))
         self.complete = True
         self._progress.unpark_all()
 
     def fail(self, error: GlanceError) -> None:
+        """End the listing with ``error``, raised to its readers (catalog only)."""
         self.error = error
         self.complete = True
         self._progress.unpark_all()

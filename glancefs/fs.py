@@ -206,12 +206,13 @@ class GlanceFS(pyfuse3.Operations):
             except NotFound:
                 raise NoEntry(name) from None
             return ("image", entry.id), entry
-        listing = await self.catalog.listing(directory)
+        listing = self.catalog.open_listing(directory)
         if directory == BY_TAG:
+            await listing.wait_complete()
             if name not in listing.tags:
                 raise NoEntry(name)
             return ("tag", name), None
-        found = listing.by_name.get(name)
+        found = await listing.find(name)
         if found is None:
             raise NoEntry(name)
         return ("image", found.id), found
