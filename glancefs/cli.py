@@ -61,6 +61,25 @@ def main() -> None:
     """Mount an OpenStack Glance image service as a filesystem."""
 
 
+#: Sources of an fstab line that name no cloud (the options or the environment then do).
+_NO_CLOUD = frozenset({"none", "glancefs"})
+
+
+def run() -> None:
+    """The ``glancefs`` program: the click commands, and the form mount(8) uses for fstab.
+
+    An fstab line ``CLOUD MOUNTPOINT fuse.glancefs OPTIONS`` makes mount.fuse3 run
+    ``glancefs CLOUD MOUNTPOINT -o OPTIONS``: that becomes ``glancefs mount MOUNTPOINT -o
+    OPTIONS --os-cloud CLOUD`` (no ``--os-cloud`` for the source ``none``).
+    """
+    args = sys.argv[1:]
+    if len(args) >= 2 and args[0] not in main.commands and not args[0].startswith("-"):
+        source, mountpoint, *rest = args
+        cloud = [] if source in _NO_CLOUD else ["--os-cloud", source]
+        args = ["mount", mountpoint, *rest, *cloud]
+    main(args=args, prog_name="glancefs")
+
+
 @main.command()
 @click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 @click.option("-f", "--foreground", is_flag=True, help="Stay in the foreground; log to stderr.")

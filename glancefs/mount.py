@@ -125,6 +125,10 @@ async def serve(
                 pyfuse3.terminate()
                 return
 
+    if config.read_only:
+        # The kernel then refuses every change with EROFS for every user, root included, before
+        # it reaches glancefs, and mount(8)/findmnt show the mount as ro.
+        fuse_options = fuse_options | {"ro"}
     async with trio.open_nursery() as nursery:
         operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery))
         pyfuse3.init(operations, mountpoint, fuse_options)

@@ -146,3 +146,30 @@ def test_systemd_notify_after_the_mount_is_ready(glance: GlanceServer, tmp_path:
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=20) == 0
             assert not os.path.ismount(mountpoint)
+
+
+def test_fstab_line_mounts_through_mount_fuse3(
+    glance: GlanceServer, api: GlanceAPI, tmp_path: Path
+) -> None:
+    """An fstab line ``none MNT fuse.glancefs ro,nofail,_netdev,os_image_url=URL,...``: mount(8)
+    runs ``mount.fuse3 none MNT -t glancefs -o ...``, which starts ``glancefs none MNT -o ...``
+    from PATH (mount(8) itself resets PATH to the system's, e.g. /usr/local/bin: run here
+    directly, with the virtualenv's glancefs on PATH)."""
+    image = api.create("fstab-check", b"from fstab")
+    mountpoint = tmp_path / "fstab"
+    mountpoint.mkdir()
+    options = f"ro,nofail,_netdev,os_image_url={glance.url},log_file={tmp_path / 'fstab.log'}"
+    env = _clean_env() | {"PATH": f"{Path(GLANCEFS).parent}:{os.environ['PATH']}"}
+    try:
+        mounted = subprocess.run(
+            ["mount.fuse3", "none", str(mountpoint), "-t", "glancefs", "-o", options],
+            capture_output=True, text=True, timeout=60, env=env,
+        )  # fmt: skip
+        assert mounted.returncode == 0, mounted.stderr
+        assert "fuse.glancefs" in tool("findmnt", "-n", "-o", "FSTYPE", str(mountpoint)).stdout
+        assert (mountpoint / "by-id" / image["id"]).read_bytes() == b"from fstab"
+        assert not os.access(mountpoint / "new", os.W_OK)  # ro
+        assert tool("umount", str(mountpoint)).returncode == 0
+    finally:
+        if os.path.ismount(mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
