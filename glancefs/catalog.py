@@ -28,6 +28,7 @@ import trio
 from ._client import Client
 from ._exceptions import GlanceError, NotFound
 from ._images import Image, parse_time
+from .background import failure_of
 from .config import MountConfig
 from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for
 from .naming import NameStream, assign_names
@@ -274,14 +275,11 @@ class Catalog:
         return listing
 
     async def _fill(self, directory: Directory, listing: Listing) -> None:
-        """Fetch ``listing``. Runs in the mount's nursery: it must never raise, or the whole
-        mount would stop; a failure is stored in the listing for its readers to raise."""
-        try:
-            await self._fetch(directory, listing)
-        except Exception as error:
-            if not isinstance(error, GlanceError):
-                log.exception("listing %s failed", directory.kind.value)
-                error = GlanceError(f"listing {directory.kind.value}: internal error: {error}")
+        """Fetch ``listing`` in the background; a failure goes to its readers (never raises)."""
+        error = await failure_of(
+            lambda: self._fetch(directory, listing), f"listing {directory.kind.value}"
+        )
+        if error is not None:
             if self._listings.get(directory, (0.0, None))[1] is listing:
                 del self._listings[directory]
             listing.fail(error)

@@ -33,6 +33,7 @@ from ._client import Client, is_retryable
 from ._exceptions import GlanceError, IntegrityError, TransportError
 from ._images import Image
 from ._integrity import Verifier
+from .background import failure_of
 
 __all__ = ["ImageReader", "PrefetchBudget", "ReadTuning"]
 
@@ -230,17 +231,18 @@ class ImageReader:
         Runs in the filesystem's nursery: it must never raise, or the whole mount would stop.
         Failures are stored in ``stream.error`` for the reads to raise.
         """
+
+        async def download() -> None:
+            if verifier is None:
+                await self._download(stream)
+            else:
+                await self._download_and_hash(stream, verifier)
+
         with stream.cancel_scope:
             try:
-                if verifier is None:
-                    await self._download(stream)
-                else:
-                    await self._download_and_hash(stream, verifier)
-            except GlanceError as error:
-                stream.error = error
-            except Exception as error:
-                log.exception("image %s: download failed", self._image.id)
-                stream.error = GlanceError(f"image {self._image.id}: internal error: {error}")
+                error = await failure_of(download, f"image {self._image.id}: download")
+                if error is not None:
+                    stream.error = error
             finally:
                 stream.done = True
                 stream.notify()

@@ -25,6 +25,7 @@ import trio
 from ._client import Client
 from ._exceptions import GlanceError
 from ._images import Image
+from .background import failure_of
 from .errors import InvalidArgument
 from .formats import DETECTION_BYTES, Formats, choose_formats
 
@@ -200,14 +201,14 @@ class ImageUpload(_Upload):
             async for chunk in receive:
                 yield chunk
 
-        try:
+        async def upload() -> None:
             async with receive:
                 await self._client.images.upload(self.image.id, body())
-        except GlanceError as error:
-            self._error = error
-        except Exception as error:
-            log.exception("image %s: upload failed", self.image.id)
-            self._error = UploadFailed(f"image {self.image.id}: internal error: {error}")
+
+        try:
+            error = await failure_of(upload, f"image {self.image.id}: upload", UploadFailed)
+            if error is not None:
+                self._error = error
         finally:
             self._put_finished.set()
 
