@@ -137,7 +137,8 @@ class ImageData:
             # for the body, so aclose() closes the connection instead of pooling it again.
             first = await anext(body, b"")
             yield first
-            async for chunk in _read_exactly(self._response, length - len(first)):
+            start = self.offset + len(first)
+            async for chunk in _read_exactly(self._response, start, self.offset + length):
                 yield chunk
         except (httpx.TimeoutException, httpcore.TimeoutException) as exc:
             raise Timeout("image download: Glance stopped sending data") from exc
@@ -176,18 +177,23 @@ def _direct_read_length(response: httpx.Response) -> int | None:
     return length if length >= _DIRECT_READ_MIN else None
 
 
-async def _read_exactly(response: httpx.Response, remaining: int) -> AsyncIterator[bytes]:
-    """The next ``remaining`` bytes of ``response``'s connection, read with its read timeout."""
+async def _read_exactly(response: httpx.Response, position: int, end: int) -> AsyncIterator[bytes]:
+    """Image bytes ``[position, end)`` from ``response``'s connection, with its read timeout.
+
+    Each socket read stops at a multiple of 1 MiB of the image, where the kernel's FUSE reads
+    end: a chunk that arrives whole is then served without being copied.
+    """
     stream: httpcore.AsyncNetworkStream = response.extensions["network_stream"]
     timeout = response.request.extensions.get("timeout", {}).get("read")
-    while remaining > 0:
-        chunk = await stream.read(min(remaining, _DIRECT_READ_SIZE), timeout=timeout)
+    while position < end:
+        boundary = (position // _DIRECT_READ_SIZE + 1) * _DIRECT_READ_SIZE
+        chunk = await stream.read(min(end, boundary) - position, timeout=timeout)
         if not chunk:
             raise ConnectError(
-                f"image download interrupted: Glance closed the connection {remaining} bytes "
-                "before the end of the data"
+                f"image download interrupted: Glance closed the connection {end - position} "
+                "bytes before the end of the data"
             )
-        remaining -= len(chunk)
+        position += len(chunk)
         yield chunk
 
 
