@@ -654,6 +654,22 @@ def test_client_certificate(
     assert line.startswith(f"glancefs: cannot use Glance at {glance_mtls.url}")
 
 
+async def test_large_data_over_tls(glance_mtls: GlanceServer, pki: dict[str, Path]) -> None:
+    # From 4 MiB on, image data is read straight from the connection's stream, here TLS.
+    ca = str(pki["ca"])
+    cert = (str(pki["client"]), str(pki["client-key"]))
+    context = ssl.create_default_context(cafile=ca)
+    context.load_cert_chain(*cert)
+    data = random.Random(5).randbytes(9 * MiB + 7)
+    with httpx.Client(base_url=glance_mtls.url, verify=context, trust_env=False) as http:
+        image = create_image(http, f"mtls-big-{uuid.uuid4().hex[:6]}", data)
+    async with glancefs.Client(endpoint=glance_mtls.url, verify=context) as client:
+        for offset in (0, MiB + 3):
+            read = [chunk async for chunk in client.images.data(image["id"], offset=offset)]
+            assert b"".join(read) == data[offset:]
+        assert (await client.images.get(image["id"])).size == len(data)
+
+
 # --- secrets -------------------------------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import pytest
 from conftest import MountFactory
 from support import GlanceAPI, Mount, tool
 
+import glancefs
 from lab.servers import GlanceServer
 
 MiB = 1024 * 1024
@@ -90,6 +91,30 @@ def test_sequential_reads_are_byte_identical(big_image: tuple[dict, Path], mount
     assert tool("sh", "-c", f"cat '{path}' | sha256sum").stdout.split()[0] == expected
     dd = tool("sh", "-c", f"dd if='{path}' bs=1M status=none | sha256sum")
     assert dd.stdout.split()[0] == expected
+
+
+async def test_api_reads_large_data_around_h11(glance: GlanceServer, api: GlanceAPI) -> None:
+    # From 4 MiB on, a body is read straight from the connection, which is closed after it: the
+    # data must be exact whatever the range, and the client must go on working after it.
+    payload = random.Random(9).randbytes(9 * MiB + 123)
+    image = api.create(f"direct-{uuid.uuid4().hex[:6]}", payload)
+
+    async def read(**kwargs: int | bool) -> bytes:
+        return b"".join([chunk async for chunk in client.images.data(image["id"], **kwargs)])
+
+    async with glancefs.Client(endpoint=glance.url) as client:
+        for _ in range(2):
+            assert await read() == payload
+        assert await read(offset=MiB + 5) == payload[MiB + 5 :]
+        assert await read(offset=7, length=5 * MiB) == payload[7 : 7 + 5 * MiB]
+        assert await read(offset=7, length=100) == payload[7:107]
+        assert (await client.images.get(image["id"])).size == len(payload)
+
+        stored = glance.store_dir / image["id"]
+        stored.write_bytes(payload[:-1] + bytes([payload[-1] ^ 1]))
+        with pytest.raises(glancefs.IntegrityError, match=image["id"]):
+            await read()
+        assert await read(verify=False) == stored.read_bytes()
 
 
 def test_random_reads_equal_the_source(big_image: tuple[dict, Path], mounted: Mount) -> None:
