@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import ssl
 import time
 from collections.abc import AsyncIterable, Mapping
 from types import TracebackType
 from typing import Any
 
+import certifi
 import httpcore
 import httpx
 import trio
@@ -80,6 +82,36 @@ def redact(text: str, secrets: list[str]) -> str:
     return text
 
 
+def tls_context(
+    verify: bool | str | ssl.SSLContext = True, cert: str | tuple[str, str | None] | None = None
+) -> ssl.SSLContext | bool:
+    """What httpx takes as ``verify``: ``verify`` (True, False, a CA bundle file or directory, an
+    ``ssl.SSLContext``) with the client certificate ``cert`` (a file, or a ``(cert, key)`` pair)
+    loaded into it.
+
+    httpx 0.28 silently drops ``cert`` when ``verify`` is a path, so the context is built here.
+    Raises OSError or ``ssl.SSLError`` for unusable files.
+    """
+    if isinstance(verify, ssl.SSLContext):
+        context = verify
+    elif verify is True and cert is None:
+        return True  # httpx's own default (certifi's bundle)
+    elif isinstance(verify, str):
+        directory = os.path.isdir(verify)
+        context = ssl.create_default_context(
+            cafile=None if directory else verify, capath=verify if directory else None
+        )
+    else:
+        context = ssl.create_default_context(cafile=certifi.where())
+        if verify is False:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+    if cert is not None:
+        certfile, keyfile = (cert, None) if isinstance(cert, str) else cert
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
 class Client:
     """An async client for the Glance v2 API on trio.
 
@@ -107,7 +139,7 @@ class Client:
         timeout: float = 30.0,
         retries: int = 3,
         verify: bool | str | ssl.SSLContext = True,
-        cert: str | tuple[str, str] | None = None,
+        cert: str | tuple[str, str | None] | None = None,
         max_connections: int = 32,
     ) -> None:
         if auth is None:
@@ -125,8 +157,7 @@ class Client:
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections
             ),
-            verify=verify,
-            cert=cert,
+            verify=tls_context(verify, cert),
             follow_redirects=False,
         )
         self.images = ImagesManager(self)

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._auth import Auth, SessionAuth, TokenAuth
+from ._client import tls_context
 from ._exceptions import scrub
 
 __all__ = ["TLS", "Credentials", "CredentialsError", "hide_from_ps", "load"]
@@ -97,28 +98,15 @@ class TLS:
 
     def ssl_context(self) -> ssl.SSLContext | bool:
         """What httpx takes as ``verify``; raises :class:`CredentialsError` on unusable files."""
-        if self.verify is True and not self.cert:
-            return True  # httpx's own default (certifi)
         files = {"--os-cacert": self.verify, "--os-cert": self.cert, "--os-key": self.key}
         for option, path in files.items():
             if isinstance(path, str) and not os.path.isfile(path):
                 raise CredentialsError(f"{option} {path}: no such file")
         try:
-            if isinstance(self.verify, str):
-                context = ssl.create_default_context(cafile=self.verify)
-            else:
-                import certifi
-
-                context = ssl.create_default_context(cafile=certifi.where())
-            if self.verify is False:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            if self.cert:
-                context.load_cert_chain(self.cert, self.key)
+            return tls_context(self.verify, (self.cert, self.key) if self.cert else None)
         except (OSError, ssl.SSLError) as error:
             what = self.cert if self.cert and not isinstance(self.verify, str) else self.verify
             raise CredentialsError(f"cannot load certificates ({what}): {error}") from None
-        return context
 
 
 @dataclass(frozen=True)

@@ -663,7 +663,8 @@ async def test_large_data_over_tls(glance_mtls: GlanceServer, pki: dict[str, Pat
     data = random.Random(5).randbytes(9 * MiB + 7)
     with httpx.Client(base_url=glance_mtls.url, verify=context, trust_env=False) as http:
         image = create_image(http, f"mtls-big-{uuid.uuid4().hex[:6]}", data)
-    async with glancefs.Client(endpoint=glance_mtls.url, verify=context) as client:
+    # The documented form: a CA bundle's path and a (cert, key) pair.
+    async with glancefs.Client(endpoint=glance_mtls.url, verify=ca, cert=cert) as client:
         for offset in (0, MiB + 3):
             read = [chunk async for chunk in client.images.data(image["id"], offset=offset)]
             assert b"".join(read) == data[offset:]
