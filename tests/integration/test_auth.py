@@ -863,11 +863,11 @@ def test_reader_role_mounts_read_only(
         with pytest.raises(OSError) as forbidden:
             active.read_bytes()
         assert forbidden.value.errno == errno.EPERM  # Glance's 403 on download
-        # As another user: the same modes; the kernel refuses the write on them.
+        # As another user: the same modes; the kernel refuses the write (the mount is ro).
         modes = _as_nobody("stat", "-c", "%a", str(new), str(queued_path), str(active))
         assert modes.stdout.split() == ["555", "444", "444"], modes.stderr
         copy = _as_nobody("cp", str(source), str(new / "refused.raw"))
-        assert copy.returncode != 0 and "Permission denied" in copy.stderr, copy.stderr
+        assert copy.returncode != 0 and "Read-only file system" in copy.stderr, copy.stderr
         seen = _as_nobody("ls", str(mount.path))
         assert seen.returncode == 0 and images["demo"]["name"] in seen.stdout, seen.stderr
         status = _as_nobody("getfattr", "--only-values", "-n", "user.status", str(active))
