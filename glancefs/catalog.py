@@ -183,7 +183,7 @@ class Catalog:
         #: Attributes by image id, from listings and records (each Entry knows when it was seen).
         self._attrs: dict[str, Entry] = {}
         self._missing: OrderedDict[str, float] = OrderedDict()
-        #: Per directory: when its listing was started, and the listing.
+        #: Per directory: its listing, and when that was started (complete: when it ended).
         self._listings: dict[Directory, tuple[float, Listing]] = {}
         #: Images created in new/ by this mount, and when: new/ lists them for a while after
         #: their upload, so that tools which write a temporary name and rename it work.
@@ -253,7 +253,7 @@ class Catalog:
         self._attrs[image.id] = Entry.of(image, now)
 
     async def listing(self, directory: Directory) -> Listing:
-        """The directory's whole current listing (at most ``listing_ttl`` old)."""
+        """The directory's whole current listing (complete at most ``listing_ttl`` ago)."""
         listing = self.open_listing(directory)
         await listing.wait_complete()
         return listing
@@ -279,10 +279,15 @@ class Catalog:
         error = await failure_of(
             lambda: self._fetch(directory, listing), f"listing {directory.kind.value}"
         )
+        current = self._listings.get(directory, (0.0, None))[1] is listing
         if error is not None:
-            if self._listings.get(directory, (0.0, None))[1] is listing:
+            if current:
                 del self._listings[directory]
             listing.fail(error)
+        elif current:
+            # The TTL runs from the end of the fetch: a listing of 100,000 images takes longer
+            # than the TTL itself, and would otherwise be stale the moment it is complete.
+            self._listings[directory] = (self._clock(), listing)
 
     async def _fetch(self, directory: Directory, listing: Listing) -> None:
         if directory.kind is DirKind.BY_TAG:

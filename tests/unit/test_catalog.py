@@ -117,6 +117,20 @@ async def test_listings_are_reused_for_the_listing_ttl_and_dropped_by_sighup() -
         assert len(client.images.lists) == 3
 
 
+async def test_the_listing_ttl_runs_from_the_end_of_the_fetch() -> None:
+    async with catalog([record(n) for n in range(1, 4)], listing_ttl=5.0) as (cat, client, clock):
+        client.images.pause_after = 2
+        listing = cat.open_listing(ROOT)
+        await listing.names_beyond(0)
+        clock.now += 60  # a long listing
+        client.images.resume.set()
+        await listing.wait_complete()
+        clock.now += 4
+        assert cat.open_listing(ROOT) is listing
+        clock.now += 2
+        assert cat.open_listing(ROOT) is not listing
+
+
 async def test_names_reach_readers_before_the_listing_ends() -> None:
     records = [record(n) for n in range(1, 6)]
     async with catalog(records) as (cat, client, _):
