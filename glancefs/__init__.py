@@ -6,7 +6,7 @@ leading underscore are implementation.
 """
 
 from ._auth import Auth, SessionAuth, TokenAuth
-from ._client import Client
+from ._client import Client, tls_context
 from ._exceptions import (
     AuthError,
     BadRequest,
@@ -25,8 +25,11 @@ from ._exceptions import (
     TransportError,
     Unauthorized,
     UnsupportedMediaType,
+    is_retryable,
+    redact,
 )
-from ._images import Image, ImageData
+from ._images import Image, ImageData, parse_time
+from ._integrity import Verifier
 from ._members import Member
 from ._metadefs import MetadefObject, MetadefProperty, MetadefTag, Namespace, ResourceType
 from ._records import Record
@@ -67,5 +70,10 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "UnsupportedMediaType",
+    "Verifier",
     "__version__",
+    "is_retryable",
+    "parse_time",
+    "redact",
+    "tls_context",
 ]

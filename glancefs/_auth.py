@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import trio
 
-from ._exceptions import AuthError, ConnectError, scrub
+from ._exceptions import AuthError, ConnectError, redact
 
 __all__ = ["Auth", "SessionAuth", "TokenAuth"]
 
@@ -199,15 +199,15 @@ def _keystone_errors(secrets: list[str]) -> Iterator[None]:
         yield
     except ks.SSLError as error:
         reason = _ssl_reason(error)
-        raise ConnectError(scrub(f"Keystone: certificate problem: {reason}", secrets)) from None
+        raise ConnectError(redact(f"Keystone: certificate problem: {reason}", secrets)) from None
     except ks.ConnectionError as error:  # refused, timed out, DNS...
-        raise ConnectError(scrub(f"Keystone: {_connect_reason(error)}", secrets)) from None
+        raise ConnectError(redact(f"Keystone: {_connect_reason(error)}", secrets)) from None
     except ks.Unauthorized:
         raise AuthError("Keystone refused the credentials (401)") from None
     except ks.EndpointNotFound as error:
-        raise AuthError(scrub(f"service catalog: {error}", secrets)) from None
+        raise AuthError(redact(f"service catalog: {error}", secrets)) from None
     except ks.ClientException as error:
-        raise AuthError(scrub(f"Keystone: {error}", secrets)) from None
+        raise AuthError(redact(f"Keystone: {error}", secrets)) from None
 
 
 def _ssl_reason(error: BaseException) -> str:

@@ -16,7 +16,6 @@ Pitfalls:
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import os
@@ -33,13 +32,14 @@ import trio
 
 from ._auth import Auth, SessionAuth, TokenAuth
 from ._exceptions import (
+    RETRY_STATUSES,
     ConnectError,
-    GlanceError,
     HTTPError,
     Timeout,
     TransportError,
     Unauthorized,
     error_for_status,
+    redact,
 )
 from ._images import ImagesManager
 from ._info import InfoManager
@@ -64,22 +64,8 @@ log = logging.getLogger("glancefs.http")
 # reads). Image data is the bulk of our traffic, so read bigger pieces.
 httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
 
-_RETRY_STATUSES = frozenset({502, 503, 504})
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 Body = bytes | AsyncIterable[bytes] | None
-
-
-def redact(text: str, secrets: list[str]) -> str:
-    """Replace each secret in ``text`` by ``{SHA256}<hash prefix>``, as keystoneauth1 does.
-
-    Secrets under 4 characters are left alone: replacing them would garble every message they
-    happen to occur in, and they protect nothing anyway.
-    """
-    for secret in secrets:
-        if len(secret) >= 4 and secret in text:
-            digest = hashlib.sha256(secret.encode()).hexdigest()[:16]
-            text = text.replace(secret, "{SHA256}" + digest)
-    return text
 
 
 def tls_context(
@@ -238,7 +224,7 @@ class Client:
                     log.info("token refused (401): re-authenticating once")
                     attempt -= 1
                     continue
-            if error.status in _RETRY_STATUSES and attempt < attempts:
+            if error.status in RETRY_STATUSES and attempt < attempts:
                 await trio.sleep(_backoff(attempt))
                 continue
             raise error
@@ -347,10 +333,3 @@ def _reason(exc: BaseException) -> str:
         inner = inner.__cause__ or inner.__context__
     text = " ".join(str(best).split()) or type(best).__name__
     return text
-
-
-def is_retryable(error: GlanceError) -> bool:
-    """True for failures that may pass when the same idempotent request is sent again later."""
-    if isinstance(error, TransportError):
-        return True
-    return isinstance(error, HTTPError) and error.status in _RETRY_STATUSES

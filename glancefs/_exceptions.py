@@ -28,6 +28,7 @@ only once the whole body was sent: callers must wait for the answer before decla
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 from collections.abc import Iterable
@@ -159,13 +160,30 @@ def clean_text(text: str, limit: int = 300) -> str:
     return line if len(line) <= limit else line[: limit - 1] + "…"
 
 
-def scrub(text: str, secrets: Iterable[str]) -> str:
-    """``text`` on one line with every secret replaced by ``***`` (for keystoneauth errors)."""
+def redact(text: str, secrets: Iterable[str]) -> str:
+    """``text`` on one line with each secret replaced by ``{SHA256}<hash prefix>``, as
+    keystoneauth1 does (the hash lets two log lines be matched without showing the secret).
+
+    Secrets under 4 characters are left alone: replacing them would garble every message they
+    happen to occur in, and they protect nothing anyway.
+    """
     text = " ".join(text.split())
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+        if len(secret) >= 4 and secret in text:
+            digest = hashlib.sha256(secret.encode()).hexdigest()[:16]
+            text = text.replace(secret, "{SHA256}" + digest)
     return text
+
+
+#: Statuses that say "try again later": a proxy or load balancer without a healthy backend.
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def is_retryable(error: GlanceError) -> bool:
+    """True for failures that may pass when the same idempotent request is sent again later."""
+    if isinstance(error, TransportError):
+        return True
+    return isinstance(error, HTTPError) and error.status in RETRY_STATUSES
 
 
 def error_for_status(status: int, detail: str, request_id: str | None = None) -> HTTPError:

@@ -17,17 +17,21 @@ from pathlib import Path
 from typing import Any
 
 import click
-import pyfuse3
 import trio
 
-from ._client import Client
-from ._exceptions import AuthError, GlanceError
-from ._version import __version__
-from .config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
+from . import AuthError, Client, GlanceError, __version__
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
-from .mount import MountError, check_reachable, limit_to_credentials, notify_systemd, serve
-from .xattrs import CONTAINER_FORMATS, DISK_FORMATS
+from .fs.config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
+from .fs.mount import (
+    MountError,
+    check_reachable,
+    fuse_options,
+    limit_to_credentials,
+    notify_systemd,
+    serve,
+)
+from .fs.xattrs import CONTAINER_FORMATS, DISK_FORMATS
 
 log = logging.getLogger("glancefs")
 
@@ -219,9 +223,7 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     mountpoint = mountpoint.absolute()
-    options = set(pyfuse3.default_options) | {"fsname=glancefs", "subtype=glancefs"}
-    if params["allow_other"]:
-        options.add("allow_other")
+    options = fuse_options(allow_other=params["allow_other"])
     credentials = _credentials(params)
 
     def run(ready: Callable[[], None]) -> bool:
@@ -371,10 +373,7 @@ async def _mount_and_serve(
             config = await limit_to_credentials(client, config)
         except GlanceError as error:
             raise MountError(await _explain(client, credentials, error)) from None
-        try:
-            return await serve(client, config, mountpoint, options, ready)
-        except RuntimeError as error:  # pyfuse3.init: /dev/fuse, permissions, options
-            raise MountError(f"cannot mount {mountpoint}: {error}") from None
+        return await serve(client, config, mountpoint, options, ready)
 
 
 def _run_foreground(run: Callable[[Callable[[], None]], bool]) -> int:

@@ -35,9 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ._auth import Auth, SessionAuth, TokenAuth
-from ._client import tls_context
-from ._exceptions import scrub
+from . import Auth, SessionAuth, TokenAuth, redact, tls_context
 
 __all__ = ["TLS", "Credentials", "CredentialsError", "hide_from_ps", "load"]
 
@@ -191,9 +189,9 @@ def _keystone(params: Mapping[str, Any], prompt: Prompt | None, hinted: bool) ->
     except ks_exceptions.NoMatchingPlugin as error:
         raise CredentialsError(f"unknown auth type {error.name!r}") from None
     except sdk_exceptions.ConfigException as error:
-        raise CredentialsError("clouds.yaml: " + scrub(str(error), secrets)) from None
+        raise CredentialsError("clouds.yaml: " + redact(str(error), secrets)) from None
     except (ks_exceptions.ClientException, ValueError) as error:
-        raise CredentialsError(scrub(str(error), secrets)) from None
+        raise CredentialsError(redact(str(error), secrets)) from None
 
     auth_options = region.config.get("auth") or {}
     secrets += [str(v) for k, v in auth_options.items() if k in _SECRET_KEYS and v]

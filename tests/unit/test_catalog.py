@@ -8,59 +8,13 @@ from typing import Any
 
 import pytest
 import trio
+from fakes import FakeClient, record
 
-from glancefs._exceptions import NotFound, ServiceUnavailable
-from glancefs._images import Image
-from glancefs.catalog import Catalog, Entry
-from glancefs.config import MountConfig, View
-from glancefs.fs import statvfs_of
-from glancefs.namespace import BY_ID, ROOT
-
-
-def record(n: int, name: str | None = None, **fields: Any) -> dict[str, Any]:
-    return {
-        "id": f"{n:08x}-0000-4000-8000-000000000000",
-        "name": f"image-{n}" if name is None else name,
-        "status": "active",
-        "size": n * 10,
-        "updated_at": "2026-01-01T00:00:00Z",
-        "tags": [],
-        "os_distro": "x" * 100,
-        **fields,
-    }
-
-
-class FakeImages:
-    def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.records = records
-        self.lists: list[dict[str, Any]] = []
-        self.gets = 0
-        #: When set: the listing stops after this many records until ``resume`` is set, then
-        #: raises ``error`` if there is one (a second page that is slow, then fails).
-        self.pause_after: int | None = None
-        self.resume = trio.Event()
-        self.error: Exception | None = None
-
-    async def list(self, **query: Any) -> AsyncIterator[Image]:
-        self.lists.append(query)
-        for index, r in enumerate(self.records):
-            if index == self.pause_after:
-                await self.resume.wait()
-                if self.error is not None:
-                    raise self.error
-            yield Image(r)
-
-    async def get(self, image_id: str) -> Image:
-        self.gets += 1
-        for r in self.records:
-            if r["id"] == image_id:
-                return Image(r)
-        raise NotFound(404, image_id)
-
-
-class FakeClient:
-    def __init__(self, records: list[dict[str, Any]]) -> None:
-        self.images = FakeImages(records)
+from glancefs import ServiceUnavailable
+from glancefs.fs.catalog import Catalog, Entry
+from glancefs.fs.config import MountConfig, View
+from glancefs.fs.namespace import BY_ID, ROOT
+from glancefs.fs.operations import statvfs_of
 
 
 class Clock:

@@ -1,4 +1,4 @@
-"""Tests for glancefs.naming: every mapping rule, its edges, and the invariants as properties."""
+"""Tests for glancefs.fs.naming: every mapping rule, its edges, and the invariants as properties."""
 
 import random
 import time
@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glancefs.naming import NAME_MAX, NameStream, assign_names, id_suffix, sanitize
+from glancefs.fs.naming import NAME_MAX, NameStream, assign_names, id_suffix, sanitize
 
 ID_A = "6f0c4e0d-1111-4222-8333-444455556666"
 ID_B = "0a1b2c3d-aaaa-4bbb-8ccc-dddddddddddd"

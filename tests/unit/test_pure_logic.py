@@ -10,49 +10,49 @@ from typing import Any, ClassVar
 
 import pytest
 
-from glancefs._client import redact
+from glancefs import redact
 from glancefs._exceptions import BadRequest, NotFound, ServerError, clean_text, error_for_status
-from glancefs.config import ConfigError, View, parse_filter, parse_mount_options, parse_sort
-from glancefs.errors import InvalidArgument, NoAttribute, NotPermitted, Unsupported
-from glancefs.formats import choose_formats, detect_disk_format, upload_name
-from glancefs.inodes import FIRST_DYNAMIC_INODE, InodeTable
-from glancefs.namespace import BY_ID, NEW, ROOT, Directory, DirKind, file_mode, query_for
-from glancefs.xattrs import image_xattrs, remove_patch, set_patch, tag_operation
+from glancefs.fs.config import ConfigError, View, parse_filter, parse_mount_options, parse_sort
+from glancefs.fs.formats import choose_formats, detect_disk_format, upload_name
+from glancefs.fs.inodes import FIRST_DYNAMIC_INODE, ImageKey, InodeTable
+from glancefs.fs.namespace import BY_ID, NEW, ROOT, Directory, DirKind, file_mode, query_for
+from glancefs.fs.refusals import InvalidArgument, NoAttribute, NotPermitted, Unsupported
+from glancefs.fs.xattrs import image_xattrs, remove_patch, set_patch, tag_operation
 
-FIXED = {("dir", "root"): 1, ("dir", "by-id"): 2}
+FIXED = {ROOT: 1, BY_ID: 2}
 
 
 class TestInodes:
     def test_inode_is_a_function_of_the_key(self) -> None:
-        assert InodeTable(FIXED).inode_of(("image", "a")) == InodeTable({}).inode_of(("image", "a"))
-        assert InodeTable(FIXED).inode_of(("image", "a")) >= FIRST_DYNAMIC_INODE
+        assert InodeTable(FIXED).inode_of(ImageKey("a")) == InodeTable({}).inode_of(ImageKey("a"))
+        assert InodeTable(FIXED).inode_of(ImageKey("a")) >= FIRST_DYNAMIC_INODE
 
     def test_lookup_counts_and_forget(self) -> None:
         table = InodeTable(FIXED)
-        inode = table.remember(("image", "a"))
-        assert table.remember(("image", "a")) == inode
+        inode = table.remember(ImageKey("a"))
+        assert table.remember(ImageKey("a")) == inode
         assert table.lookup_count(inode) == 2
         table.forget(inode, 1)
-        assert table.key_of(inode) == ("image", "a")
+        assert table.key_of(inode) == ImageKey("a")
         table.forget(inode, 1)
         assert table.key_of(inode) is None
         assert len(table) == 0
 
     def test_fixed_inodes_survive_forget(self) -> None:
         table = InodeTable(FIXED)
-        table.remember(("dir", "root"))
+        table.remember(ROOT)
         table.forget(1, 5)
-        assert table.key_of(1) == ("dir", "root")
+        assert table.key_of(1) == ROOT
 
     def test_collisions_get_another_number(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        import glancefs.inodes as inodes
+        import glancefs.fs.inodes as inodes
 
         monkeypatch.setattr(inodes, "_hashed_inode", lambda key: FIRST_DYNAMIC_INODE)
         table = InodeTable(FIXED)
-        first = table.remember(("image", "a"))
-        second = table.remember(("image", "b"))
+        first = table.remember(ImageKey("a"))
+        second = table.remember(ImageKey("b"))
         assert first != second
-        assert table.key_of(second) == ("image", "b")
+        assert table.key_of(second) == ImageKey("b")
 
 
 class TestConfig:

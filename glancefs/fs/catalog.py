@@ -25,9 +25,8 @@ from collections.abc import Callable
 
 import trio
 
-from ._client import Client
-from ._exceptions import GlanceError, NotFound
-from ._images import Image, parse_time
+from glancefs import Client, GlanceError, Image, NotFound, parse_time
+
 from .background import failure_of
 from .config import MountConfig
 from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for

@@ -21,12 +21,21 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from ._client import Client
+from glancefs import Client
+
 from .catalog import Catalog
 from .config import MountConfig
-from .fs import GlanceFS
+from .operations import GlanceFS
 
-__all__ = ["MountError", "limit_to_credentials", "notify_systemd", "serve", "tune_kernel"]
+__all__ = [
+    "MountError",
+    "check_reachable",
+    "fuse_options",
+    "limit_to_credentials",
+    "notify_systemd",
+    "serve",
+    "tune_kernel",
+]
 
 log = logging.getLogger("glancefs.mount")
 
@@ -71,6 +80,14 @@ def notify_systemd() -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.connect(address)
         sock.sendall(b"READY=1")
+
+
+def fuse_options(*, allow_other: bool = False) -> set[str]:
+    """The FUSE mount options of every glancefs mount (``fuse.glancefs`` in mount(8)'s list)."""
+    options = set(pyfuse3.default_options) | {"fsname=glancefs", "subtype=glancefs"}
+    if allow_other:
+        options.add("allow_other")
+    return options
 
 
 async def check_reachable(client: Client) -> None:
@@ -129,20 +146,30 @@ async def serve(
         # The kernel then refuses every change with EROFS for every user, root included, before
         # it reaches glancefs, and mount(8)/findmnt show the mount as ro.
         fuse_options = fuse_options | {"ro"}
+    refused: str | None = None
     async with trio.open_nursery() as nursery:
         operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery))
-        pyfuse3.init(operations, mountpoint, fuse_options)
         try:
-            nursery.start_soon(watch_signals)
-            nursery.start_soon(_tune_when_served, mountpoint)
-            ready()
-            log.info("mounted %s", mountpoint)
-            # Returns after terminate() or when the mount was removed from outside (umount).
-            await pyfuse3.main()
+            pyfuse3.init(operations, mountpoint, fuse_options)
+        except RuntimeError as error:  # /dev/fuse, permissions, options
+            # Raised after the nursery: from inside it, it would reach the CLI wrapped in an
+            # ExceptionGroup.
+            refused = str(error)
             nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
-            log.info("unmounted %s", mountpoint)
+        else:
+            try:
+                nursery.start_soon(watch_signals)
+                nursery.start_soon(_tune_when_served, mountpoint)
+                ready()
+                log.info("mounted %s", mountpoint)
+                # Returns after terminate() or when the mount was removed from outside (umount).
+                await pyfuse3.main()
+                nursery.cancel_scope.cancel()
+            finally:
+                pyfuse3.close(unmount=True)
+                log.info("unmounted %s", mountpoint)
+    if refused is not None:
+        raise MountError(f"cannot mount {mountpoint}: {refused}")
     return interrupted
 
 

@@ -14,6 +14,7 @@ present an image.
 from __future__ import annotations
 
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 
@@ -54,7 +55,7 @@ NEW = Directory(DirKind.NEW)
 ROOT_ENTRIES = {"by-id": BY_ID, "by-tag": BY_TAG, "new": NEW}
 
 #: Inode numbers of the fixed directories (1 is FUSE's root).
-FIXED_INODES = {ROOT: 1, BY_ID: 2, BY_TAG: 3, NEW: 4}
+FIXED_INODES: Mapping[Directory, int] = {ROOT: 1, BY_ID: 2, BY_TAG: 3, NEW: 4}
 
 #: Statuses of images that are gone or going; never shown.
 HIDDEN_STATUSES = frozenset({"deleted", "pending_delete"})

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-from ._exceptions import GlanceError
+from glancefs import GlanceError
 
 __all__ = ["failure_of"]
 

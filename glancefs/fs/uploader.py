@@ -22,12 +22,11 @@ from pathlib import Path
 
 import trio
 
-from ._client import Client
-from ._exceptions import GlanceError
-from ._images import Image
+from glancefs import Client, GlanceError, Image
+
 from .background import failure_of
-from .errors import InvalidArgument
 from .formats import DETECTION_BYTES, Formats, choose_formats
+from .refusals import InvalidArgument
 
 __all__ = ["ImageUpload", "SpooledUpload", "Upload", "UploadFailed"]
 

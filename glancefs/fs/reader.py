@@ -29,10 +29,16 @@ from dataclasses import dataclass
 
 import trio
 
-from ._client import Client, is_retryable
-from ._exceptions import GlanceError, IntegrityError, TransportError
-from ._images import Image
-from ._integrity import Verifier
+from glancefs import (
+    Client,
+    GlanceError,
+    Image,
+    IntegrityError,
+    TransportError,
+    Verifier,
+    is_retryable,
+)
+
 from .background import failure_of
 
 __all__ = ["ImageReader", "PrefetchBudget", "ReadTuning"]

@@ -14,28 +14,41 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
+from dataclasses import dataclass
 
-__all__ = ["FIRST_DYNAMIC_INODE", "InodeTable", "Key"]
+from .namespace import Directory
 
-#: ("image", image id) or ("tag", tag name); fixed directories have keys of their own kind.
-Key = tuple[str, str]
+__all__ = ["FIRST_DYNAMIC_INODE", "ImageKey", "InodeTable", "Key"]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageKey:
+    """An image file, whichever directory it is seen in (one inode for all its paths)."""
+
+    image_id: str
+
+
+#: What an inode stands for: an image file or a directory (fixed, or one tag's).
+Key = ImageKey | Directory
 
 FIRST_DYNAMIC_INODE = 1 << 16
 _INODE_MASK = (1 << 63) - 1
 
 
 def _hashed_inode(key: Key) -> int:
-    digest = hashlib.blake2b(f"{key[0]}:{key[1]}".encode(), digest_size=8).digest()
+    # The same text as before keys were typed, so inode numbers stay what they were.
+    text = f"image:{key.image_id}" if isinstance(key, ImageKey) else f"{key.kind.value}:{key.tag}"
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return max(FIRST_DYNAMIC_INODE, int.from_bytes(digest, "big") & _INODE_MASK)
 
 
 class InodeTable:
     """Two-way map between keys and inode numbers, with a lookup count per inode."""
 
-    def __init__(self, fixed: Mapping[Key, int]) -> None:
+    def __init__(self, fixed: Mapping[Directory, int]) -> None:
         self._fixed = dict(fixed)
         self._by_inode: dict[int, Key] = {inode: key for key, inode in fixed.items()}
-        self._by_key: dict[Key, int] = dict(fixed)
+        self._by_key: dict[Key, int] = {key: inode for key, inode in fixed.items()}
         self._lookups: dict[int, int] = {}
 
     def inode_of(self, key: Key) -> int:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import InvalidArgument, NoAttribute, NotPermitted, Unsupported
+from .refusals import InvalidArgument, NoAttribute, NotPermitted, Unsupported
 
 __all__ = ["PREFIX", "image_xattrs", "remove_patch", "set_patch", "tag_operation"]
 

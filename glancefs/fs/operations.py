@@ -19,33 +19,22 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 import pyfuse3
 import trio
 
-from ._client import Client
-from ._exceptions import (
+from glancefs import (
     BadRequest,
+    Client,
     Forbidden,
     GlanceError,
+    Image,
     IntegrityError,
     NotFound,
     OverLimit,
     Unauthorized,
+    parse_time,
 )
-from ._images import Image, parse_time
+
 from .catalog import Catalog, Entry, Listing
 from .config import MountConfig
-from .errors import (
-    AccessDenied,
-    CrossDevice,
-    Exists,
-    InvalidArgument,
-    NoAttribute,
-    NoEntry,
-    NotPermitted,
-    OutOfSpace,
-    ReadOnly,
-    Refusal,
-    Unsupported,
-)
-from .inodes import InodeTable, Key
+from .inodes import ImageKey, InodeTable, Key
 from .namespace import (
     BY_TAG,
     FIXED_INODES,
@@ -59,6 +48,19 @@ from .namespace import (
 )
 from .naming import sanitize
 from .reader import ImageReader, PrefetchBudget
+from .refusals import (
+    AccessDenied,
+    CrossDevice,
+    Exists,
+    InvalidArgument,
+    NoAttribute,
+    NoEntry,
+    NotPermitted,
+    OutOfSpace,
+    ReadOnly,
+    Refusal,
+    Unsupported,
+)
 from .uploader import ImageUpload, SpooledUpload, Upload
 from .xattrs import image_xattrs, remove_patch, set_patch, tag_operation
 
@@ -114,27 +116,12 @@ def _boundary(
 
 @dataclass
 class _OpenFile:
-    inode: int
+    inode: pyfuse3.InodeT
     image: Image
     reader: ImageReader | None = None
     upload: Upload | None = None
     #: The image was created by this open (creat in new/): a failed upload deletes it.
     created: bool = False
-
-
-_DIR_KEYS: dict[Directory, Key] = {d: ("dir", d.kind.value) for d in FIXED_INODES}
-
-
-def _key_of_dir(directory: Directory) -> Key:
-    return _DIR_KEYS.get(directory) or ("tag", directory.tag)
-
-
-def _dir_of_key(key: Key) -> Directory | None:
-    if key[0] == "tag":
-        return Directory(DirKind.TAG, key[1])
-    if key[0] == "dir":
-        return Directory(DirKind(key[1]))
-    return None
 
 
 _BLOCK = 4096
@@ -176,7 +163,7 @@ class GlanceFS(pyfuse3.Operations):
         self._config = config
         self._nursery = nursery
         self.catalog = catalog
-        self._inodes = InodeTable({_key_of_dir(d): inode for d, inode in FIXED_INODES.items()})
+        self._inodes = InodeTable(FIXED_INODES)
         self._budget = PrefetchBudget(config.prefetch_memory)
         self._open_files: dict[int, _OpenFile] = {}
         #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.
@@ -189,7 +176,7 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         key, image = await self._resolve(self._directory(parent_inode), os.fsdecode(name))
         attrs = self._attributes(key, image)
@@ -199,42 +186,54 @@ class GlanceFS(pyfuse3.Operations):
     async def _resolve(self, directory: Directory, name: str) -> tuple[Key, Entry | None]:
         """The key (and attributes, for files) of ``name`` in ``directory``."""
         if directory == ROOT and name in ROOT_ENTRIES:
-            return _key_of_dir(ROOT_ENTRIES[name]), None
+            return ROOT_ENTRIES[name], None
         if directory.kind is DirKind.BY_ID:
             try:
                 entry = await self.catalog.attributes(name)
             except NotFound:
                 raise NoEntry(name) from None
-            return ("image", entry.id), entry
+            return ImageKey(entry.id), entry
         listing = self.catalog.open_listing(directory)
         if directory == BY_TAG:
             await listing.wait_complete()
             if name not in listing.tags:
                 raise NoEntry(name)
-            return ("tag", name), None
+            return Directory(DirKind.TAG, name), None
         found = await listing.find(name)
         if found is None:
             raise NoEntry(name)
-        return ("image", found.id), found
+        return ImageKey(found.id), found
 
-    def _directory(self, inode: int) -> Directory:
-        key = self._inodes.key_of(inode)
-        directory = _dir_of_key(key) if key else None
-        if directory is None:
-            raise NoEntry(f"inode {inode} is not a directory")
-        return directory
-
-    @_boundary
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def _key(self, inode: pyfuse3.InodeT) -> Key:
+        """What ``inode`` stands for; ENOENT when the kernel holds no reference to it."""
         key = self._inodes.key_of(inode)
         if key is None:
             raise NoEntry(f"inode {inode}")
+        return key
+
+    def _directory(self, inode: pyfuse3.InodeT) -> Directory:
+        key = self._key(inode)
+        if not isinstance(key, Directory):
+            raise NoEntry(f"inode {inode} is not a directory")
+        return key
+
+    async def _image_of(self, inode: pyfuse3.InodeT, *, fresh: bool = False) -> Image | None:
+        """The full record of an image inode (``fresh``: asked of Glance now); None for a
+        directory."""
+        key = self._key(inode)
+        if not isinstance(key, ImageKey):
+            return None
+        return await self.catalog.image(key.image_id, fresh=fresh)
+
+    @_boundary
+    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        key = self._key(inode)
         entry = None
-        if key[0] == "image":
+        if isinstance(key, ImageKey):
             try:
-                entry = await self.catalog.attributes(key[1])
+                entry = await self.catalog.attributes(key.image_id)
             except NotFound:
-                raise NoEntry(key[1]) from None
+                raise NoEntry(key.image_id) from None
         return self._attributes(key, entry)
 
     def _attributes(self, key: Key, image: Entry | Image | None) -> pyfuse3.EntryAttributes:
@@ -246,7 +245,7 @@ class GlanceFS(pyfuse3.Operations):
         attrs.st_gid = self._config.gid
         attrs.st_blksize = 1024 * 1024  # cp and dd size their buffers by this
         if image is None:
-            writable = key == _key_of_dir(NEW) and not self._config.read_only
+            writable = key == NEW and not self._config.read_only
             attrs.st_mode = stat.S_IFDIR | (0o755 if writable else 0o555)
             attrs.st_nlink = 2
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mounted_ns
@@ -270,15 +269,15 @@ class GlanceFS(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------------
 
     @_boundary
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> int:
         directory = self._directory(inode)
         fixed: list[tuple[str, Key]] = []
         if directory == ROOT:
-            fixed += [(name, _key_of_dir(d)) for name, d in ROOT_ENTRIES.items()]
+            fixed += list(ROOT_ENTRIES.items())
         listing = self.catalog.open_listing(directory)
         if directory == BY_TAG:
             await listing.wait_complete()
-            fixed += [(tag, ("tag", tag)) for tag in listing.tags]
+            fixed += [(tag, Directory(DirKind.TAG, tag)) for tag in listing.tags]
         else:
             # Fail here rather than in readdir when Glance does not answer the first page.
             await listing.names_beyond(0)
@@ -289,7 +288,7 @@ class GlanceFS(pyfuse3.Operations):
         return handle
 
     @_boundary
-    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets: 1..len(fixed) are the sub-directories, then one per listed image.
         fixed, listing = self._open_dirs[fh]
         index = start_id
@@ -307,7 +306,7 @@ class GlanceFS(pyfuse3.Operations):
             names, entries = listing.names, listing.entries
             while position < len(names):
                 entry = entries[position]
-                key = ("image", entry.id)
+                key = ImageKey(entry.id)
                 attrs = self._attributes(key, entry)
                 if not pyfuse3.readdir_reply(
                     token, os.fsencode(names[position]), attrs, first + position + 1
@@ -322,17 +321,16 @@ class GlanceFS(pyfuse3.Operations):
             if replied or not await listing.names_beyond(position):
                 return
 
-    async def releasedir(self, fh: int) -> None:
+    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
         self._open_dirs.pop(fh, None)
 
     # -- reading ----------------------------------------------------------------------------
 
     @_boundary
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        key = self._inodes.key_of(inode)
-        if key is None or key[0] != "image":
-            raise NoEntry(f"inode {inode}")
-        image = await self.catalog.image(key[1], fresh=bool(flags & _WRITE_FLAGS))
+    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        image = await self._image_of(inode, fresh=bool(flags & _WRITE_FLAGS))
+        if image is None:
+            raise NoEntry(f"inode {inode} is a directory")
         if flags & _WRITE_FLAGS:
             return self._open_for_upload(inode, image, created=False)
         open_file = _OpenFile(inode, image)
@@ -347,7 +345,7 @@ class GlanceFS(pyfuse3.Operations):
         # Active image data never changes, so pages the kernel cached stay valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=image.status == "active")
 
-    def _open_for_upload(self, inode: int, image: Image, *, created: bool) -> pyfuse3.FileInfo:
+    def _open_for_upload(self, inode: pyfuse3.InodeT, image: Image, *, created: bool) -> pyfuse3.FileInfo:
         self._refuse_if_read_only(f"write {image.id}")
         if image.status != "queued":
             raise AccessDenied(
@@ -370,7 +368,7 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def create(
-        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"create {text}")
@@ -381,12 +379,12 @@ class GlanceFS(pyfuse3.Operations):
         image = await self._client.images.create(name=text)
         log.info("created image %s (%s) in new/", image.id, text)
         self.catalog.created_here(image)
-        key = ("image", image.id)
+        key = ImageKey(image.id)
         inode = self._inodes.remember(key)
         return self._open_for_upload(inode, image, created=True), self._attributes(key, image)
 
     @_boundary
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
         open_file = self._open_files[fh]
         if open_file.reader is None:
             return b""
@@ -402,11 +400,11 @@ class GlanceFS(pyfuse3.Operations):
             self._nursery.start_soon(self._drop_cached_pages, open_file.inode)
             raise
 
-    async def _drop_cached_pages(self, inode: int) -> None:
+    async def _drop_cached_pages(self, inode: pyfuse3.InodeT) -> None:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
 
     @_boundary
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
         open_file = self._open_files[fh]
         if open_file.upload is None:
             raise AccessDenied(f"write {open_file.image.id}: file is open for reading")
@@ -417,13 +415,13 @@ class GlanceFS(pyfuse3.Operations):
             raise
 
     @_boundary
-    async def flush(self, fh: int) -> None:
+    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
         open_file = self._open_files.get(fh)
         if open_file is not None and open_file.upload is not None:
             await self._finish_upload(open_file)
 
     @_boundary
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
         await self.flush(fh)
 
     async def _finish_upload(self, open_file: _OpenFile) -> None:
@@ -476,10 +474,10 @@ class GlanceFS(pyfuse3.Operations):
             return
         log.error("image %s: gave up deleting the image of a failed upload", image_id)
 
-    async def _drop_cached_attributes(self, inode: int) -> None:
+    async def _drop_cached_attributes(self, inode: pyfuse3.InodeT) -> None:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
 
-    async def release(self, fh: int) -> None:
+    async def release(self, fh: pyfuse3.FileHandleT) -> None:
         open_file = self._open_files.pop(fh, None)
         if open_file is None:
             return
@@ -496,27 +494,26 @@ class GlanceFS(pyfuse3.Operations):
     @_boundary
     async def setattr(
         self,
-        inode: int,
+        inode: pyfuse3.InodeT,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
-        fh: int | None,
+        fh: pyfuse3.FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
-        key = self._inodes.key_of(inode)
-        if key is None:
-            raise NoEntry(f"inode {inode}")
-        image = await self.catalog.image(key[1]) if key[0] == "image" else None
+        key = self._key(inode)
+        image = await self._image_of(inode)
         if fields.update_size:
-            self._refuse_if_read_only(f"truncate {key[1]}")
+            what = image.id if image else "a directory"
+            self._refuse_if_read_only(f"truncate {what}")
             if image is None or image.status != "queued" or attr.st_size != 0:
                 raise AccessDenied(
-                    f"truncate {key[1]}: only an empty queued image can be truncated (to 0)"
+                    f"truncate {what}: only an empty queued image can be truncated (to 0)"
                 )
         # chmod, chown and utime are accepted and ignored, so cp -p, rsync -a and tar x work.
         return self._attributes(key, image)
 
     @_boundary
-    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def unlink(self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"rm {text}")
         _, image = await self._resolve(self._directory(parent_inode), text)
@@ -533,9 +530,9 @@ class GlanceFS(pyfuse3.Operations):
     @_boundary
     async def rename(
         self,
-        parent_inode_old: int,
+        parent_inode_old: pyfuse3.InodeT,
         name_old: bytes,
-        parent_inode_new: int,
+        parent_inode_new: pyfuse3.InodeT,
         name_new: bytes,
         flags: int,
         ctx: pyfuse3.RequestContext,
@@ -572,33 +569,33 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def mkdir(
-        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("mkdir")
         raise NotPermitted(f"mkdir {os.fsdecode(name)}: the directory tree is fixed")
 
     @_boundary
-    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_if_read_only("rmdir")
         raise NotPermitted(f"rmdir {os.fsdecode(name)}: the directory tree is fixed")
 
     @_boundary
     async def symlink(
-        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("symlink")
         raise NotPermitted(f"symlink {os.fsdecode(name)}: images are regular files only")
 
     @_boundary
     async def link(
-        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+        self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("link")
         raise NotPermitted(f"link {os.fsdecode(new_name)}: images have exactly one name")
 
     @_boundary
     async def mknod(
-        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("mknod")
         raise NotPermitted(f"mknod {os.fsdecode(name)}: images are regular files only")
@@ -609,16 +606,8 @@ class GlanceFS(pyfuse3.Operations):
 
     # -- extended attributes ----------------------------------------------------------------
 
-    async def _image_of(self, inode: int) -> Image | None:
-        key = self._inodes.key_of(inode)
-        if key is None:
-            raise NoEntry(f"inode {inode}")
-        if key[0] != "image":
-            return None
-        return await self.catalog.image(key[1])
-
     @_boundary
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(b"user."):
             # Only user. holds image fields. ENOTSUP (what the kernel answers for a namespace
             # a filesystem has no handler for) rather than ENODATA: ls -l asks every file for
@@ -633,13 +622,13 @@ class GlanceFS(pyfuse3.Operations):
         return value
 
     @_boundary
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
         image = await self._image_of(inode)
         return [os.fsencode(n) for n in image_xattrs(image)] if image else []
 
     @_boundary
     async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"setfattr {text}")
@@ -661,7 +650,7 @@ class GlanceFS(pyfuse3.Operations):
         log.info("image %s: set %s", image.id, text)
 
     @_boundary
-    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def removexattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"setfattr -x {text}")
         image = await self._image_for_change(inode, text)
@@ -671,13 +660,11 @@ class GlanceFS(pyfuse3.Operations):
             self.catalog.invalidate(image.id)
         log.info("image %s: removed %s", image.id, text)
 
-    async def _image_for_change(self, inode: int, what: str) -> Image:
-        key = self._inodes.key_of(inode)
-        if key is None:
-            raise NoEntry(f"inode {inode}")
-        if key[0] != "image":
+    async def _image_for_change(self, inode: pyfuse3.InodeT, what: str) -> Image:
+        image = await self._image_of(inode, fresh=True)
+        if image is None:
             raise Unsupported(f"setfattr {what}: directories have no attributes")
-        return await self.catalog.image(key[1], fresh=True)
+        return image
 
     @_boundary
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
