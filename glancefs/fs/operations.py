@@ -18,6 +18,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import pyfuse3
 import trio
+from pyfuse3 import FileHandleT, InodeT
 
 from glancefs import (
     BadRequest,
@@ -116,7 +117,7 @@ def _boundary(
 
 @dataclass
 class _OpenFile:
-    inode: pyfuse3.InodeT
+    inode: InodeT
     image: Image
     reader: ImageReader | None = None
     upload: Upload | None = None
@@ -176,7 +177,7 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def lookup(
-        self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         key, image = await self._resolve(self._directory(parent_inode), os.fsdecode(name))
         attrs = self._attributes(key, image)
@@ -204,20 +205,20 @@ class GlanceFS(pyfuse3.Operations):
             raise NoEntry(name)
         return ImageKey(found.id), found
 
-    def _key(self, inode: pyfuse3.InodeT) -> Key:
+    def _key(self, inode: InodeT) -> Key:
         """What ``inode`` stands for; ENOENT when the kernel holds no reference to it."""
         key = self._inodes.key_of(inode)
         if key is None:
             raise NoEntry(f"inode {inode}")
         return key
 
-    def _directory(self, inode: pyfuse3.InodeT) -> Directory:
+    def _directory(self, inode: InodeT) -> Directory:
         key = self._key(inode)
         if not isinstance(key, Directory):
             raise NoEntry(f"inode {inode} is not a directory")
         return key
 
-    async def _image_of(self, inode: pyfuse3.InodeT, *, fresh: bool = False) -> Image | None:
+    async def _image_of(self, inode: InodeT, *, fresh: bool = False) -> Image | None:
         """The full record of an image inode (``fresh``: asked of Glance now); None for a
         directory."""
         key = self._key(inode)
@@ -226,7 +227,7 @@ class GlanceFS(pyfuse3.Operations):
         return await self.catalog.image(key.image_id, fresh=fresh)
 
     @_boundary
-    async def getattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    async def getattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         key = self._key(inode)
         entry = None
         if isinstance(key, ImageKey):
@@ -269,7 +270,7 @@ class GlanceFS(pyfuse3.Operations):
     # -- directories ------------------------------------------------------------------------
 
     @_boundary
-    async def opendir(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> int:
+    async def opendir(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> int:
         directory = self._directory(inode)
         fixed: list[tuple[str, Key]] = []
         if directory == ROOT:
@@ -288,7 +289,7 @@ class GlanceFS(pyfuse3.Operations):
         return handle
 
     @_boundary
-    async def readdir(self, fh: pyfuse3.FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+    async def readdir(self, fh: FileHandleT, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         # Offsets: 1..len(fixed) are the sub-directories, then one per listed image.
         fixed, listing = self._open_dirs[fh]
         index = start_id
@@ -321,13 +322,15 @@ class GlanceFS(pyfuse3.Operations):
             if replied or not await listing.names_beyond(position):
                 return
 
-    async def releasedir(self, fh: pyfuse3.FileHandleT) -> None:
+    async def releasedir(self, fh: FileHandleT) -> None:
         self._open_dirs.pop(fh, None)
 
     # -- reading ----------------------------------------------------------------------------
 
     @_boundary
-    async def open(self, inode: pyfuse3.InodeT, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    async def open(
+        self, inode: InodeT, flags: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.FileInfo:
         image = await self._image_of(inode, fresh=bool(flags & _WRITE_FLAGS))
         if image is None:
             raise NoEntry(f"inode {inode} is a directory")
@@ -345,7 +348,7 @@ class GlanceFS(pyfuse3.Operations):
         # Active image data never changes, so pages the kernel cached stay valid.
         return pyfuse3.FileInfo(fh=handle, keep_cache=image.status == "active")
 
-    def _open_for_upload(self, inode: pyfuse3.InodeT, image: Image, *, created: bool) -> pyfuse3.FileInfo:
+    def _open_for_upload(self, inode: InodeT, image: Image, *, created: bool) -> pyfuse3.FileInfo:
         self._refuse_if_read_only(f"write {image.id}")
         if image.status != "queued":
             raise AccessDenied(
@@ -368,7 +371,7 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def create(
-        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: InodeT, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"create {text}")
@@ -384,7 +387,7 @@ class GlanceFS(pyfuse3.Operations):
         return self._open_for_upload(inode, image, created=True), self._attributes(key, image)
 
     @_boundary
-    async def read(self, fh: pyfuse3.FileHandleT, off: int, size: int) -> bytes:
+    async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
         open_file = self._open_files[fh]
         if open_file.reader is None:
             return b""
@@ -400,11 +403,11 @@ class GlanceFS(pyfuse3.Operations):
             self._nursery.start_soon(self._drop_cached_pages, open_file.inode)
             raise
 
-    async def _drop_cached_pages(self, inode: pyfuse3.InodeT) -> None:
+    async def _drop_cached_pages(self, inode: InodeT) -> None:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
 
     @_boundary
-    async def write(self, fh: pyfuse3.FileHandleT, off: int, buf: bytes) -> int:
+    async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
         open_file = self._open_files[fh]
         if open_file.upload is None:
             raise AccessDenied(f"write {open_file.image.id}: file is open for reading")
@@ -415,13 +418,13 @@ class GlanceFS(pyfuse3.Operations):
             raise
 
     @_boundary
-    async def flush(self, fh: pyfuse3.FileHandleT) -> None:
+    async def flush(self, fh: FileHandleT) -> None:
         open_file = self._open_files.get(fh)
         if open_file is not None and open_file.upload is not None:
             await self._finish_upload(open_file)
 
     @_boundary
-    async def fsync(self, fh: pyfuse3.FileHandleT, datasync: bool) -> None:
+    async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.flush(fh)
 
     async def _finish_upload(self, open_file: _OpenFile) -> None:
@@ -474,10 +477,10 @@ class GlanceFS(pyfuse3.Operations):
             return
         log.error("image %s: gave up deleting the image of a failed upload", image_id)
 
-    async def _drop_cached_attributes(self, inode: pyfuse3.InodeT) -> None:
+    async def _drop_cached_attributes(self, inode: InodeT) -> None:
         await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
 
-    async def release(self, fh: pyfuse3.FileHandleT) -> None:
+    async def release(self, fh: FileHandleT) -> None:
         open_file = self._open_files.pop(fh, None)
         if open_file is None:
             return
@@ -494,10 +497,10 @@ class GlanceFS(pyfuse3.Operations):
     @_boundary
     async def setattr(
         self,
-        inode: pyfuse3.InodeT,
+        inode: InodeT,
         attr: pyfuse3.EntryAttributes,
         fields: pyfuse3.SetattrFields,
-        fh: pyfuse3.FileHandleT | None,
+        fh: FileHandleT | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         key = self._key(inode)
@@ -513,7 +516,7 @@ class GlanceFS(pyfuse3.Operations):
         return self._attributes(key, image)
 
     @_boundary
-    async def unlink(self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"rm {text}")
         _, image = await self._resolve(self._directory(parent_inode), text)
@@ -530,9 +533,9 @@ class GlanceFS(pyfuse3.Operations):
     @_boundary
     async def rename(
         self,
-        parent_inode_old: pyfuse3.InodeT,
+        parent_inode_old: InodeT,
         name_old: bytes,
-        parent_inode_new: pyfuse3.InodeT,
+        parent_inode_new: InodeT,
         name_new: bytes,
         flags: int,
         ctx: pyfuse3.RequestContext,
@@ -569,33 +572,33 @@ class GlanceFS(pyfuse3.Operations):
 
     @_boundary
     async def mkdir(
-        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: InodeT, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("mkdir")
         raise NotPermitted(f"mkdir {os.fsdecode(name)}: the directory tree is fixed")
 
     @_boundary
-    async def rmdir(self, parent_inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def rmdir(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         self._refuse_if_read_only("rmdir")
         raise NotPermitted(f"rmdir {os.fsdecode(name)}: the directory tree is fixed")
 
     @_boundary
     async def symlink(
-        self, parent_inode: pyfuse3.InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+        self, parent_inode: InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("symlink")
         raise NotPermitted(f"symlink {os.fsdecode(name)}: images are regular files only")
 
     @_boundary
     async def link(
-        self, inode: pyfuse3.InodeT, new_parent_inode: pyfuse3.InodeT, new_name: bytes, ctx: pyfuse3.RequestContext
+        self, inode: InodeT, new_parent_inode: InodeT, new_name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("link")
         raise NotPermitted(f"link {os.fsdecode(new_name)}: images have exactly one name")
 
     @_boundary
     async def mknod(
-        self, parent_inode: pyfuse3.InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+        self, parent_inode: InodeT, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         self._refuse_if_read_only("mknod")
         raise NotPermitted(f"mknod {os.fsdecode(name)}: images are regular files only")
@@ -607,7 +610,7 @@ class GlanceFS(pyfuse3.Operations):
     # -- extended attributes ----------------------------------------------------------------
 
     @_boundary
-    async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    async def getxattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if not name.startswith(b"user."):
             # Only user. holds image fields. ENOTSUP (what the kernel answers for a namespace
             # a filesystem has no handler for) rather than ENODATA: ls -l asks every file for
@@ -622,13 +625,13 @@ class GlanceFS(pyfuse3.Operations):
         return value
 
     @_boundary
-    async def listxattr(self, inode: pyfuse3.InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    async def listxattr(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> list[bytes]:
         image = await self._image_of(inode)
         return [os.fsencode(n) for n in image_xattrs(image)] if image else []
 
     @_boundary
     async def setxattr(
-        self, inode: pyfuse3.InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+        self, inode: InodeT, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"setfattr {text}")
@@ -650,7 +653,7 @@ class GlanceFS(pyfuse3.Operations):
         log.info("image %s: set %s", image.id, text)
 
     @_boundary
-    async def removexattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+    async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"setfattr -x {text}")
         image = await self._image_for_change(inode, text)
@@ -660,7 +663,7 @@ class GlanceFS(pyfuse3.Operations):
             self.catalog.invalidate(image.id)
         log.info("image %s: removed %s", image.id, text)
 
-    async def _image_for_change(self, inode: pyfuse3.InodeT, what: str) -> Image:
+    async def _image_for_change(self, inode: InodeT, what: str) -> Image:
         image = await self._image_of(inode, fresh=True)
         if image is None:
             raise Unsupported(f"setfattr {what}: directories have no attributes")
