@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 
 all: test
 
-# System packages: libfuse3 to build pyfuse3 and mount, qemu-img/rsync/getfattr for the tests.
+# System packages: libfuse3 to build pyfuse3 and mount, qemu-img/rsync/getfattr for the tests,
+# haproxy and postgresql for the production lab (lab.production).
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

@@ -207,7 +207,16 @@ class Rule:
     """One fault and the requests it picks; made by the FaultProxy rule methods."""
 
     def __init__(
-        self, proxy: FaultProxy, kind: Kind, match: Match, *, nbytes: int = 0, seconds: float = 0.0
+        self,
+        proxy: FaultProxy,
+        kind: Kind,
+        match: Match,
+        *,
+        nbytes: int = 0,
+        offset: int | None = None,
+        seconds: float = 0.0,
+        status: int = 503,
+        headers: Headers | None = None,
     ) -> None:
         self.kind: Kind = kind
         self.method = match.get("method")
@@ -215,10 +224,11 @@ class Rule:
         self.where = match.get("where")
         self.times = match.get("times")
         self.probability = match.get("probability", 1.0)
-        self.nbytes = nbytes  # reset/truncate/upload_reset: bytes let through; flip: offset or -1
-        self.seconds = seconds
-        self.status = 503
-        self.extra_headers: Headers = []
+        self.nbytes = nbytes  # reset, truncate, upload_reset: the body bytes let through
+        self.offset = offset  # flip: the body offset, None for a random one
+        self.seconds = seconds  # delay, hang, hold: the longest wait
+        self.status = status  # fail
+        self.extra_headers = list(headers or [])  # fail
         #: How many requests the rule applied to so far.
         self.fired = 0
         self._rng = random.Random(match.get("seed", proxy.seed))
@@ -349,10 +359,7 @@ class FaultProxy:
         self, status: int = 503, *, headers: Headers | None = None, **match: Unpack[Match]
     ) -> Rule:
         """Answer ``status`` with a Glance-like error body (plus ``headers``, e.g. Retry-After)."""
-        rule = Rule(self, "fail", match)
-        rule.status = status
-        rule.extra_headers = list(headers or [])
-        return self._add(rule)
+        return self._add(Rule(self, "fail", match, status=status, headers=headers))
 
     def reset_after(self, nbytes: int, **match: Unpack[Match]) -> Rule:
         """Reset (RST) the connection after ``nbytes`` of the response body."""
@@ -364,7 +371,7 @@ class FaultProxy:
 
     def flip_byte(self, offset: int | None = None, **match: Unpack[Match]) -> Rule:
         """Invert the body byte at ``offset`` (random within Content-Length if None)."""
-        return self._add(Rule(self, "flip", match, nbytes=-1 if offset is None else offset))
+        return self._add(Rule(self, "flip", match, offset=offset))
 
     def delay(self, seconds: float, **match: Unpack[Match]) -> Rule:
         """Relay upstream's answer ``seconds`` late."""
@@ -591,8 +598,8 @@ class FaultProxy:
 
     def _flip_offset(self, rule: Rule, framing: Framing) -> int | None:
         """The body offset a flip rule changes (random below Content-Length if none was given)."""
-        if rule.nbytes >= 0:
-            return rule.nbytes
+        if rule.offset is not None:
+            return rule.offset
         if framing[0] != "length" or not framing[1]:
             return None  # no known length to draw from: nothing flipped
         with self._cond:
