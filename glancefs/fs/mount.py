@@ -130,9 +130,10 @@ async def serve(
     """
     interrupted = False
 
-    async def watch_signals() -> None:
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: dropping every cache")
@@ -158,7 +159,8 @@ async def serve(
             nursery.cancel_scope.cancel()
         else:
             try:
-                nursery.start_soon(watch_signals)
+                # Before ready(): a SIGTERM sent as soon as the mount is reported ready unmounts.
+                await nursery.start(watch_signals)
                 nursery.start_soon(_tune_when_served, mountpoint)
                 ready()
                 log.info("mounted %s", mountpoint)
