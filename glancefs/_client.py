@@ -32,13 +32,14 @@ import trio
 from ._auth import Auth, SessionAuth, TokenAuth
 from ._exceptions import (
     RETRY_STATUSES,
-    ConnectError,
     HTTPError,
     Timeout,
     TransportError,
     Unauthorized,
+    connect_error,
     error_for_status,
     redact,
+    transport_reason,
 )
 from ._images import ImagesManager
 from ._info import InfoManager
@@ -262,9 +263,9 @@ class Client:
             raise Timeout(f"{method} {request.url.path}: no answer from Glance in time") from exc
         except (httpx.TransportError, OSError) as exc:
             if debug:
-                log.debug("%s -> %s", self._curl_line(request), _reason(exc))
+                log.debug("%s -> %s", self._curl_line(request), transport_reason(exc))
             # The bare exception text of a refused connection is all the user needs.
-            raise ConnectError(f"{method} {request.url.path}: {_reason(exc)}") from exc
+            raise connect_error(f"{method} {request.url.path}", exc) from exc
         if debug:
             # One line per request, written when the answer's head arrives.
             log.debug(
@@ -280,7 +281,7 @@ class Client:
             except httpx.TimeoutException as exc:
                 raise Timeout(f"{method} {request.url.path}: Glance stopped answering") from exc
             except httpx.TransportError as exc:
-                raise ConnectError(f"{method} {request.url.path}: {_reason(exc)}") from exc
+                raise connect_error(f"{method} {request.url.path}", exc) from exc
             finally:
                 await response.aclose()
         return response
@@ -315,21 +316,3 @@ class Client:
 def _backoff(attempt: int) -> float:
     """Seconds to wait before retry number ``attempt`` (1-based): 0.25, 0.5, 1, 2, 2, ..."""
     return min(0.25 * math.pow(2, attempt - 1), 2.0)
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost readable reason of a transport failure, on one line.
-
-    Wrappers may have empty messages (httpx and httpcore ConnectError, trio's
-    BrokenResourceError around an ``ssl.SSLCertVerificationError``): look past them.
-    """
-    best = exc
-    seen = {id(exc)}
-    inner = exc.__cause__ or exc.__context__
-    while inner is not None and id(inner) not in seen:
-        seen.add(id(inner))
-        if str(inner):
-            best = inner
-        inner = inner.__cause__ or inner.__context__
-    text = " ".join(str(best).split()) or type(best).__name__
-    return text
