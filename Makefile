@@ -38,6 +38,7 @@ lab-glance: venv
 lint: venv
 	$(VENV)/bin/ruff check glancefs tests lab bench
 	$(VENV)/bin/ruff format --check glancefs tests lab bench
+	$(VENV)/bin/lint-imports --no-cache
 
 types: venv
 	$(VENV)/bin/mypy glancefs

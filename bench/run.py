@@ -74,7 +74,8 @@ class Bench:
         self.image_id = self.api.create("bench-1g.raw")
         self.curl_upload(self.image_id)
         image = self.api.get(self.image_id)
-        assert image["status"] == "active" and image["size"] == GIB, image
+        assert image["status"] == "active", image
+        assert image["size"] == GIB, image
         log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
         insert_images(self.glance.sqlite_path, LISTED_IMAGES, "list")
 
@@ -152,7 +153,8 @@ class Bench:
                 ours.values.append(GIB / seconds / MB)
                 hwm.values.append(mount.status("VmHWM") / MB)
                 (image,) = self.api.find(name)
-                assert image["status"] == "active" and image["size"] == GIB, image
+                assert image["status"] == "active", image
+                assert image["size"] == GIB, image
                 self.api.delete(image["id"])
         self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, upload_cpu.text))
         self.add(

@@ -188,7 +188,9 @@ class Client:
         content: Body = None,
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
-        timeout: float | None = None,
+        # httpx's per-request read timeout (each wait for data), not a deadline: fail_after
+        # would cut a long download that keeps delivering.
+        timeout: float | None = None,  # noqa: ASYNC109
     ) -> httpx.Response:
         """Send one request and return its successful (2xx) response.
 
@@ -239,7 +241,7 @@ class Client:
         content: Body,
         headers: Mapping[str, str] | None,
         stream: bool,
-        timeout: float | None,
+        timeout: float | None,  # noqa: ASYNC109 (as in request)
     ) -> httpx.Response:
         all_headers = {"Accept": "application/json", **(headers or {})}
         all_headers.update(await self.auth.headers())

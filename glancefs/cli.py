@@ -28,6 +28,7 @@ from .fs.daemon import run_in_background
 from .fs.fstab import mount_argv
 from .fs.mount import (
     MountError,
+    check_mountpoint,
     check_reachable,
     fuse_options,
     limit_to_credentials,
@@ -221,6 +222,7 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     credentials = _credentials(params)
 
     def run(ready: Callable[[], None]) -> bool:
+        check_mountpoint(str(mountpoint))
         return trio.run(
             _mount_and_serve, params, credentials, config, str(mountpoint), options, ready
         )
@@ -361,10 +363,6 @@ async def _mount_and_serve(
     options: set[str],
     ready: Callable[[], None],
 ) -> bool:
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point")
     async with build_client(credentials, params) as client:
         try:
             await check_reachable(client)

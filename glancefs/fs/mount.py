@@ -29,6 +29,7 @@ from .operations import GlanceFS
 
 __all__ = [
     "MountError",
+    "check_mountpoint",
     "check_reachable",
     "fuse_options",
     "limit_to_credentials",
@@ -88,6 +89,14 @@ def fuse_options(*, allow_other: bool = False) -> set[str]:
     if allow_other:
         options.add("allow_other")
     return options
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a mountpoint that is not a directory, or already a mount point (MountError)."""
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
 
 
 async def check_reachable(client: Client) -> None:

@@ -191,7 +191,9 @@ def test_corrupt_data_fails_the_full_read(
     assert result.returncode != 0
     assert "Input/output error" in result.stderr
     lines = [line for line in mounted.log().splitlines() if image["id"] in line and "EIO" in line]
-    assert lines and "sha512" in lines[0] and "corrupt" in lines[0]
+    assert lines
+    assert "sha512" in lines[0]
+    assert "corrupt" in lines[0]
     assert "Traceback" not in mounted.log()
 
 

@@ -347,9 +347,13 @@ def test_property_quota_gives_enospc(
     mount = mount_glancefs(own_glance.url)
     path = mount.path / "quota"
     os.setxattr(path, "user.c", b"3")
-    with pytest.raises(OSError) as full:
+
+    def set_three_more() -> None:
         for key in ("d", "e", "f"):
             os.setxattr(path, f"user.{key}", b"x")
+
+    with pytest.raises(OSError) as full:
+        set_three_more()
     assert full.value.errno == errno.ENOSPC
     assert len([k for k in api.get(image["id"]) if len(k) == 1]) <= 4
 
@@ -423,12 +427,16 @@ def test_size_cap_gives_enospc_and_leaves_nothing(
     api = GlanceAPI(capped_glance.url)
     mount = mount_glancefs(capped_glance.url)
     fd = os.open(mount.path / "new" / "too-big.raw", os.O_WRONLY | os.O_CREAT)
-    with pytest.raises(OSError) as refused:
+
+    def write_4_mib_and_close() -> None:
         try:
             for _ in range(4):
                 os.write(fd, random.randbytes(MiB))
         finally:
             os.close(fd)
+
+    with pytest.raises(OSError) as refused:
+        write_4_mib_and_close()
     assert refused.value.errno == errno.ENOSPC, refused.value
     assert api.list() == []
     assert "413" in mount.log()
