@@ -57,7 +57,11 @@ KERNEL_TUNING = {
 
 def tune_kernel(mountpoint: str) -> None:
     """Raise the mount's readahead and FUSE queue limits through sysfs (root only; best effort)."""
-    device = os.stat(mountpoint).st_dev
+    try:
+        device = os.stat(mountpoint).st_dev
+    except OSError as error:  # unmounted already (ECONNABORTED once the session ends)
+        log.debug("not tuning %s: %s", mountpoint, error.strerror)
+        return
     minor = os.minor(device)
     paths = {
         "bdi": Path(f"/sys/class/bdi/{os.major(device)}:{minor}"),
