@@ -368,6 +368,7 @@ async def test_client_upload_outlives_its_revoked_token(
             name=f"slow-{uuid.uuid4().hex[:6]}", disk_format="raw", container_format="bare"
         )
         token = await trio.to_thread.run_sync(session.get_token)
+        assert token is not None
 
         async def slowly() -> AsyncIterator[bytes]:
             for i, chunk in enumerate(chunks):
@@ -389,8 +390,9 @@ async def test_client_upload_outlives_its_revoked_token(
         image = await client.images.create(
             name=f"late-{uuid.uuid4().hex[:6]}", disk_format="raw", container_format="bare"
         )
-        token = await trio.to_thread.run_sync(session.get_token)
-        await trio.to_thread.run_sync(revoke, keystone, token)
+        late_token = await trio.to_thread.run_sync(session.get_token)
+        assert late_token is not None
+        await trio.to_thread.run_sync(revoke, keystone, late_token)
 
         async def at_once() -> AsyncIterator[bytes]:
             for chunk in chunks:

@@ -448,9 +448,7 @@ async def test_glance_direct_import_ends_active(client: glancefs.Client) -> None
 
 
 @GLANCE_TASK
-async def test_web_download_import(
-    client: glancefs.Client, web: tuple[str, dict[str, bytes]]
-) -> None:
+async def test_web_download_import(client: glancefs.Client, web: tuple[str, Path]) -> None:
     payload = random.Random(2).randbytes(20_000)
     (web[1] / "web.raw").write_bytes(payload)
     image = await new_image(client)
@@ -574,9 +572,7 @@ async def test_members_share_an_image_between_two_projects(
 
 
 @GLANCE_TASK
-async def test_tasks_create_get_list(
-    client: glancefs.Client, web: tuple[str, dict[str, bytes]]
-) -> None:
+async def test_tasks_create_get_list(client: glancefs.Client, web: tuple[str, Path]) -> None:
     payload = random.Random(3).randbytes(10_000)
     (web[1] / "task.raw").write_bytes(payload)
     name = unique("task")

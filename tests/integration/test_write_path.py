@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -211,7 +211,7 @@ def test_mv_renames_within_a_directory(api: GlanceAPI, writable: Mount) -> None:
 
 def test_fixed_tree_refusals(api: GlanceAPI, writable: Mount) -> None:
     image = api.create(f"tree-{uuid.uuid4().hex[:6]}", b"x")
-    refusals = {
+    refusals: dict[str, Callable[[], object]] = {
         "mkdir": lambda: os.mkdir(writable.path / "dir"),
         "symlink": lambda: os.symlink("x", writable.path / "new" / "link"),
         "link": lambda: os.link(writable.path / image["name"], writable.path / "new" / "hard"),
@@ -245,7 +245,7 @@ def test_read_only_mount_refuses_every_change(
     image = api.create(f"ro-{uuid.uuid4().hex[:6]}", b"x")
     mount = mount_glancefs(glance.url, "--read-only", "--allow-delete")
     path = mount.path / image["name"]
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: os.open(mount.path / "new" / "nope", os.O_WRONLY | os.O_CREAT),
         lambda: os.unlink(path),
         lambda: os.rename(path, mount.path / "renamed"),
