@@ -8,7 +8,6 @@ requests.
 
 from __future__ import annotations
 
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -39,12 +38,7 @@ class GlanceAPI:
     def __enter__(self) -> GlanceAPI:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 __all__ = ["GLANCEFS", "Mount", "mount_answers", "mount_argv", "mount_fstype", "unmount"]
 
@@ -107,12 +106,7 @@ class Mount:
     def __enter__(self) -> Mount:
         return self.start()
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
     def log(self) -> str:
