@@ -221,13 +221,20 @@ def connect_error(context: str, error: BaseException, secrets: Iterable[str] = (
 
 
 def _causes(error: BaseException) -> Iterator[BaseException]:
-    """``error`` and its causes (or contexts), outermost first; each exception once."""
+    """``error`` and its causes (or contexts), outermost first; each exception once.
+
+    A group of one exception (trio's "all attempts to connect failed" has one per address) goes
+    on into that exception.
+    """
     seen: set[int] = set()
     current: BaseException | None = error
     while current is not None and id(current) not in seen:
         seen.add(id(current))
         yield current
-        current = current.__cause__ or current.__context__
+        if isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
+            current = current.exceptions[0]
+        else:
+            current = current.__cause__ or current.__context__
 
 
 def error_for_status(status: int, detail: str, request_id: str | None = None) -> HTTPError:

@@ -56,6 +56,12 @@ class TestTransportErrors:
         )
         assert transport_reason(error) == "[Errno 111] Connection refused"
 
+    def test_a_group_of_one_is_looked_into(self) -> None:
+        refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")
+        group = ExceptionGroup("1 failure", [refused])
+        error = _chained(OSError("all attempts to connect to 127.0.0.1:1 failed"), group)
+        assert transport_reason(error) == "[Errno 111] Connect call failed ('127.0.0.1', 1)"
+
     def test_a_reason_without_any_text_is_the_type_name(self) -> None:
         assert transport_reason(_chained(RuntimeError(""), TimeoutError())) == "RuntimeError"
 
