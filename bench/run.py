@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.data import GIB, Glance, random_file
+from bench.data import GIB, random_file
 from bench.harness import (
     MB,
     Metric,
-    Mount,
     Series,
     cpu_seconds,
     drop_page_cache,
@@ -30,6 +29,8 @@ from bench.harness import (
     timed,
     warm,
 )
+from lab.glance_http import GlanceAPI
+from lab.mounts import Mount, mount_argv
 from lab.rows import insert_images
 from lab.servers import GlanceServer
 from lab.venvs import ensure_venv
@@ -58,7 +59,7 @@ class Bench:
         self.glance = GlanceServer(work / "glance", flavor="noauth")
         self.metrics: list[Metric] = []
         self.settings: dict[str, str] = {}
-        self.api: Glance
+        self.api: GlanceAPI
         self.source: Path
         self.image_id: str
 
@@ -68,13 +69,14 @@ class Bench:
         log("installing python-glanceclient (cached) and starting Glance")
         self.glanceclient = ensure_venv("glanceclient-4.13.0", [GLANCECLIENT]) / "bin" / "glance"
         self.glance.start()
-        self.api = Glance(self.glance.url)
+        self.api = GlanceAPI(self.glance.url, timeout=600)
         log("writing 1 GiB of random data")
         self.source = random_file(self.work / "source.raw")
-        self.image_id = self.api.create("bench-1g.raw")
+        self.image_id = self.api.create("bench-1g.raw")["id"]
         self.curl_upload(self.image_id)
         image = self.api.get(self.image_id)
-        assert image["status"] == "active" and image["size"] == GIB, image
+        assert image["status"] == "active", image
+        assert image["size"] == GIB, image
         log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
         insert_images(self.glance.sqlite_path, LISTED_IMAGES, "list")
 
@@ -91,9 +93,9 @@ class Bench:
     @contextmanager
     def mount(self, name: str, *options: str) -> Iterator[Mount]:
         path = self.work / "mnt" / name
-        with Mount(
-            self.glance.url, path, self.work / f"{name}.log", [*self.mount_options, *options]
-        ) as mount:
+        argv = mount_argv(self.glance.url, path, *self.mount_options, *options)
+        with Mount(path, self.work / f"{name}.log", argv) as mount:
+            mount.wait_tuned()
             if not self.settings:
                 self.settings = mount.kernel_settings()
             yield mount
@@ -103,11 +105,11 @@ class Bench:
         """CPU seconds the mount and Glance's worker use in the block (the last run's)."""
         use = CpuUse()
         assert self.glance.pid is not None
-        before = mount.cpu_seconds(), cpu_seconds(self.glance.pid, children=True)
+        before = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
         started = time.perf_counter()
         yield use
         elapsed = time.perf_counter() - started
-        after = mount.cpu_seconds(), cpu_seconds(self.glance.pid, children=True)
+        after = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
         use.text = (
             f"last run: {elapsed:.2f} s wall, CPU s: mount {after[0] - before[0]:.2f}, "
             f"Glance {after[1] - before[1]:.2f}"
@@ -137,7 +139,7 @@ class Bench:
         log("upload: curl -T, then cp into new/")
         curl = Series("curl -T")
         for index in range(self.runs):
-            image_id = self.api.create(f"curl-up-{index}.raw")
+            image_id = self.api.create(f"curl-up-{index}.raw")["id"]
             warm(self.source)
             curl.values.append(GIB / self.curl_upload(image_id) / MB)
             self.api.delete(image_id)
@@ -151,8 +153,9 @@ class Bench:
                     seconds, _ = timed("cp", str(self.source), str(mount.path / "new" / name))
                 ours.values.append(GIB / seconds / MB)
                 hwm.values.append(mount.status("VmHWM") / MB)
-                (image,) = self.api.find(name)
-                assert image["status"] == "active" and image["size"] == GIB, image
+                (image,) = self.api.list(name=name)
+                assert image["status"] == "active", image
+                assert image["size"] == GIB, image
                 self.api.delete(image["id"])
         self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, upload_cpu.text))
         self.add(

@@ -10,6 +10,7 @@ from ._client import Client, tls_context
 from ._exceptions import (
     AuthError,
     BadRequest,
+    CertificateError,
     Conflict,
     ConnectError,
     Forbidden,
@@ -41,6 +42,7 @@ __all__ = [
     "Auth",
     "AuthError",
     "BadRequest",
+    "CertificateError",
     "Client",
     "Conflict",
     "ConnectError",
