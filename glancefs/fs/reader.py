@@ -22,9 +22,10 @@ What is verified (the contract; the feed's docstring says how):
 * Not verified: a reader that only seeks around (qemu-img, fio) is served bytes no whole-image
   hash has checked yet; they are checked only if the image is later read whole in this mount.
 
-The page cache: an open keeps the kernel's cached pages of the image only when everything this
-mount served of it was verified (:meth:`Readers.keeps_cache`); otherwise the kernel drops them,
-so cached pages are always either verified or served by the feed that is verifying them.
+The page cache: an open keeps the kernel's cached pages of the image while other files of it are
+open (the feed served all of them and tracks them), or when everything the last feed served was
+verified (:meth:`Readers.keeps_cache`); otherwise the kernel drops them. So cached pages are
+always either verified or served by the feed that is verifying them.
 """
 
 from __future__ import annotations
@@ -96,14 +97,15 @@ class Readers:
         self._feeds: dict[str, ImageFeed] = {}
         #: Images whose served bytes were all verified when their last file closed.
         self._clean: set[str] = set()
+        #: Images found corrupt in this mount, with the mismatch (until :meth:`reset`).
+        self._corrupt: dict[str, IntegrityError] = {}
 
     def keeps_cache(self, image_id: str) -> bool:
         """Whether an open of the image may keep the kernel's cached pages (see the module
         docstring). Ask before :meth:`open`."""
-        if not self._verify:
-            return True
-        feed = self._feeds.get(image_id)
-        return feed.clean if feed is not None else image_id in self._clean
+        # While a feed lives, the cache holds only what it served (the open that created it
+        # dropped the rest) and it tracks all of that; a mismatch drops the pages.
+        return not self._verify or image_id in self._feeds or image_id in self._clean
 
     def open(self, image: Image) -> ImageReader:
         feed = self._feeds.get(image.id)
@@ -113,14 +115,21 @@ class Readers:
                 image,
                 self._nursery,
                 self._budget,
-                lambda error: self._on_corrupt(image.id, error),
+                lambda error: self._found_corrupt(image.id, error),
                 verify=self._verify,
                 verified_cache=image.id in self._clean,
                 tuning=self._tuning,
             )
             self._feeds[image.id] = feed
+            if image.id in self._corrupt:
+                feed.corrupt = self._corrupt[image.id]
         feed.open_files += 1
         return ImageReader(feed, self._tuning)
+
+    def _found_corrupt(self, image_id: str, error: IntegrityError) -> None:
+        self._corrupt[image_id] = error
+        self._clean.discard(image_id)
+        self._on_corrupt(image_id, error)
 
     async def release(self, reader: ImageReader) -> None:
         feed = reader.feed
@@ -137,6 +146,7 @@ class Readers:
     def reset(self) -> None:
         """Forget every verification failure and verdict (SIGHUP)."""
         self._clean.clear()
+        self._corrupt.clear()
         for feed in self._feeds.values():
             if feed.corrupt is not None:
                 feed.reset()

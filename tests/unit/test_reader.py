@@ -100,6 +100,17 @@ async def test_a_sequential_read_is_one_verified_stream() -> None:
         assert m.readers.keeps_cache(m.images[0]["id"])
 
 
+async def test_pages_of_unverified_data_are_dropped_at_the_next_open() -> None:
+    async with mount(3 * MiB) as m:
+        image_id = m.images[0]["id"]
+        assert not m.readers.keeps_cache(image_id)  # nothing known: drop what may be cached
+        seeker = m.open()
+        assert m.readers.keeps_cache(image_id)  # while open: only what this feed served
+        await seeker.read(MiB, 4096)
+        await m.readers.release(seeker)
+        assert not m.readers.keeps_cache(image_id)  # it served unverified bytes
+
+
 async def test_a_broken_download_resumes_at_its_offset_and_the_hash_continues() -> None:
     async with mount(4 * MiB, retries=2) as m:
         m.client.images.faults.append(DataFault("reset", at=MiB + 5, times=2))
@@ -188,10 +199,11 @@ async def test_a_mismatch_reaches_every_open_file_until_reset() -> None:
             await read_all(first)
         with pytest.raises(IntegrityError):
             await second.read(READ, READ)
-        third = m.open()
+        for reader in (first, second):
+            await m.readers.release(reader)
+        third = m.open()  # a new feed: the image is still corrupt in this mount
         with pytest.raises(IntegrityError):
             await third.read(0, READ)
-        assert not m.readers.keeps_cache(m.images[0]["id"])
         m.readers.reset()  # SIGHUP; the fault is used up
         assert await read_all(third) == m.data[m.images[0]["id"]]
         assert len(m.corrupt) == 1
