@@ -23,7 +23,7 @@ import math
 import os
 import ssl
 import time
-from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -218,7 +218,11 @@ class Client:
             attempt += 1
             try:
                 response = await self._send_in_slot(
-                    kind, method, path, params, json, content, headers, stream, timeout
+                    kind,
+                    stream,
+                    lambda: self._send_once(
+                        method, path, params, json, content, headers, stream, timeout
+                    ),
                 )
             except TransportError:
                 if attempt >= attempts:
@@ -240,24 +244,13 @@ class Client:
             raise error
 
     async def _send_in_slot(
-        self,
-        kind: RequestKind,
-        method: str,
-        path: str,
-        params: Mapping[str, Any] | list[tuple[str, Any]] | None,
-        json: Any,
-        content: Body,
-        headers: Mapping[str, str] | None,
-        stream: bool,
-        timeout: float | None,
+        self, kind: RequestKind, stream: bool, send: Callable[[], Awaitable[httpx.Response]]
     ) -> httpx.Response:
-        """One attempt, holding a slot of the budget: until the response is read, or, for a
-        streamed success, until the caller closes it."""
+        """One attempt (``send``), holding a slot of the budget: until the response is read, or,
+        for a streamed success, until the caller closes it."""
         await self.connections.acquire(kind)
         try:
-            response = await self._send_once(
-                method, path, params, json, content, headers, stream, timeout
-            )
+            response = await send()
         except BaseException:
             self.connections.release(kind)
             raise

@@ -76,10 +76,14 @@ class ReadTuning:
     sequential_trigger: int = 2
     #: Seconds a paused stream keeps its connection when nobody else waits for one.
     idle_release: float = 1.0
-    #: Seconds a stream that is being read keeps its connection while other requests wait.
-    slot_slice: float = 1.0
+    #: Seconds a stream that is being read keeps its connection while other requests wait
+    #: (each hand-over costs a new ranged GET, so not too often).
+    slot_slice: float = 4.0
     #: Seconds without a read after which a stream may be moved to another reader's offset.
     stream_idle: float = 1.0
+    #: Seconds a read fails at once with the error that just failed one: the kernel retries a
+    #: failed readahead page with a read of its own, which must not wait for Glance again.
+    failure_grace: float = 1.0
 
 
 class PrefetchBudget:
@@ -200,6 +204,8 @@ class ImageFeed:
         self._later_checks: list[_Check] = []
         #: Bytes were served that no completed pass verified yet.
         self._unverified = False
+        #: When a read last failed because Glance did not answer or broke, and how.
+        self._last_failure: tuple[float, GlanceError] | None = None
         self._start_verification(verified_cache)
 
     def _start_verification(self, verified_cache: bool) -> None:
@@ -223,6 +229,19 @@ class ImageFeed:
         """Bytes ``[offset, end)`` (the caller clipped ``end`` to the size). ``sequential``: the
         reader continues where it was, so it may move the stream here."""
         self._raise_if_corrupt()
+        if self._last_failure is not None:
+            failed_at, error = self._last_failure
+            if trio.current_time() - failed_at < self._tuning.failure_grace:
+                raise error
+            self._last_failure = None
+        try:
+            return await self._read(offset, end, sequential)
+        except GlanceError as error:
+            if is_retryable(error):
+                self._last_failure = (trio.current_time(), error)
+            raise
+
+    async def _read(self, offset: int, end: int, sequential: bool) -> bytes:
         stream = self._stream
         data: bytes | None = None
         if stream is not None and self._reaches(stream, offset):

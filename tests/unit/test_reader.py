@@ -22,7 +22,7 @@ from glancefs.fs.reader import ImageReader, Readers, ReadTuning
 
 MiB = 1024 * 1024
 READ = 128 * 1024  # the kernel's FUSE read size here (any will do)
-FAST = ReadTuning(idle_release=0.05, slot_slice=0.05, stream_idle=0.05)
+FAST = ReadTuning(idle_release=0.05, slot_slice=0.05, stream_idle=0.05, failure_grace=0.2)
 
 
 @dataclass
@@ -127,6 +127,11 @@ async def test_a_download_that_keeps_breaking_fails_the_read_after_the_retries()
         with pytest.raises(ConnectError):
             await reader.read(0, 2 * MiB)  # waits where the download breaks
         assert [offset for _, offset, _ in m.gets()] == [0, MiB + 5]
+        # The kernel retries a failed readahead page at once: that read fails at once too.
+        with pytest.raises(ConnectError):
+            await reader.read(MiB, READ)
+        assert len(m.gets()) == 2
+        await trio.sleep(FAST.failure_grace)
         # The next read starts again where the data is missing; reading all of it verifies.
         assert await read_all(reader, MiB) == m.data[m.images[0]["id"]][MiB:]
         assert await read_all(reader) == m.data[m.images[0]["id"]]
