@@ -409,9 +409,10 @@ class ImageFeed:
             stream.readers_waiting -= 1
         self._raise_if_corrupt()
         if stream.end < end:
-            if stream is not self._stream:
+            if stream.error is None and stream is not self._stream:
                 return None  # the stream was stopped (moved, or reset) under this read
-            self._stop_stream()
+            if stream is self._stream:
+                self._stop_stream()
             raise stream.error or TransportError(
                 f"image {self.image.id}: download ended at byte {stream.end} of {self.size}"
             )
@@ -435,6 +436,8 @@ class ImageFeed:
                 )
                 if error is not None:
                     stream.error = error
+                    if is_retryable(error):  # before any read wakes: they all fail at once
+                        self._last_failure = (trio.current_time(), error)
             finally:
                 stream.done = True
                 self._notify()
