@@ -16,8 +16,8 @@ Three kinds of request share the budget, so that no kind can starve another:
   slots (at least one), so that readers keep the rest.
 
 Pitfall: a holder that is idle (a paused download whose reader went away) must give its slot back
-when someone waits, or the budget deadlocks: :meth:`ConnectionBudget.wait_contended` tells it
-when. Waiters are served first come, first served among those whose kind has room.
+when someone waits (:attr:`ConnectionBudget.waiting`), or the budget deadlocks. Waiters are
+served first come, first served among those whose kind has room.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ class ConnectionBudget:
         self.total = total
         self._held: dict[RequestKind, int] = {"short": 0, "download": 0, "upload": 0}
         self._waiters: deque[_Waiter] = deque()
-        self._contended = trio.Event()
 
     @property
     def in_use(self) -> int:
@@ -91,7 +90,6 @@ class ConnectionBudget:
         self._grant()  # it may fit where the waiters before it do not
         if waiter.granted.is_set():
             return
-        self._contended.set()
         try:
             await waiter.granted.wait()
         except BaseException:
@@ -112,9 +110,3 @@ class ConnectionBudget:
                 self._waiters.remove(waiter)
                 self._held[waiter.kind] += 1
                 waiter.granted.set()
-        if not self._waiters and self._contended.is_set():
-            self._contended = trio.Event()
-
-    async def wait_contended(self) -> None:
-        """Return once some request waits for a slot (at once if one does now)."""
-        await self._contended.wait()

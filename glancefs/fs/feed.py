@@ -494,28 +494,20 @@ class ImageFeed:
 
     async def _room_or_give_back(self, stream: _Stream) -> bool:
         """Wait for room in the window while holding the connection; False when the stream
-        should give it back: paused for ``idle_release`` seconds, or another request waits."""
-        if self._client.connections.waiting:
-            return False
-        room = False
-        async with trio.open_nursery() as nursery:
-            nursery.cancel_scope.deadline = trio.current_time() + self._tuning.idle_release
+        should give it back: paused for ``idle_release`` seconds, or another request waits
+        (checked whenever the stream wakes, and at the latest after ``idle_release``).
 
-            async def wait_for_room() -> None:
-                nonlocal room
-                while self._stream_waits(stream):
-                    stream.wants_more = trio.Event()
-                    await stream.wants_more.wait()
-                room = True
-                nursery.cancel_scope.cancel()
-
-            async def wait_for_contention() -> None:
-                await self._client.connections.wait_contended()
-                nursery.cancel_scope.cancel()
-
-            nursery.start_soon(wait_for_room)
-            nursery.start_soon(wait_for_contention)
-        return room
+        Runs for every chunk while a reader keeps the window full: no tasks, one cancel scope.
+        """
+        connections = self._client.connections
+        with trio.move_on_after(self._tuning.idle_release):
+            while self._stream_waits(stream):
+                if connections.waiting:
+                    return False
+                stream.wants_more = trio.Event()
+                await stream.wants_more.wait()
+            return True
+        return False
 
     # -- the hash -----------------------------------------------------------------------------
 
