@@ -41,6 +41,11 @@ RANDOM_READS = 200  # per fio run
 CURL_RANGES = 30  # ranged curl GETs per run
 RSS_COPIES = 10
 LS_TIMEOUT = 60.0
+SHARED_IMAGES = 4
+SHARED_SIZE = 64 * 1024 * 1024
+READERS_PER_IMAGE = 4
+WRITERS = 4
+WRITER_SIZE = 32 * 1024 * 1024
 
 
 def log(message: str) -> None:
@@ -62,6 +67,8 @@ class Bench:
         self.api: GlanceAPI
         self.source: Path
         self.image_id: str
+        #: The verified single-stream read, for the shared-read target (when "read" ran first).
+        self.verified_single: Series | None = None
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -197,16 +204,36 @@ class Bench:
                 self.cold()
                 with self.cpu(mount) as unverified_cpu:
                     unverified.values.append(GIB / self.dd(path) / MB)
+        hashing = Series("sha512, one core")
+        for _ in range(self.runs):
+            warm(self.source)
+            hashing.values.append(GIB / self.sha512_seconds(self.source) / MB)
+        self.verified_single = first
         self.add(
             Metric("first read, verified", "MB/s", True, first, client, 1.5, verified_cpu.text)
         )
+        self.add(Metric("first read, verified, vs the hash", "MB/s", True, first, hashing, 0.9))
         self.add(
             Metric(
-                "first read, --no-verify", "MB/s", True, unverified, curl, 0.4,
+                "first read, --no-verify", "MB/s", True, unverified, curl, 0.6,
                 unverified_cpu.text,
             )
         )  # fmt: skip
         self.add(Metric("second read (page cache)", "MB/s", True, second, curl, 1.5))
+
+    @staticmethod
+    def sha512_seconds(path: Path) -> float:
+        """Wall time of hashlib's sha512 over ``path`` in 1 MiB reads, in one process (what
+        the mount's hash thread does with the same bytes)."""
+        script = (
+            "import hashlib, sys, time\n"
+            "h, started = hashlib.sha512(), time.perf_counter()\n"
+            "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+            "    while chunk := f.read(1 << 20):\n"
+            "        h.update(chunk)\n"
+            "print(time.perf_counter() - started)\n"
+        )
+        return float(run(sys.executable, "-c", script, str(path)))
 
     @staticmethod
     def dd(path: Path) -> float:
@@ -299,6 +326,109 @@ class Bench:
                 ours.values.append(timed("head", "-c", "1", str(path))[0] * 1000)
         self.add(Metric("time to first byte", "ms", False, ours, curl, None))
 
+    def shared_images(self) -> list[tuple[str, Path]]:
+        """The images of the shared-read test (uploaded once), with their data files."""
+        images = []
+        for index in range(SHARED_IMAGES):
+            source = random_file(self.work / f"shared-{index}.raw", SHARED_SIZE)
+            image_id = self.api.create(f"bench-shared-{index}.raw")["id"]
+            run(
+                "curl", "-sS", "-f", "-T", str(source),
+                "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
+            )  # fmt: skip
+            images.append((image_id, source))
+        return images
+
+    def cold_shared(self, images: list[tuple[str, Path]]) -> None:
+        drop_page_cache()
+        for image_id, _ in images:
+            warm(self.glance.store_dir / image_id)
+
+    @staticmethod
+    def parallel(commands: list[list[str]]) -> float:
+        """Wall time of running ``commands`` all at once; each must succeed."""
+        started = time.perf_counter()
+        processes = [
+            subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands
+        ]
+        for command, process in zip(commands, processes, strict=True):
+            _, err = process.communicate(timeout=600)
+            if process.returncode != 0:
+                raise RuntimeError(f"{command} exited {process.returncode}: {err.decode()}")
+        return time.perf_counter() - started
+
+    def shared_reads(self) -> None:
+        readers = SHARED_IMAGES * READERS_PER_IMAGE
+        log(f"{readers} readers of {SHARED_IMAGES} images: 4 parallel curls, then the mounts")
+        images = self.shared_images()
+        distinct = SHARED_IMAGES * SHARED_SIZE
+        curls = Series(f"{SHARED_IMAGES} parallel curls")
+        for _ in range(self.runs):
+            self.cold_shared(images)
+            commands = [
+                ["curl", "-sS", "-f", "-o", "/dev/null", self.data_url(i)] for i, _ in images
+            ]
+            curls.values.append(distinct / self.parallel(commands) / MB)
+        for name, options in (("verified", []), ("--no-verify", ["--no-verify"])):
+            ours = Series(f"{readers} x cat")
+            with self.mount(f"shared-{name.strip('-')}", "--debug", *options) as mount:
+                paths = [mount.path / "by-id" / i for i, _ in images]
+                commands = [["cat", str(p)] for p in paths for _ in range(READERS_PER_IMAGE)]
+                for _ in range(self.runs):
+                    self.cold_shared(images)
+                    with self.cpu(mount) as shared_cpu:
+                        ours.values.append(distinct / self.parallel(commands) / MB)
+                gets = self.data_requests(mount, images)
+                hwm = mount.status("VmHWM") / MB
+            note = (
+                f"MB/s of distinct image data ({readers} readers get {READERS_PER_IMAGE}x that); "
+                f"Glance data requests per image over {self.runs} runs: {gets}; "
+                f"peak RSS {hwm:.0f} MB; {shared_cpu.text}"
+            )
+            if name == "verified":
+                peer, target = self.verified_single, 0.9
+            else:
+                peer, target = curls, 0.5
+            self.add(Metric(f"{readers} readers x {SHARED_IMAGES} images, {name}", "MB/s", True,
+                            ours, peer, target, note))  # fmt: skip
+        self.shared_load(images)
+
+    def shared_load(self, images: list[tuple[str, Path]]) -> None:
+        """Peak RSS under the issue's load: the 16 readers and 4 writers (cp into new/)."""
+        log(f"peak RSS: {SHARED_IMAGES * READERS_PER_IMAGE} readers and {WRITERS} writers")
+        sources = [random_file(self.work / f"writer-{n}.raw", WRITER_SIZE) for n in range(WRITERS)]
+        hwm = Series("VmHWM")
+        with self.mount("shared-load") as mount:
+            for run_index in range(self.runs):
+                self.cold_shared(images)
+                for source in sources:
+                    warm(source)
+                commands = [
+                    ["cat", str(mount.path / "by-id" / i)]
+                    for i, _ in images
+                    for _ in range(READERS_PER_IMAGE)
+                ] + [
+                    ["cp", str(source), str(mount.path / "new" / f"w{run_index}-{source.name}")]
+                    for source in sources
+                ]
+                self.parallel(commands)
+                hwm.values.append(mount.status("VmHWM") / MB)
+        for run_index in range(self.runs):
+            for source in sources:
+                for image in self.api.list(name=f"w{run_index}-{source.name}"):
+                    assert image["status"] == "active", image
+                    assert image["size"] == WRITER_SIZE, image
+                    self.api.delete(image["id"])
+        self.add(Metric("peak RSS, 16 readers + 4 writers", "MB", False, hwm, None, 250,
+                        "VmHWM after each run of the whole load"))  # fmt: skip
+
+    @staticmethod
+    def data_requests(mount: Mount, images: list[tuple[str, Path]]) -> str:
+        """Data GETs per image the mount logged (``--debug`` logs one line per request)."""
+        text = mount.log()
+        counts = [text.count(f"/v2/images/{image_id}/file'") for image_id, _ in images]
+        return ", ".join(str(c) for c in counts)
+
     def memory(self) -> None:
         log(f"peak RSS: {RSS_COPIES} cold copies of the 1 GiB image out of the mount")
         first, last = Series("VmHWM after 1 copy"), Series(f"VmHWM after {RSS_COPIES} copies")
@@ -312,10 +442,10 @@ class Bench:
                     resident_after_first = mount.status("VmRSS") / MB
             last.values.append(mount.status("VmHWM") / MB)
             resident_after_last = mount.status("VmRSS") / MB
-        self.add(Metric("peak RSS, 1 GiB copy", "MB", False, first, None, 200))
+        self.add(Metric("peak RSS, 1 GiB copy", "MB", False, first, None, 120))
         self.add(
             Metric(
-                f"peak RSS after {RSS_COPIES} copies", "MB", False, last, None, 200,
+                f"peak RSS after {RSS_COPIES} copies", "MB", False, last, None, 120,
                 f"peak growth over the first copy: {last.median - first.median:+.1f} MB; "
                 f"resident between copies (VmRSS) after the first {resident_after_first:.0f} MB, "
                 f"after the last {resident_after_last:.0f} MB",
@@ -326,6 +456,7 @@ class Bench:
 GROUPS: dict[str, Callable[[Bench], None]] = {
     "upload": Bench.upload,
     "read": Bench.reads,
+    "shared": Bench.shared_reads,
     "ls": Bench.listing,
     "random": Bench.random_reads,
     "ttfb": Bench.first_byte,

@@ -6,6 +6,7 @@ leading underscore are implementation.
 """
 
 from ._auth import Auth, SessionAuth, TokenAuth
+from ._budget import ConnectionBudget
 from ._client import Client, tls_context
 from ._exceptions import (
     AuthError,
@@ -46,6 +47,7 @@ __all__ = [
     "Client",
     "Conflict",
     "ConnectError",
+    "ConnectionBudget",
     "Forbidden",
     "GlanceError",
     "HTTPError",

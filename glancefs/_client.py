@@ -9,6 +9,8 @@ Pitfalls:
 
 * Only idempotent requests (GET, HEAD, PUT of a replayable body, DELETE) are retried after a
   transport failure or a 502/503/504; a POST or a streamed upload is never sent twice.
+* Every request holds a slot of :attr:`Client.connections` (see :mod:`glancefs._budget`) while it
+  is in flight, a streamed response until it is closed: close them promptly.
 * A 401 invalidates the token and retries once, when the auth source can fetch a new token and the
   body can be sent again. A streamed body cannot, so with Keystone a cheap authenticated GET goes
   first: Glance checks the token only when a request starts, and an upload may outlive it.
@@ -21,7 +23,7 @@ import math
 import os
 import ssl
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any
 
@@ -30,6 +32,7 @@ import httpx
 import trio
 
 from ._auth import Auth, SessionAuth, TokenAuth
+from ._budget import ConnectionBudget, RequestKind
 from ._exceptions import (
     RETRY_STATUSES,
     HTTPError,
@@ -108,7 +111,9 @@ class Client:
     ``timeout`` bounds every wait for Glance (connect, and each read of a response); ``retries`` is
     how often an idempotent request is repeated after a transport failure or a 502/503/504.
     ``verify`` is True, False, the path of a CA bundle or an ``ssl.SSLContext``; ``cert`` a client
-    certificate file or a ``(cert, key)`` pair.
+    certificate file or a ``(cert, key)`` pair. ``max_connections`` bounds the requests in flight
+    at once, streamed responses included (:attr:`connections`); more than Glance has request
+    threads only queue inside Glance.
     """
 
     def __init__(
@@ -122,7 +127,7 @@ class Client:
         retries: int = 3,
         verify: bool | str | ssl.SSLContext = True,
         cert: str | tuple[str, str | None] | None = None,
-        max_connections: int = 32,
+        max_connections: int = 8,
     ) -> None:
         if auth is None:
             if session is not None:
@@ -134,6 +139,8 @@ class Client:
         self.auth = auth
         self.timeout = timeout
         self.retries = retries
+        #: The slots every request holds while in flight.
+        self.connections = ConnectionBudget(max_connections)
         # Our own transport (1 MiB socket reads); with it httpx no longer reads HTTP(S)_PROXY
         # from the environment: Glance is reached directly.
         self._transport = Transport(
@@ -191,10 +198,12 @@ class Client:
         # httpx's per-request read timeout (each wait for data), not a deadline: fail_after
         # would cut a long download that keeps delivering.
         timeout: float | None = None,  # noqa: ASYNC109
+        retries: int | None = None,
     ) -> httpx.Response:
         """Send one request and return its successful (2xx) response.
 
-        With ``stream=True`` the body is not read: the caller must ``aclose()`` the response.
+        With ``stream=True`` the body is not read: the caller must ``aclose()`` the response,
+        which gives its connection slot back. ``retries`` overrides the client's for this request.
         Raises a :class:`~glancefs.GlanceError` subclass for anything else.
         """
         replayable = not isinstance(content, AsyncIterable)
@@ -204,14 +213,19 @@ class Client:
             # is accepted right now, re-authenticating if it is not.
             await self.request("GET", "/v2/images", params={"limit": 1})
         retry_transport = method in _IDEMPOTENT and replayable
-        attempts = 1 + (self.retries if retry_transport else 0)
+        attempts = 1 + ((self.retries if retries is None else retries) if retry_transport else 0)
+        kind: RequestKind = "upload" if not replayable else "download" if stream else "short"
         reauthenticated = False
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = await self._send_once(
-                    method, path, params, json, content, headers, stream, timeout
+                response = await self._send_in_slot(
+                    kind,
+                    stream,
+                    lambda: self._send_once(
+                        method, path, params, json, content, headers, stream, timeout
+                    ),
                 )
             except TransportError:
                 if attempt >= attempts:
@@ -231,6 +245,23 @@ class Client:
                 await trio.sleep(_backoff(attempt))
                 continue
             raise error
+
+    async def _send_in_slot(
+        self, kind: RequestKind, stream: bool, send: Callable[[], Awaitable[httpx.Response]]
+    ) -> httpx.Response:
+        """One attempt (``send``), holding a slot of the budget: until the response is read, or,
+        for a streamed success, until the caller closes it."""
+        await self.connections.acquire(kind)
+        try:
+            response = await send()
+        except BaseException:
+            self.connections.release(kind)
+            raise
+        if stream and response.is_success:
+            response.stream = _SlotStream(response.stream, lambda: self.connections.release(kind))
+        else:
+            self.connections.release(kind)
+        return response
 
     async def _send_once(
         self,
@@ -313,6 +344,29 @@ class Client:
         return error_for_status(
             response.status_code, detail, response.headers.get("x-openstack-request-id")
         )
+
+
+class _SlotStream(httpx.AsyncByteStream):
+    """A streamed response body that gives its connection slot back when closed (once)."""
+
+    def __init__(
+        self, inner: httpx.SyncByteStream | httpx.AsyncByteStream, release: Callable[[], None]
+    ) -> None:
+        assert isinstance(inner, httpx.AsyncByteStream)
+        self._inner = inner
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._inner:
+            yield chunk
+
+    async def aclose(self) -> None:
+        try:
+            await self._inner.aclose()
+        finally:
+            release, self._release = self._release, None
+            if release is not None:
+                release()
 
 
 def _backoff(attempt: int) -> float:

@@ -397,11 +397,18 @@ class ImagesManager:
         return [Task(record) for record in body.get("tasks") or []]
 
     async def open_data(
-        self, image_id: str, offset: int = 0, length: int | None = None
+        self,
+        image_id: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        retries: int | None = None,
     ) -> ImageData:
         """Start a download of the image's bytes ``[offset, offset + length)`` (to the end if None).
 
-        One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it.
+        One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it (it holds a
+        slot of :attr:`Client.connections <glancefs.Client.connections>` until then).
+        ``retries`` overrides the client's retries for opening it.
         """
         if length is not None and length <= 0:
             return ImageData(None, offset, offset, None)
@@ -411,7 +418,7 @@ class ImagesManager:
             headers["Range"] = f"bytes={offset}-{last}"
         try:
             response = await self._client.request(
-                "GET", f"/v2/images/{image_id}/file", headers=headers, stream=True
+                "GET", f"/v2/images/{image_id}/file", headers=headers, stream=True, retries=retries
             )
         except RangeNotSatisfiable:
             return ImageData(None, offset, offset, None)

@@ -183,6 +183,13 @@ def run() -> None:
     show_default=True,
     help="Retries of idempotent requests after a network failure.",
 )
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=MountConfig.max_connections,
+    show_default=True,
+    help="Requests to Glance in flight at once (downloads and uploads included).",
+)
 @click.option("--no-verify", is_flag=True, help="Do not check image data against its hash.")
 @click.option("--uid", type=int, help="Owner shown for every file [default: you].")
 @click.option("--gid", type=int, help="Group shown for every file [default: yours].")
@@ -297,6 +304,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         keep_failed=params["keep_failed"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
+        max_connections=params["max_connections"],
     )
 
 
@@ -340,6 +348,7 @@ def build_client(credentials: Credentials, params: dict[str, Any]) -> Client:
         timeout=params["timeout"],
         retries=params["retries"],
         verify=verify,
+        max_connections=params["max_connections"],
     )
 
 
