@@ -141,19 +141,20 @@ def test_touch_leaves_a_queued_image(api: GlanceAPI, writable: Mount) -> None:
     assert api.get(image["id"])["status"] == "active"
 
 
-def test_non_sequential_write_is_einval(api: GlanceAPI, writable: Mount) -> None:
-    name = f"holes-{uuid.uuid4().hex[:6]}"
+def test_write_behind_the_end_is_einval(api: GlanceAPI, writable: Mount) -> None:
+    name = f"behind-{uuid.uuid4().hex[:6]}"
     fd = os.open(writable.path / "new" / name, os.O_WRONLY | os.O_CREAT)
     try:
         os.write(fd, b"a" * 4096)
+        os.pwrite(fd, b"b" * 4096, 10 * MiB)  # past the end: a hole, accepted
         with pytest.raises(OSError) as refused:
-            os.pwrite(fd, b"b" * 4096, 10 * MiB)
+            os.pwrite(fd, b"c" * 4096, 0)
         assert refused.value.errno == errno.EINVAL
     finally:
         with pytest.raises(OSError):
-            os.close(fd)
+            os.close(fd)  # close reports the failure too
     assert _by_name(api, name) == []  # the image it created is gone
-    assert "sequential" in writable.log()
+    assert "behind the end" in writable.log()
 
 
 def test_writing_an_active_image_is_eacces(api: GlanceAPI, writable: Mount) -> None:
@@ -204,9 +205,6 @@ def test_mv_renames_within_a_directory(api: GlanceAPI, writable: Mount) -> None:
         tool("mv", str(writable.path / image["name"]), str(writable.path / after)).returncode == 0
     )
     assert api.get(image["id"])["name"] == after
-    with pytest.raises(OSError) as across:
-        os.rename(writable.path / after, writable.path / "new" / after)
-    assert across.value.errno == errno.EXDEV
 
 
 def test_fixed_tree_refusals(api: GlanceAPI, writable: Mount) -> None:

@@ -1,0 +1,128 @@
+"""The one owner of every change the filesystem makes to Glance, and of the cache invalidation
+that goes with it (as mountpoint-s3's superblock owns its inode changes).
+
+The FUSE operations and upload sessions never call a mutating client method themselves: they ask
+:class:`Changes`, which calls Glance and then tells the :class:`~glancefs.fs.catalog.Catalog` what
+changed, in one place, so no caller can forget an invalidation or do it twice. Why a module of its
+own rather than more methods on the catalog: the catalog is the read cache (listings, records, their
+TTLs); this is the write side built on top of it, and keeping the two apart keeps each small.
+
+Every method raises the client's :class:`~glancefs.GlanceError` (or a
+:class:`~glancefs.fs.refusals.Refusal`); the operations module translates them.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterable
+from typing import Any
+
+from glancefs import Client, GlanceError, Image, NotFound, OverLimit
+
+from .catalog import Catalog
+from .refusals import OutOfSpace
+from .xattrs import Patch
+
+__all__ = ["Changes"]
+
+log = logging.getLogger("glancefs.fs")
+
+
+class Changes:
+    """Creates, renames, deletes, patches and uploads images, keeping the catalog in step."""
+
+    def __init__(self, client: Client, catalog: Catalog) -> None:
+        self._client = client
+        self.catalog = catalog
+
+    async def create(self, name: str, formats: tuple[str, str] | None) -> Image:
+        """A queued image named ``name`` in new/ (with ``formats``, when the name tells them)."""
+        fields: dict[str, Any] = {"name": name}
+        if formats is not None:
+            fields["disk_format"], fields["container_format"] = formats
+        image = await self._client.images.create(**fields)
+        self.catalog.created_here(image)
+        log.info("created image %s (%s) in new/", image.id, name)
+        return image
+
+    def created_here(self, image_id: str) -> bool:
+        """Whether this mount created the image (recently enough for new/ to still list it)."""
+        return self.catalog.was_created_here(image_id)
+
+    async def rename(self, image_id: str, old: str, new: str) -> None:
+        try:
+            await self._client.images.update(image_id, name=new)
+        finally:
+            self.catalog.invalidate(image_id)
+        log.info("renamed image %s: %s -> %s", image_id, old, new)
+
+    async def delete(self, image_id: str, why: str) -> None:
+        """Delete the image; ``why`` completes the log line ("deleted image ID (why)")."""
+        try:
+            await self._client.images.delete(image_id)
+        finally:
+            self.catalog.invalidate(image_id)
+        log.info("deleted image %s (%s)", image_id, why)
+
+    async def discard(self, image_id: str, reason: str) -> None:
+        """Delete an image this mount created whose upload failed; never raises.
+
+        It is hidden at once (never shown again, even if the delete fails). The delete is tried
+        once, with the client's own retries for transient failures; if Glance still refuses, the
+        image stays queued (it has no data, so it never boots) and the log says so: nothing
+        retries in the background for minutes.
+        """
+        self.catalog.hide(image_id)
+        try:
+            await self._client.images.delete(image_id)
+        except NotFound:
+            pass
+        except GlanceError as error:
+            log.error("image %s: %s; left queued, it cannot be deleted: %s", image_id, reason,
+                      error)  # fmt: skip
+            return
+        log.warning("image %s: %s; the image is deleted", image_id, reason)
+
+    async def patch(self, image_id: str, patch: Patch, what: str) -> Image:
+        """Apply one JSON-patch; a full property quota is ENOSPC. ``what`` names it in errors."""
+        try:
+            return await self._client.images.patch(image_id, patch)
+        except OverLimit as error:
+            raise OutOfSpace(f"{what} on {image_id}: {error}") from None
+        finally:
+            self.catalog.invalidate(image_id)
+
+    async def tag(self, image_id: str, operation: str, tag: str) -> None:
+        """Add (``operation`` "add") or remove one tag."""
+        try:
+            if operation == "add":
+                await self._client.image_tags.update(image_id, tag)
+            else:
+                await self._client.image_tags.delete(image_id, tag)
+        except OverLimit as error:
+            raise OutOfSpace(f"tag {tag} on {image_id}: {error}") from None
+        finally:
+            self.catalog.invalidate(image_id)
+
+    async def set_formats(self, image_id: str, disk: str, container: str) -> Image:
+        try:
+            return await self._client.images.update(
+                image_id, disk_format=disk, container_format=container
+            )
+        finally:
+            self.catalog.invalidate(image_id)
+
+    async def upload(self, image_id: str, body: AsyncIterable[bytes], size: int | None) -> None:
+        """Send the image's data (one PUT); the caller verifies the result with :meth:`fresh`."""
+        try:
+            await self._client.images.upload(image_id, body, size=size)
+        finally:
+            self.catalog.invalidate(image_id)
+
+    async def fresh(self, image_id: str) -> Image:
+        """Glance's record now (not the cache's)."""
+        return await self._client.images.get(image_id)
+
+    def uploaded(self, image_id: str) -> None:
+        """An upload ended (either way): whatever the cache knew of the image is stale."""
+        self.catalog.invalidate(image_id)
