@@ -171,6 +171,10 @@ class ImageUpload(_DataPath):
         self._pending_bytes = 0
         self._send: trio.MemorySendChannel[bytes] | None = None
         self._put_finished = trio.Event()
+        #: Cancelling the PUT breaks its connection before the body's end: Glance puts the image
+        #: back to queued. (Closing the channel would end the body early but cleanly: Glance
+        #: would take the truncated data as the whole image.)
+        self._put_scope = trio.CancelScope()
 
     @property
     def started(self) -> bool:
@@ -243,8 +247,9 @@ class ImageUpload(_DataPath):
 
     async def abort(self, reason: str) -> None:
         await super().abort(reason)
+        self._put_scope.cancel()
         if self._send is not None:
-            await self._send.aclose()
+            await self._put_finished.wait()
 
     async def _start(self) -> None:
         await self._set_formats(b"".join(self._pending)[:DETECTION_BYTES])
@@ -264,9 +269,10 @@ class ImageUpload(_DataPath):
                 await self._changes.upload(self.image.id, body(), None)
 
         try:
-            error = await failure_of(upload, f"image {self.image.id}: upload", UploadFailed)
-            if error is not None:
-                self._error = error
+            with self._put_scope:
+                error = await failure_of(upload, f"image {self.image.id}: upload", UploadFailed)
+                if error is not None:
+                    self._error = error
         finally:
             self._put_finished.set()
 
