@@ -17,7 +17,9 @@ import logging
 from collections.abc import AsyncIterable
 from typing import Any
 
-from glancefs import Client, GlanceError, Image, NotFound, OverLimit
+import trio
+
+from glancefs import Client, Conflict, GlanceError, Image, NotFound, OverLimit, ServerError
 
 from .catalog import Catalog
 from .refusals import OutOfSpace
@@ -26,6 +28,9 @@ from .xattrs import Patch
 __all__ = ["Changes"]
 
 log = logging.getLogger("glancefs.fs")
+
+#: How long a failed upload's image may take to become deletable (Glance noticing the broken PUT).
+_SETTLE_SECONDS = 20.0
 
 
 class Changes:
@@ -67,19 +72,31 @@ class Changes:
     async def discard(self, image_id: str, reason: str) -> None:
         """Delete an image this mount created whose upload failed; never raises.
 
-        It is hidden at once (never shown again, even if the delete fails). The delete is tried
-        once, with the client's own retries for transient failures; if Glance still refuses, the
-        image stays queued (it has no data, so it never boots) and the log says so: nothing
-        retries in the background for minutes.
+        It is hidden at once (never shown again, even if the delete fails). Right after an
+        aborted PUT, Glance may still be receiving it and answers 409 or 500 until it notices:
+        such answers are retried for :data:`_SETTLE_SECONDS`, nothing else is (a 403 will not
+        pass by waiting). If Glance still refuses, the image stays queued (it has no data, so it
+        never boots) and the log says so; nothing retries in the background.
         """
         self.catalog.hide(image_id)
-        try:
-            await self._client.images.delete(image_id)
-        except NotFound:
-            pass
-        except GlanceError as error:
-            log.error("image %s: %s; left queued, it cannot be deleted: %s", image_id, reason,
-                      error)  # fmt: skip
+        delay = 0.1
+        with trio.move_on_after(_SETTLE_SECONDS) as settling:
+            while True:
+                try:
+                    await self._client.images.delete(image_id)
+                    break
+                except NotFound:
+                    break
+                except (Conflict, ServerError):
+                    await trio.sleep(delay)
+                    delay = min(delay * 2, 2.0)
+                except GlanceError as error:
+                    log.error("image %s: %s; left queued, it cannot be deleted: %s", image_id,
+                              reason, error)  # fmt: skip
+                    return
+        if settling.cancelled_caught:
+            log.error("image %s: %s; left queued: Glance kept refusing to delete it", image_id,
+                      reason)  # fmt: skip
             return
         log.warning("image %s: %s; the image is deleted", image_id, reason)
 

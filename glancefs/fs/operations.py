@@ -373,7 +373,7 @@ class GlanceFS(pyfuse3.Operations):
             raise AccessDenied(
                 f"write {image.id}: image is {image.status}; only queued images take data"
             )
-        session = self._uploads.open(image, created=created, writer=Writer.of(ctx.pid))
+        session = self._uploads.open(image, created=created, writer=Writer.of(ctx.pid, inode))
         handle = self._new_handle()
         self._open_files[handle] = _OpenFile(inode, image, upload=session)
         return pyfuse3.FileInfo(fh=handle, direct_io=True)
@@ -518,9 +518,12 @@ class GlanceFS(pyfuse3.Operations):
         the data is in: Glance would lose a change made while it receives the data)."""
         session = session or self._uploads.of(image.id)
         if session is not None and not session.finished:
-            await session.change(what, apply, formats=formats)
+            if await session.change(what, apply, formats=formats):
+                log.info("image %s: %s once its upload is in", image.id, what)
+                return
         else:
             await apply(image)
+        log.info("image %s: %s", image.id, what)
 
     @_boundary
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -688,7 +691,6 @@ class GlanceFS(pyfuse3.Operations):
 
         formats = field_of(text) in FORMAT_FIELDS
         await self._change(image, f"setfattr {text}", apply, formats=formats)
-        log.info("image %s: set %s", image.id, text)
 
     @_boundary
     async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -703,7 +705,6 @@ class GlanceFS(pyfuse3.Operations):
             )
 
         await self._change(image, f"setfattr -x {text}", apply)
-        log.info("image %s: removed %s", image.id, text)
 
     async def _image_for_change(self, inode: InodeT, what: str) -> Image:
         image = await self._image_of(inode, fresh=True)

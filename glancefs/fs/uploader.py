@@ -450,10 +450,11 @@ class UploadSession:
         async with self._lock:
             await self._guarded(f"truncate to {size}", self._data.extend(size))
 
-    async def change(self, what: str, apply: MetadataChange, *, formats: bool = False) -> None:
+    async def change(self, what: str, apply: MetadataChange, *, formats: bool = False) -> bool:
         """Change the image's metadata: now if no data is on its way to Glance, else once the
-        data is in (before the close that finalizes returns). ``formats``: the change sets the
-        disk or container format, which cannot wait (the data is declared with them)."""
+        data is in (before the close that finalizes returns; True: it waits). ``formats``: the
+        change sets the disk or container format, which cannot wait (the data is declared with
+        them)."""
         async with self._lock:
             if self._failure is not None or self.finished:
                 raise Busy(f"{what} on {self.image_id}: its upload has ended; retry after close")
@@ -463,11 +464,11 @@ class UploadSession:
                     self._data.image = applied
                 if formats:
                     self._data.choose_formats = False
-                return
+                return False
             if formats:
                 raise Busy(f"{what} on {self.image_id}: the formats are fixed once data is sent")
             self._deferred.append(_Deferred(what, apply))
-            log.info("image %s: %s waits for the upload to finish", self.image_id, what)
+            return True
 
     async def close(self) -> Image | None:
         """A close (FLUSH): finalize, unless the writer is dying; returns the active image (None
@@ -483,6 +484,8 @@ class UploadSession:
             return None
         if self.written == 0 or self.finished:
             return None
+        if self.writer is not None and self.writer.still_writing():
+            return None  # not the writer's last close: a dup's, or a forked child's copy
         async with self._lock:
             image = await self._guarded("close", self._data.finish())
         self._changes.uploaded(self.image_id)

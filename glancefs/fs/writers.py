@@ -9,17 +9,24 @@ signal in the low 7 bits, the exit status in bits 8..15) while its descriptors a
 flush that arrives while the opener is exiting by a signal (or with a non-zero status) is not a
 deliberate close.
 
+Every close sends a FLUSH, also a close by another process that shares the descriptor: a forked
+child that execs drops its copy (close-on-exec), and a writer that runs ``subprocess`` would have
+its upload finalized in mid-stream. So a flush is the writer's last close only when the writer no
+longer holds a descriptor open for writing on the file, which ``/proc/<pid>/fdinfo/*`` shows
+(``ino:`` and ``flags:``; the kernel removes a descriptor from the table before it flushes it).
+
 What cannot be told (documented in SEMANTICS.md): a writer that handles the signal and closes
 its output itself before dying (GNU ``dd`` does that for SIGINT); a pipeline whose source died
 while the writer ends normally (``tee`` sees a short input and exits 0); a descriptor passed to
-another process (fork, SCM_RIGHTS), which is judged by the opener only; ``exit_code`` of another
-user's process, which only a privileged mount may read.
+another process (fork, SCM_RIGHTS) that goes on writing after the opener closed its own;
+``exit_code`` and ``fdinfo`` of another user's process, which only a privileged mount may read.
 
 Reads ``/proc`` only: no other I/O.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,9 +71,11 @@ class Writer:
 
     process: int
     started: str
+    #: The inode number of the file it writes (as ``st_ino`` and fdinfo show it).
+    inode: int
 
     @classmethod
-    def of(cls, tid: int) -> Writer | None:
+    def of(cls, tid: int, inode: int) -> Writer | None:
         """The writer behind thread ``tid``; None when it cannot be read (then nothing is
         judged: uploads finalize on close, as they would without this check)."""
         if tid <= 0:
@@ -75,7 +84,25 @@ class Writer:
         fields = _stat_fields(process)
         if fields is None or len(fields) <= _START_TIME:
             return None
-        return cls(process, fields[_START_TIME])
+        return cls(process, fields[_START_TIME], inode)
+
+    def still_writing(self) -> bool:
+        """Whether the writer still holds a descriptor open for writing on the file (then a
+        flush is some other close: a dup, or a child's copy)."""
+        try:
+            descriptors = os.listdir(f"/proc/{self.process}/fdinfo")
+        except OSError:
+            return False
+        for descriptor in descriptors:
+            try:
+                info = Path(f"/proc/{self.process}/fdinfo/{descriptor}").read_text()
+            except OSError:
+                continue  # closed meanwhile
+            fields = dict(line.split(":\t", 1) for line in info.splitlines() if ":\t" in line)
+            writable = int(fields.get("flags", "0"), 8) & (os.O_WRONLY | os.O_RDWR)
+            if writable and fields.get("ino", "").strip() == str(self.inode):
+                return True
+        return False
 
     def interruption(self) -> str | None:
         """Why a close by this writer now is not deliberate, or None when it is.

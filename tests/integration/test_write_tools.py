@@ -236,3 +236,228 @@ def test_exit_without_close_finalizes_only_a_successful_writer(
     else:
         _wait_for(lambda: _named(api, name) == [], "the image to be deleted")
         assert "exiting with status 3" in writable.log()
+
+
+# -- 3. metadata during an upload ----------------------------------------------------------------
+
+
+def test_setfattr_during_an_upload_is_kept(api: GlanceAPI, writable: Mount) -> None:
+    name = _unique("annotated")
+    path = writable.path / "new" / name
+    data = random.randbytes(12 * MiB)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, data[: 4 * MiB])
+        _wait_for(lambda: _status(api, name) == "saving", "the upload to start")
+        for command in (
+            ["setfattr", "-n", "user.os_distro", "-v", "ubuntu", str(path)],
+            ["setfattr", "-n", "user.tags", "-v", "a,b", str(path)],
+            ["setfattr", "-n", "user.tags.add", "-v", "c", str(path)],
+        ):
+            result = tool(*command)
+            assert result.returncode == 0, result.stderr
+        with pytest.raises(OSError) as fixed:  # the data is being sent as raw
+            os.setxattr(path, "user.disk_format", b"qcow2")
+        assert fixed.value.errno == errno.EPERM
+        # Undisturbed, and not finalized by the close-on-exec of the tools' forks above.
+        os.write(fd, data[4 * MiB :])
+    finally:
+        os.close(fd)
+    image = _the_image(api, name)
+    assert (image["status"], image["size"]) == ("active", len(data))
+    assert image["os_hash_value"] == hashlib.sha512(data).hexdigest()
+    assert image["os_distro"] == "ubuntu"
+    assert sorted(image["tags"]) == ["a", "b", "c"]
+    assert image["disk_format"] == "raw"
+    assert os.getxattr(writable.path / name, "user.os_distro") == b"ubuntu"
+
+
+def test_setfattr_keys_read_back_under_the_name_given(api: GlanceAPI, writable: Mount) -> None:
+    image = api.create(_unique("keys"), b"x")
+    path = writable.path / image["name"]
+    for key in ("user.a/b", "user.x~y", "user.~1"):
+        os.setxattr(path, key, b"v")
+        assert os.getxattr(path, key) == b"v", key
+    record = api.get(image["id"])
+    assert (record["a/b"], record["x~y"], record["~1"]) == ("v", "v", "v")
+    for bad in ("user. lead", "user.trail ", "user.tab\there"):
+        with pytest.raises(OSError) as refused:
+            os.setxattr(path, bad, b"v")
+        assert refused.value.errno == errno.EINVAL, bad
+    after = api.get(image["id"])
+    assert not {"lead", " lead", "trail", "tab\there"} & set(after)
+
+
+# -- 4. rsync, cp -p, tar ------------------------------------------------------------------------
+
+
+def _transferred(rsync_output: str) -> int:
+    for line in rsync_output.splitlines():
+        if line.startswith("Number of regular files transferred:"):
+            return int(line.split(":")[1].replace(",", ""))
+    raise AssertionError(f"no transfer count in {rsync_output!r}")
+
+
+def test_rsync_twice_and_after_a_remount_never_duplicates(
+    api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory, tmp_path: Path
+) -> None:
+    local = tmp_path / _unique("synced")
+    local.write_bytes(random.randbytes(3 * MiB))
+    os.utime(local, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
+    mount = mount_glancefs(glance.url, name="first")
+
+    def rsync(into: Mount) -> subprocess.CompletedProcess[str]:
+        return tool("rsync", "-a", "--stats", str(local), str(into.path / "new") + "/")
+
+    first = rsync(mount)
+    assert first.returncode == 0, first.stderr
+    assert _transferred(first.stdout) == 1
+    image = _assert_uploaded(api, local.name, local, "raw")
+    assert image["glancefs_mtime"] == "2020-09-13T12:26:40.123456789Z"
+    assert (mount.path / local.name).stat().st_mtime_ns == 1_600_000_000_123_456_789
+    second = rsync(mount)
+    assert second.returncode == 0, second.stderr
+    assert _transferred(second.stdout) == 0
+    mount.stop()
+
+    again = mount_glancefs(glance.url, name="second")
+    third = rsync(again)
+    assert third.returncode == 0, third.stderr
+    assert _transferred(third.stdout) == 0
+    # A changed file cannot replace the image (no --allow-delete): a clear failure, and the
+    # temporary upload is deleted, not left hidden.
+    os.utime(local, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
+    changed = rsync(again)
+    assert changed.returncode != 0
+    assert "Operation not permitted" in changed.stderr
+    assert [i["id"] for i in _named(api, local.name)] == [image["id"]]
+    temporaries = [i for i in api.list() if i["name"] and i["name"].startswith(f".{local.name}.")]
+    assert temporaries == []
+    assert "final rename" in again.log()
+
+
+def test_cp_p_and_tar_keep_the_mtime(api: GlanceAPI, writable: Mount, tmp_path: Path) -> None:
+    local = tmp_path / _unique("preserved")
+    local.write_bytes(b"payload" * 1000)
+    os.utime(local, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
+    assert tool("cp", "-p", str(local), str(writable.path / "new") + "/").returncode == 0
+    image = _the_image(api, local.name)
+    assert (image["status"], image["glancefs_mtime"]) == (
+        "active",
+        "2017-07-14T02:40:00.000000000Z",
+    )
+    assert (writable.path / local.name).stat().st_mtime_ns == 1_500_000_000_000_000_000
+
+    archive = tmp_path / "a.tar"
+    member = tmp_path / "tree" / _unique("untarred")
+    member.parent.mkdir()
+    member.write_bytes(b"tarred")
+    os.utime(member, (1_400_000_000, 1_400_000_000))
+    assert tool("tar", "-C", str(member.parent), "-cf", str(archive), member.name).returncode == 0
+    untar = tool("tar", "-C", str(writable.path / "new"), "-xf", str(archive))
+    assert untar.returncode == 0, untar.stderr
+    assert _the_image(api, member.name)["glancefs_mtime"] == "2014-05-13T16:53:20.000000000Z"
+
+
+# -- 5. mv across directories --------------------------------------------------------------------
+
+
+def test_mv_across_directories_never_copies(api: GlanceAPI, writable: Mount) -> None:
+    tag, other, third = _unique("t"), _unique("u"), _unique("v")
+    image = api.create(_unique("moved"), b"x", tags=[tag])
+    api.create(_unique("holder"), b"y", tags=[other, third])  # so that their by-tag/ exist
+    name, root = image["name"], writable.path
+
+    def mv(source: Path, target: Path) -> subprocess.CompletedProcess[str]:
+        return tool("mv", str(source), str(target))
+
+    def tags() -> list[str]:
+        return sorted(api.get(image["id"])["tags"])
+
+    # root <-> new/: one namespace of names (the same name is the same file)
+    assert "are the same file" in mv(root / name, root / "new" / name).stderr
+    assert mv(root / name, root / "new" / "renamed").returncode == 0
+    assert api.get(image["id"])["name"] == "renamed"
+    assert mv(root / "new" / "renamed", root / name).returncode == 0
+    assert api.get(image["id"])["name"] == name
+    # into, between and out of by-tag/: tags change, the name stays
+    assert mv(root / name, root / "by-tag" / other / name).returncode == 0
+    assert tags() == sorted([tag, other])
+    assert mv(root / "by-tag" / tag / name, root / "by-tag" / third / name).returncode == 0
+    assert tags() == sorted([other, third])
+    # Where the image is visible already (the root shows every image), it is the same file:
+    # mv says so, and the kernel itself answers a rename(2) there without asking glancefs.
+    assert "are the same file" in mv(root / "by-tag" / other / name, root / name).stderr
+    # refused with EPERM, never EXDEV (mv would copy)
+    for source, target in (
+        (root / name, root / "by-id" / name),
+        (root / "by-id" / image["id"], root / "elsewhere"),
+        (root / name, root / "by-tag" / other / "renamed"),
+    ):
+        with pytest.raises(OSError) as refused:
+            os.rename(source, target)
+        assert refused.value.errno == errno.EPERM, (source, target)
+    assert [i["id"] for i in _named(api, name)] == [image["id"]]
+    assert api.get(image["id"])["checksum"] == image["checksum"]
+
+
+# -- 6. du ---------------------------------------------------------------------------------------
+
+
+def test_du_counts_each_image_once(api: GlanceAPI, writable: Mount) -> None:
+    api.create(_unique("du"), random.randbytes(100_000), tags=["du-a", "du-b"])
+    api.create(_unique("du"), random.randbytes(50_000), tags=["du-a"])
+    expected = sum(i["size"] or 0 for i in api.list() if i["status"] == "active")
+    result = tool("du", "-sb", str(writable.path))
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout.split()[0]) == expected
+    links = tool("find", str(writable.path), "-type", "f", "-links", "4", "-name", "du-*")
+    assert links.returncode == 0
+    assert len(links.stdout.split()) == 3  # root, by-id, by-tag/du-a, by-tag/du-b of one image
+
+
+# -- 7. failures clean up --------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_spool(tmp_path: Path) -> Iterator[Path]:
+    spool = tmp_path / "tiny"
+    spool.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(spool)], check=True)
+    try:
+        yield spool
+    finally:
+        subprocess.run(["umount", "-l", str(spool)], check=False)
+
+
+def test_a_full_spool_fails_the_upload_and_leaves_nothing(
+    api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory, tiny_spool: Path
+) -> None:
+    mount = mount_glancefs(glance.url, "--spool-dir", str(tiny_spool))
+    name = _unique("spooled")
+    result = tool("dd", "if=/dev/urandom", f"of={mount.path / 'new' / name}", "bs=1M", "count=16")
+    assert result.returncode != 0
+    assert "No space left on device" in result.stderr
+    assert _named(api, name) == []
+    assert "the image is deleted" in mount.log()
+    assert "uploaded and verified" not in mount.log()
+
+
+# -- 8. touch ------------------------------------------------------------------------------------
+
+
+def test_touch_sets_the_formats_from_the_extension(api: GlanceAPI, writable: Mount) -> None:
+    for extension, formats in ((".vmdk", ("vmdk", "bare")), ("", ("raw", "bare"))):
+        name = _unique("touched") + extension
+        assert tool("touch", str(writable.path / "new" / name)).returncode == 0
+        image = _the_image(api, name)
+        assert image["status"] == "queued"
+        assert (image["disk_format"], image["container_format"]) == formats
+    # The content still corrects what the name implied while the image has no data.
+    name = _unique("corrected") + ".qcow2"
+    assert tool("touch", str(writable.path / "new" / name)).returncode == 0
+    data = random.randbytes(2 * MiB)
+    (writable.path / "new" / name).write_bytes(data)
+    image = _the_image(api, name)
+    assert (image["status"], image["disk_format"]) == ("active", "raw")
+    assert image["os_hash_value"] == hashlib.sha512(data).hexdigest()
