@@ -437,7 +437,12 @@ class GlanceFS(pyfuse3.Operations):
         await self.flush(fh)
 
     async def _drop_cached_attributes(self, inode: InodeT) -> None:
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        """Make the kernel ask for the size again after an upload (runs in the nursery: must
+        not raise; the kernel may have forgotten the inode already, which is fine)."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        except OSError as error:
+            log.debug("inode %d: attributes not invalidated: %s", inode, error)
 
     @_boundary
     async def release(self, fh: FileHandleT) -> None:
