@@ -69,6 +69,12 @@ class GlanceAPI:
             query = None
         return images
 
+    def only(self, name: str) -> dict:
+        """The one image called ``name`` (fails the test if there are none or several)."""
+        images = self.list(name=name)
+        assert len(images) == 1, images
+        return images[0]
+
     def delete(self, image_id: str) -> None:
         self.http.patch(
             f"/v2/images/{image_id}",

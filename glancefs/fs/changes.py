@@ -14,7 +14,8 @@ Every method raises the client's :class:`~glancefs.GlanceError` (or a
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import trio
@@ -54,19 +55,26 @@ class Changes:
         """Whether this mount created the image (recently enough for new/ to still list it)."""
         return self.catalog.was_created_here(image_id)
 
-    async def rename(self, image_id: str, old: str, new: str) -> None:
+    @contextmanager
+    def _changing(self, image_id: str, what: str) -> Iterator[None]:
+        """Around every change of an image: its cached state goes, whatever the outcome (a
+        failed request may have changed it all the same), and a full quota is ENOSPC."""
         try:
-            await self._client.images.update(image_id, name=new)
+            yield
+        except OverLimit as error:
+            raise OutOfSpace(f"{what} on {image_id}: {error}") from None
         finally:
             self.catalog.invalidate(image_id)
+
+    async def rename(self, image_id: str, old: str, new: str) -> None:
+        with self._changing(image_id, f"mv {old} {new}"):
+            await self._client.images.update(image_id, name=new)
         log.info("renamed image %s: %s -> %s", image_id, old, new)
 
     async def delete(self, image_id: str, why: str) -> None:
         """Delete the image; ``why`` completes the log line ("deleted image ID (why)")."""
-        try:
+        with self._changing(image_id, "rm"):
             await self._client.images.delete(image_id)
-        finally:
-            self.catalog.invalidate(image_id)
         log.info("deleted image %s (%s)", image_id, why)
 
     async def discard(self, image_id: str, reason: str) -> None:
@@ -101,36 +109,28 @@ class Changes:
         log.warning("image %s: %s; the image is deleted", image_id, reason)
 
     async def patch(self, image_id: str, patch: Patch, what: str) -> Image:
-        """Apply one JSON-patch; a full property quota is ENOSPC. ``what`` names it in errors."""
-        try:
+        """Apply one JSON-patch; ``what`` names it in errors."""
+        with self._changing(image_id, what):
             return await self._client.images.patch(image_id, patch)
-        except OverLimit as error:
-            raise OutOfSpace(f"{what} on {image_id}: {error}") from None
-        finally:
-            self.catalog.invalidate(image_id)
 
     async def tag(self, image_id: str, operation: str, tag: str) -> None:
         """Add (``operation`` "add") or remove one tag."""
-        try:
+        with self._changing(image_id, f"tag {tag}"):
             if operation == "add":
                 await self._client.image_tags.update(image_id, tag)
             else:
                 await self._client.image_tags.delete(image_id, tag)
-        except OverLimit as error:
-            raise OutOfSpace(f"tag {tag} on {image_id}: {error}") from None
-        finally:
-            self.catalog.invalidate(image_id)
 
     async def set_formats(self, image_id: str, disk: str, container: str) -> Image:
-        try:
+        with self._changing(image_id, "set formats"):
             return await self._client.images.update(
                 image_id, disk_format=disk, container_format=container
             )
-        finally:
-            self.catalog.invalidate(image_id)
 
     async def upload(self, image_id: str, body: AsyncIterable[bytes], size: int | None) -> None:
-        """Send the image's data (one PUT); the caller verifies the result with :meth:`fresh`."""
+        """Send the image's data (one PUT); the caller verifies the result with :meth:`fresh`.
+        A quota or size cap (413) stays :class:`~glancefs.OverLimit`: the upload session
+        decides what it means."""
         try:
             await self._client.images.upload(image_id, body, size=size)
         finally:

@@ -40,18 +40,8 @@ def _sha512(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _named(api: GlanceAPI, name: str) -> list[dict]:
-    return api.list(name=name)
-
-
-def _the_image(api: GlanceAPI, name: str) -> dict:
-    images = _named(api, name)
-    assert len(images) == 1, images
-    return images[0]
-
-
 def _status(api: GlanceAPI, name: str) -> str | None:
-    images = _named(api, name)
+    images = api.list(name=name)
     return images[0]["status"] if images else None
 
 
@@ -79,7 +69,7 @@ def _sparse_raw(path: Path, size: int, extents: int = 4) -> Path:
 
 
 def _assert_uploaded(api: GlanceAPI, name: str, source: Path, disk_format: str) -> dict:
-    image = _the_image(api, name)
+    image = api.only(name)
     assert image["status"] == "active"
     assert image["size"] == source.stat().st_size
     assert image["os_hash_value"] == _sha512(source)
@@ -137,7 +127,7 @@ def test_ftruncate_extends_and_rsync_inplace_works(
     finally:
         os.close(fd)
     expected = b"x" * 4096 + bytes(3 * MiB - 4096)
-    image = _the_image(api, name)
+    image = api.only(name)
     assert (image["status"], image["size"]) == ("active", 3 * MiB)
     assert image["os_hash_value"] == hashlib.sha512(expected).hexdigest()
 
@@ -189,7 +179,7 @@ def test_an_interrupted_copy_leaves_no_image(
         if process.poll() is None:
             process.kill()
             process.wait()
-    _wait_for(lambda: _named(api, name) == [], "the interrupted image to be deleted")
+    _wait_for(lambda: api.list(name=name) == [], "the interrupted image to be deleted")
     assert f"killed by {sig.name}" in writable.log()
     assert "uploaded and verified" not in writable.log()
 
@@ -210,7 +200,7 @@ def test_keep_failed_leaves_an_interrupted_image_queued(
     _wait_for(lambda: "left queued (--keep-failed)" in mount.log(), "the abort")
     # Glance notices the broken PUT and puts the image back to queued.
     _wait_for(lambda: _status(api, name) == "queued", "the image to be queued again")
-    image = _the_image(api, name)
+    image = api.only(name)
     assert (image["status"], image["size"]) == ("queued", None)
 
 
@@ -231,10 +221,10 @@ def test_exit_without_close_finalizes_only_a_successful_writer(
     result = tool(sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(path), str(status))
     assert result.returncode == status, result.stderr
     if status == 0:
-        image = _the_image(api, name)
+        image = api.only(name)
         assert (image["status"], image["size"]) == ("active", 65536)
     else:
-        _wait_for(lambda: _named(api, name) == [], "the image to be deleted")
+        _wait_for(lambda: api.list(name=name) == [], "the image to be deleted")
         assert "exiting with status 3" in writable.log()
 
 
@@ -263,7 +253,7 @@ def test_setfattr_during_an_upload_is_kept(api: GlanceAPI, writable: Mount) -> N
         os.write(fd, data[4 * MiB :])
     finally:
         os.close(fd)
-    image = _the_image(api, name)
+    image = api.only(name)
     assert (image["status"], image["size"]) == ("active", len(data))
     assert image["os_hash_value"] == hashlib.sha512(data).hexdigest()
     assert image["os_distro"] == "ubuntu"
@@ -330,7 +320,7 @@ def test_rsync_twice_and_after_a_remount_never_duplicates(
     changed = rsync(again)
     assert changed.returncode != 0
     assert "Operation not permitted" in changed.stderr
-    assert [i["id"] for i in _named(api, local.name)] == [image["id"]]
+    assert [i["id"] for i in api.list(name=local.name)] == [image["id"]]
     temporaries = [i for i in api.list() if i["name"] and i["name"].startswith(f".{local.name}.")]
     assert temporaries == []
     assert "final rename" in again.log()
@@ -341,7 +331,7 @@ def test_cp_p_and_tar_keep_the_mtime(api: GlanceAPI, writable: Mount, tmp_path: 
     local.write_bytes(b"payload" * 1000)
     os.utime(local, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     assert tool("cp", "-p", str(local), str(writable.path / "new") + "/").returncode == 0
-    image = _the_image(api, local.name)
+    image = api.only(local.name)
     assert (image["status"], image["glancefs_mtime"]) == (
         "active",
         "2017-07-14T02:40:00.000000000Z",
@@ -356,7 +346,7 @@ def test_cp_p_and_tar_keep_the_mtime(api: GlanceAPI, writable: Mount, tmp_path: 
     assert tool("tar", "-C", str(member.parent), "-cf", str(archive), member.name).returncode == 0
     untar = tool("tar", "-C", str(writable.path / "new"), "-xf", str(archive))
     assert untar.returncode == 0, untar.stderr
-    assert _the_image(api, member.name)["glancefs_mtime"] == "2014-05-13T16:53:20.000000000Z"
+    assert api.only(member.name)["glancefs_mtime"] == "2014-05-13T16:53:20.000000000Z"
 
 
 # -- 5. mv across directories --------------------------------------------------------------------
@@ -397,7 +387,7 @@ def test_mv_across_directories_never_copies(api: GlanceAPI, writable: Mount) -> 
         with pytest.raises(OSError) as refused:
             os.rename(source, target)
         assert refused.value.errno == errno.EPERM, (source, target)
-    assert [i["id"] for i in _named(api, name)] == [image["id"]]
+    assert [i["id"] for i in api.list(name=name)] == [image["id"]]
     assert api.get(image["id"])["checksum"] == image["checksum"]
 
 
@@ -438,7 +428,7 @@ def test_a_full_spool_fails_the_upload_and_leaves_nothing(
     result = tool("dd", "if=/dev/urandom", f"of={mount.path / 'new' / name}", "bs=1M", "count=16")
     assert result.returncode != 0
     assert "No space left on device" in result.stderr
-    assert _named(api, name) == []
+    assert api.list(name=name) == []
     assert "the image is deleted" in mount.log()
     assert "uploaded and verified" not in mount.log()
 
@@ -450,7 +440,7 @@ def test_touch_sets_the_formats_from_the_extension(api: GlanceAPI, writable: Mou
     for extension, formats in ((".vmdk", ("vmdk", "bare")), ("", ("raw", "bare"))):
         name = _unique("touched") + extension
         assert tool("touch", str(writable.path / "new" / name)).returncode == 0
-        image = _the_image(api, name)
+        image = api.only(name)
         assert image["status"] == "queued"
         assert (image["disk_format"], image["container_format"]) == formats
     # The content still corrects what the name implied while the image has no data.
@@ -458,6 +448,6 @@ def test_touch_sets_the_formats_from_the_extension(api: GlanceAPI, writable: Mou
     assert tool("touch", str(writable.path / "new" / name)).returncode == 0
     data = random.randbytes(2 * MiB)
     (writable.path / "new" / name).write_bytes(data)
-    image = _the_image(api, name)
+    image = api.only(name)
     assert (image["status"], image["disk_format"]) == ("active", "raw")
     assert image["os_hash_value"] == hashlib.sha512(data).hexdigest()
