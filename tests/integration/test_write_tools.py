@@ -138,6 +138,22 @@ def test_ftruncate_extends_and_rsync_inplace_works(
     _assert_uploaded(api, local.name, local, "raw")
 
 
+def test_fsync_mid_stream_does_not_end_the_upload(api: GlanceAPI, writable: Mount) -> None:
+    name = _unique("synced")
+    data = random.randbytes(4 * MiB)
+    fd = os.open(writable.path / "new" / name, os.O_WRONLY | os.O_CREAT)
+    try:
+        os.write(fd, data[: 2 * MiB])
+        os.fsync(fd)
+        os.write(fd, data[2 * MiB :])
+        os.fsync(fd)  # dd conv=fsync does this before its close
+    finally:
+        os.close(fd)
+    image = api.only(name)
+    assert (image["status"], image["size"]) == ("active", len(data))
+    assert image["os_hash_value"] == hashlib.sha512(data).hexdigest()
+
+
 # -- 2. interrupted writers ---------------------------------------------------------------------
 
 
