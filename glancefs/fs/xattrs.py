@@ -91,6 +91,10 @@ def field_of(name: str) -> str:
         raise InvalidArgument(
             f"{name!r}: field names may not have surrounding spaces or control characters"
         )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates by fsdecode
+        raise InvalidArgument(f"{name!r}: field names must be UTF-8 text") from None
     return key
 
 
