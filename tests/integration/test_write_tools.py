@@ -220,6 +220,37 @@ def test_keep_failed_leaves_an_interrupted_image_queued(
     assert (image["status"], image["size"]) == ("queued", None)
 
 
+_THREAD_WRITES = """
+import os, sys, threading, time
+def write():
+    fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT)
+    while True:
+        os.write(fd, os.urandom(1 << 20))
+        time.sleep(0.05)
+threading.Thread(target=write, daemon=True).start()
+time.sleep(600)
+"""
+
+
+def test_a_killed_process_whose_thread_writes_leaves_no_image(
+    api: GlanceAPI, writable: Mount
+) -> None:
+    name = _unique("threaded")
+    process = subprocess.Popen(
+        [sys.executable, "-c", _THREAD_WRITES, str(writable.path / "new" / name)]
+    )
+    try:
+        _wait_for(lambda: _status(api, name) == "saving", "the upload to start")
+        process.kill()
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    _wait_for(lambda: api.list(name=name) == [], "the image to be deleted")
+    assert "killed by SIGKILL" in writable.log()
+
+
 _EXIT_WITHOUT_CLOSE = """
 import os, sys
 fd = os.open(sys.argv[1], os.O_WRONLY | os.O_CREAT)
