@@ -6,7 +6,7 @@ leading underscore are implementation.
 """
 
 from ._auth import Auth, SessionAuth, TokenAuth
-from ._client import Client, tls_context
+from ._client import Client, RequestEvent, tls_context
 from ._exceptions import (
     AuthError,
     BadRequest,
@@ -59,6 +59,7 @@ __all__ = [
     "OverLimit",
     "RangeNotSatisfiable",
     "Record",
+    "RequestEvent",
     "ResourceType",
     "Schema",
     "ServerError",

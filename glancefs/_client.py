@@ -21,7 +21,8 @@ import math
 import os
 import ssl
 import time
-from collections.abc import AsyncIterable, Mapping
+from collections.abc import AsyncIterable, Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -55,7 +56,7 @@ from ._schemas import SchemasManager
 from ._tags import ImageTagsManager
 from ._tasks import TasksManager
 
-__all__ = ["Client"]
+__all__ = ["Client", "RequestEvent"]
 
 log = logging.getLogger("glancefs.http")
 
@@ -66,6 +67,21 @@ httpcore._async.http11.AsyncHTTP11Connection.READ_NUM_BYTES = 1024 * 1024
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One HTTP exchange with Glance, as ``Client(on_request=...)`` reports it.
+
+    ``status`` is None when no answer came (connection refused, timeout: ``reason`` says which);
+    ``attempt`` counts from 1, so an event with ``attempt > 1`` is a retry.
+    """
+
+    method: str
+    path: str
+    status: int | None
+    attempt: int
+    reason: str | None = None
 
 
 def tls_context(
@@ -112,7 +128,9 @@ class Client:
     ``timeout`` bounds every wait for Glance (connect, and each read of a response); ``retries`` is
     how often an idempotent request is repeated after a transport failure or a 502/503/504.
     ``verify`` is True, False, the path of a CA bundle or an ``ssl.SSLContext``; ``cert`` a client
-    certificate file or a ``(cert, key)`` pair.
+    certificate file or a ``(cert, key)`` pair. ``on_request`` is called (synchronously, on the
+    trio thread: keep it cheap, never raise) with a :class:`RequestEvent` after every exchange,
+    retries included, to count requests without wrapping the client.
     """
 
     def __init__(
@@ -127,6 +145,7 @@ class Client:
         verify: bool | str | ssl.SSLContext = True,
         cert: str | tuple[str, str | None] | None = None,
         max_connections: int = 32,
+        on_request: Callable[[RequestEvent], None] | None = None,
     ) -> None:
         if auth is None:
             if session is not None:
@@ -138,6 +157,7 @@ class Client:
         self.auth = auth
         self.timeout = timeout
         self.retries = retries
+        self._on_request = on_request or (lambda event: None)
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             limits=httpx.Limits(
@@ -210,11 +230,13 @@ class Client:
                 response = await self._send_once(
                     method, path, params, json, content, headers, stream, timeout
                 )
-            except TransportError:
+            except TransportError as failure:
+                self._on_request(RequestEvent(method, path, None, attempt, str(failure)))
                 if attempt >= attempts:
                     raise
                 await trio.sleep(_backoff(attempt))
                 continue
+            self._on_request(RequestEvent(method, path, response.status_code, attempt))
             if response.is_success:
                 return response
             error = await self._error_from(response)

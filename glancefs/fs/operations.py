@@ -62,6 +62,7 @@ from .refusals import (
     Refusal,
     Unsupported,
 )
+from .status import STATUS
 from .uploader import ImageUpload, SpooledUpload, Upload
 from .xattrs import image_xattrs, remove_patch, set_patch, tag_operation
 
@@ -102,14 +103,17 @@ def _boundary(
         except Refusal as refusal:
             if not refusal.quiet:
                 log.warning("%s: %s", method.__name__, refusal)
+            STATUS.refused(refusal.errno)
             raise pyfuse3.FUSEError(refusal.errno) from None
         except GlanceError as error:
             code = _errno_of(error)
             if code != errno.ENOENT:
                 log.error("%s: %s: %s", method.__name__, errno.errorcode[code], error)
+            STATUS.refused(code)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("%s: internal error", method.__name__)
+            STATUS.refused(errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler
@@ -395,7 +399,7 @@ class GlanceFS(pyfuse3.Operations):
         if image_id in self._corrupt:
             raise IntegrityError(f"image {image_id} failed verification earlier in this mount")
         try:
-            return await open_file.reader.read(off, size)
+            return STATUS.served(await open_file.reader.read(off, size))
         except IntegrityError:
             # Pages read before the mismatch are suspect too: drop them from the page cache.
             # Not here: the kernel would wait for the pages this very read holds locked.

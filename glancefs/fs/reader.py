@@ -40,6 +40,7 @@ from glancefs import (
 )
 
 from .background import failure_of
+from .status import STATUS
 
 __all__ = ["ImageReader", "PrefetchBudget", "ReadTuning"]
 
@@ -158,6 +159,7 @@ class ImageReader:
         self._last_end = -1
         self._continuing_reads = 0
         self.verified = False
+        self._transfer = STATUS.started_transfer(image.id, image.name, "read", self._size)
 
     async def read(self, offset: int, size: int) -> bytes:
         """Bytes ``[offset, offset + size)`` of the image, fewer at its end, none past it."""
@@ -177,6 +179,7 @@ class ImageReader:
     async def aclose(self) -> None:
         self._stop_stream()
         self._blocks.clear()
+        self._transfer.finished("closed")
 
     # -- the sequential path ------------------------------------------------------------------
 
@@ -193,6 +196,7 @@ class ImageReader:
         stream = _Stream(offset, self._tuning.initial_window)
         self._stream = stream
         self._budget.open_streams += 1
+        STATUS.stream_opened()
         verifier = None
         if self._verify and offset == 0:
             verifier = Verifier.for_image(self._image)
@@ -207,6 +211,7 @@ class ImageReader:
             self._stream.chunks.clear()
             self._stream = None
             self._budget.open_streams -= 1
+            STATUS.stream_opened(-1)
 
     async def _read_stream(self, stream: _Stream, offset: int, end: int) -> bytes:
         if end > stream.wanted:
@@ -271,6 +276,7 @@ class ImageReader:
                     async for chunk in data.chunks():
                         stream.chunks.append(chunk)
                         stream.end += len(chunk)
+                        self._transfer.progress(len(chunk))
                         failures = 0
                         stream.notify()
                         while stream.end - min(stream.wanted, stream.hashed) >= stream.window:
@@ -341,6 +347,7 @@ class ImageReader:
         async with await self._client.images.open_data(self._image.id, start, length) as data:
             async for chunk in data.chunks():
                 parts.append(chunk)
+                self._transfer.progress(len(chunk))
         body = b"".join(parts)
         if len(body) != length:
             raise GlanceError(

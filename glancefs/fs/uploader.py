@@ -27,6 +27,7 @@ from glancefs import Client, GlanceError, Image
 from .background import failure_of
 from .formats import DETECTION_BYTES, Formats, choose_formats
 from .refusals import InvalidArgument
+from .status import STATUS
 
 __all__ = ["ImageUpload", "SpooledUpload", "Upload", "UploadFailed"]
 
@@ -64,10 +65,12 @@ class _Upload:
         self._sha512 = hashlib.sha512()
         self._md5 = hashlib.md5()
         self.finished = False
+        self.transfer = STATUS.started_transfer(image.id, name, "upload")
 
     async def abort(self, reason: str) -> None:
         """Stop the upload without finishing it; Glance puts the image back to queued."""
         self.finished = True
+        self.transfer.finished("aborted")
         if self._error is None:
             self._error = UploadFailed(f"image {self.image.id}: upload aborted: {reason}")
 
@@ -114,6 +117,7 @@ class _Upload:
         if problems:
             raise UploadFailed(f"image {image.id}: upload not accepted: " + "; ".join(problems))
         self.image = image
+        self.transfer.finished("uploaded")
         return image
 
 
@@ -180,6 +184,7 @@ class ImageUpload(_Upload):
             return await self._verify()
         except GlanceError as error:
             self._error = error
+            self.transfer.finished("failed")
             raise
 
     async def abort(self, reason: str) -> None:
@@ -198,6 +203,7 @@ class ImageUpload(_Upload):
 
         async def body() -> AsyncIterator[bytes]:
             async for chunk in receive:
+                self.transfer.progress(len(chunk))
                 yield chunk
 
         async def upload() -> None:
@@ -268,6 +274,7 @@ class SpooledUpload(_Upload):
             return await self._verify()
         except GlanceError as error:
             self._error = error
+            self.transfer.finished("failed")
             raise
         finally:
             self._spool.close()
@@ -281,6 +288,7 @@ class SpooledUpload(_Upload):
             size = min(CHUNK_BYTES, self.written - offset)
             chunk = await trio.to_thread.run_sync(os.pread, self._spool.fileno(), size, offset)
             await self._hash(chunk)
+            self.transfer.progress(len(chunk))
             yield chunk
 
 
