@@ -164,6 +164,8 @@ class HoldingProxy:
         self.released = threading.Event()
         #: Set while a request is being held.
         self.holding = threading.Event()
+        #: While set, every request is answered 503, as by a Glance that is down behind its proxy.
+        self.failing = threading.Event()
         proxy = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -173,6 +175,9 @@ class HoldingProxy:
                 pass
 
             def _forward(self) -> None:
+                if proxy.failing.is_set():
+                    self.send_error(503, "Service Unavailable")
+                    return
                 if self.command == "GET" and "marker=" in self.path:
                     proxy.holding.set()
                     proxy.released.wait(hold_seconds)

@@ -3,6 +3,7 @@ man page and `make install`. Real Glance, real mounts, the installed command as 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, MountFactory
-from support import GLANCEFS, GlanceAPI, Mount, tool
+from support import GLANCEFS, GlanceAPI, HoldingProxy, Mount, tool
 
 from glancefs.fs import control
 from lab.servers import GlanceServer, free_port
@@ -194,6 +195,28 @@ def test_metrics_port_taken_fails_the_mount_in_one_line(
     assert not os.path.ismount(mountpoint)
     bad = tool(GLANCEFS, "mount", "--metrics-addr", "9464", str(mountpoint))
     assert bad.returncode == 2 and "expected HOST:PORT" in bad.stderr
+
+
+def test_status_is_unhealthy_while_glance_fails(
+    glance: GlanceServer, mount_glancefs: MountFactory
+) -> None:
+    with HoldingProxy(glance.url) as proxy:
+        mount = mount_glancefs(proxy.url, "--listing-ttl", "0", "--retries", "0")
+        assert _status(str(mount.path)).returncode == 0
+        proxy.failing.set()
+        with pytest.raises(OSError) as failed:
+            os.listdir(mount.path)
+        assert failed.value.errno == errno.EIO
+        result = _status(str(mount.path))
+        assert result.returncode == 1
+        assert f"{mount.path}: unhealthy: Glance failing for" in result.stdout
+        assert "GET /v2/images" in result.stdout and "last errors" in result.stdout
+        (entry,) = json.loads(_status("--json", str(mount.path)).stdout)
+        assert entry["state"] == "unhealthy" and not entry["status"]["healthy"]
+        assert entry["status"]["counters"]["errors"] == {"EIO": 1}
+        proxy.failing.clear()  # Glance is back: healthy again after one success
+        assert "by-id" in os.listdir(mount.path)
+        assert _status(str(mount.path)).returncode == 0
 
 
 def test_killed_mount_is_dead_for_status_and_umount_cleans_it_up(
