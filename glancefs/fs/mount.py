@@ -60,7 +60,13 @@ KERNEL_TUNING = {
 
 def tune_kernel(mountpoint: str) -> None:
     """Raise the mount's readahead and FUSE queue limits through sysfs (root only; best effort)."""
-    device = os.stat(mountpoint).st_dev
+    try:
+        device = os.stat(mountpoint).st_dev
+    except OSError as error:  # unmounted already (a SIGTERM right after the mount)
+        log.debug("not tuning %s: %s", mountpoint, error.strerror)
+        return
+    if os.major(device) != 0:  # FUSE devices are anonymous (0:N): this is the directory below
+        return
     minor = os.minor(device)
     paths = {
         "bdi": Path(f"/sys/class/bdi/{os.major(device)}:{minor}"),
