@@ -36,7 +36,7 @@ from .fs.mount import (
     notify_systemd,
     serve,
 )
-from .fs.status import STATUS, render
+from .fs.status import STATUS
 from .fs.xattrs import CONTAINER_FORMATS, DISK_FORMATS
 
 log = logging.getLogger("glancefs")
@@ -294,34 +294,22 @@ def status(mountpoints: tuple[Path, ...], as_json: bool, watch: bool, interval: 
     Without MOUNTPOINT: every glancefs mount of this user. Exits 0 when every mount answers and
     is healthy, 1 when one is dead (ENOTCONN), unhealthy (Glance failing) or unreachable.
     """
-    named = [os.path.realpath(m) for m in mountpoints]
-    while True:
-        known = {e.mountpoint for e in control.glancefs_mounts()}
-        targets = named or [e.mountpoint for e in control.glancefs_mounts(os.getuid())]
-        probes = [
-            control.probe(m) if m in known
-            else control.Probe(m, "not mounted", "not a glancefs mount", None)
-            for m in targets
-        ]  # fmt: skip
-        if as_json:
-            text = json.dumps([p.as_dict() for p in probes], indent=2)
-        elif not probes:
-            text = "no glancefs mounts"
-        else:
-            text = "\n\n".join(
-                render(p.mountpoint, p.state + (f": {p.detail}" if p.detail else ""),
-                       p.snapshot, bars=watch)
-                for p in probes
-            )  # fmt: skip
-        if watch:
-            click.clear()
-        click.echo(text)
-        if not watch:
-            sys.exit(0 if all(p.ok for p in probes) else 1)
-        try:
+    try:
+        while True:
+            probes = control.probe_mounts([str(m) for m in mountpoints])
+            if as_json:
+                text = json.dumps([p.as_dict() for p in probes], indent=2)
+            else:
+                text = "\n\n".join(p.text(bars=watch) for p in probes) or "no glancefs mounts"
+            if watch:
+                click.clear()
+            click.echo(text)
+            if not watch:
+                break
             time.sleep(interval)
-        except KeyboardInterrupt:
-            sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(0 if all(p.ok for p in probes) else 1)
 
 
 def _apply_mount_options(ctx: click.Context, params: dict[str, Any]) -> None:

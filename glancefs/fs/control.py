@@ -31,7 +31,7 @@ from typing import Any
 
 import trio
 
-from .status import MountStatus
+from .status import MountStatus, render
 
 __all__ = [
     "FSTYPE",
@@ -40,6 +40,7 @@ __all__ = [
     "glancefs_mounts",
     "parse_mountinfo",
     "probe",
+    "probe_mounts",
     "remove_stale_socket",
     "serve_control",
     "socket_path",
@@ -195,6 +196,10 @@ class Probe:
     def ok(self) -> bool:
         return self.state == "ok"
 
+    def text(self, *, bars: bool) -> str:
+        state = f"{self.state}: {self.detail}" if self.detail else self.state
+        return render(self.mountpoint, state, self.snapshot, bars=bars)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "mountpoint": self.mountpoint,
@@ -270,6 +275,18 @@ def probe(mountpoint: str) -> Probe:
         or "answers, but has no control socket (mounted by another user or an older glancefs?)",
         None,
     )
+
+
+def probe_mounts(mountpoints: Iterable[str]) -> list[Probe]:
+    """Probes of the named mountpoints, or of every glancefs mount of this user."""
+    known = {entry.mountpoint for entry in glancefs_mounts()}
+    targets = [os.path.realpath(m) for m in mountpoints] or [
+        entry.mountpoint for entry in glancefs_mounts(os.getuid())
+    ]
+    return [
+        probe(m) if m in known else Probe(m, "not mounted", "not a glancefs mount", None)
+        for m in targets
+    ]
 
 
 def remove_stale_socket(mountpoint: str) -> None:

@@ -364,8 +364,8 @@ def render(mountpoint: str, state: str, snapshot: Mapping[str, Any] | None, *, b
     lines.append(
         f"  traffic    {format_bytes(counters['bytes_from_glance'])} read from Glance, "
         f"{format_bytes(counters['bytes_served'])} served, "
-        f"{format_bytes(counters['bytes_uploaded'])} uploaded; "
-        f"{sum(r['count'] for r in counters['requests'])} requests"
+        f"{format_bytes(counters['bytes_uploaded'])} uploaded; requests: "
+        f"{sum(r['count'] for r in counters['requests'])}"
     )
     cache = snapshot.get("cache")
     if cache is None:

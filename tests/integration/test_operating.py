@@ -74,6 +74,19 @@ def test_status_lists_a_mount_through_a_private_socket(
     assert path.stat().st_mode & 0o777 == 0o600
     assert path.parent.stat().st_mode & 0o777 == 0o700
     assert not any(name.endswith(".sock") for name in os.listdir(mounted.path))
+    # --watch redraws until Ctrl-C, then exits 130.
+    watch = subprocess.Popen(
+        [GLANCEFS, "status", "--watch", "--interval", "0.1", str(mounted.path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert watch.stdout is not None
+    frames = 0
+    for line in watch.stdout:
+        frames += line.startswith(f"{mounted.path}: ok")
+        if frames == 3:
+            break
+    watch.send_signal(signal.SIGINT)
+    assert watch.wait(20) == 130
     mounted.stop()
     assert not path.exists()
     result = _status(str(mounted.path))
