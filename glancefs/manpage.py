@@ -57,6 +57,11 @@ def _roff(text: str) -> str:
     return "\n".join("\\&" + line if line[:1] in (".", "'") else line for line in text.split("\n"))
 
 
+def _tagged(term: str, text: str) -> list[str]:
+    """A ``.TP`` paragraph: ``term`` in bold, ``text`` indented below it."""
+    return [".TP", f"\\fB{_roff(term)}\\fR", _roff(" ".join(text.split()))]
+
+
 def _paragraphs(text: str) -> list[str]:
     return [" ".join(p.split()) for p in text.split("\n\n") if p.strip()]
 
@@ -83,7 +88,7 @@ def _options(command: click.Command, context: click.Context) -> list[str]:
         if record is None or isinstance(param, click.Argument):
             continue
         options, help_text = record
-        lines += [".TP", f"\\fB{_roff(options)}\\fR", _roff(" ".join(help_text.split()))]
+        lines += _tagged(options, help_text)
     return lines
 
 
@@ -121,7 +126,7 @@ def manpage() -> str:
         lines += _command_section(name, command)
     lines += [".SH LAYOUT"]
     for path, meaning in _LAYOUT:
-        lines += [".TP", f"\\fB{_roff(path)}\\fR", _roff(meaning)]
+        lines += _tagged(path, meaning)
     lines += [
         ".SH FSTAB",
         _roff(
@@ -156,7 +161,7 @@ def manpage() -> str:
         _roff("What a refused operation returns (SEMANTICS.md in the source has every case):"),
     ]
     for name, meaning in _ERRNOS:
-        lines += [".TP", f"\\fB{name}\\fR", _roff(meaning)]
+        lines += _tagged(name, meaning)
     lines += [
         ".SH EXIT STATUS",
         _roff(
