@@ -22,9 +22,10 @@ from typing import Any
 
 import pytest
 from conftest import REPO, MountFactory
-from support import GLANCEFS, GlanceAPI, HoldingProxy, Mount, tool
+from support import GLANCEFS, GlanceAPI, Mount, tool
 
 from glancefs.fs import control
+from lab.faults import FaultProxy
 from lab.servers import GlanceServer, free_port
 
 MiB = 1024 * 1024
@@ -213,10 +214,10 @@ def test_metrics_port_taken_fails_the_mount_in_one_line(
 def test_status_is_unhealthy_while_glance_fails(
     glance: GlanceServer, mount_glancefs: MountFactory
 ) -> None:
-    with HoldingProxy(glance.url) as proxy:
+    with FaultProxy(glance.url) as proxy:
         mount = mount_glancefs(proxy.url, "--listing-ttl", "0", "--retries", "0")
         assert _status(str(mount.path)).returncode == 0
-        proxy.failing.set()
+        down = proxy.fail(503)
         with pytest.raises(OSError) as failed:
             os.listdir(mount.path)
         assert failed.value.errno == errno.EIO
@@ -227,7 +228,7 @@ def test_status_is_unhealthy_while_glance_fails(
         (entry,) = json.loads(_status("--json", str(mount.path)).stdout)
         assert entry["state"] == "unhealthy" and not entry["status"]["healthy"]
         assert entry["status"]["counters"]["errors"] == {"EIO": 1}
-        proxy.failing.clear()  # Glance is back: healthy again after one success
+        down.remove()  # Glance is back: healthy again after one success
         assert "by-id" in os.listdir(mount.path)
         assert _status(str(mount.path)).returncode == 0
 
