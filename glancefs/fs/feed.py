@@ -56,6 +56,7 @@ from glancefs import (
 
 from .background import failure_of
 from .extents import Extents
+from .status import STATUS
 
 __all__ = ["ImageFeed", "PrefetchBudget", "ReadTuning"]
 
@@ -206,6 +207,8 @@ class ImageFeed:
         self._unverified = False
         #: When a read last failed because Glance did not answer or broke, and how.
         self._last_failure: tuple[float, GlanceError] | None = None
+        #: What `glancefs status` shows of this image's downloads (from the first byte on).
+        self._transfer = STATUS.started_transfer(image.id, image.name, "read", self.size)
         self._start_verification(verified_cache)
 
     def _start_verification(self, verified_cache: bool) -> None:
@@ -361,6 +364,7 @@ class ImageFeed:
         stream = _Stream(offset, self._tuning.initial_window, hash_from)
         self._stream = stream
         self._budget.open_streams += 1
+        STATUS.stream_opened()
         self._nursery.start_soon(self._pump, stream)
         return stream
 
@@ -370,6 +374,7 @@ class ImageFeed:
             return
         self._stream = None
         self._budget.open_streams -= 1
+        STATUS.stream_opened(-1)
         stream.cancel_scope.cancel()
         current = self._pass
         if current is not None and stream.hash_from is not None and not current.complete:
@@ -464,6 +469,7 @@ class ImageFeed:
                     async for chunk in data.chunks():
                         stream.chunks.append(chunk)
                         stream.end += len(chunk)
+                        self._transfer.progress(len(chunk))
                         failures = 0
                         self._notify()
                         if self._stream_waits(stream):
@@ -599,6 +605,7 @@ class ImageFeed:
 
     async def aclose(self) -> None:
         self._stop_stream()
+        self._transfer.finished("closed")
         self._blocks.clear()
         if self._pass is not None:
             self._pass.cancel_scope.cancel()
@@ -630,6 +637,7 @@ class ImageFeed:
         async with await self._client.images.open_data(self.image.id, start, length) as data:
             async for chunk in data.chunks():
                 parts.append(chunk)
+                self._transfer.progress(len(chunk))
         body = b"".join(parts)
         if len(body) != length:
             raise GlanceError(
