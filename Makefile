@@ -7,7 +7,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoi
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lab lab-glance lint types unit integration test demo demo-stop bench clean
+.PHONY: all deps venv lab lab-glance lint types unit integration test demo demo-stop bench soak clean
 
 all: test
 
@@ -60,6 +60,11 @@ demo-stop: venv
 
 bench: lab
 	$(PY) -m bench
+
+# Ten minutes of mixed load on the production lab through 5 % faults; figures into RELIABILITY.md.
+SOAK_ARGS ?=
+soak: lab
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	@if [ -x $(PY) ]; then $(PY) -m lab.demo stop --dir $(DEMO_DIR) --mountpoint mnt; fi
