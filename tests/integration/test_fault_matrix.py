@@ -470,22 +470,29 @@ def test_mount_killed_mid_upload_gives_enotconn_and_leaves_a_queued_image(
     lab_api.delete(image["id"])
 
 
-def test_sigterm_unmounts_within_10_s_with_a_reader_open(
+def test_sigterm_unmounts_within_10_s_with_a_reader_and_a_writer_open(
     lab: ProductionLab,
+    lab_api: GlanceAPI,
     big: tuple[dict, str],
     mount_glancefs: MountFactory,
     paused: list[Paused],
 ) -> None:
     image, _ = big
     mount = mount_glancefs(lab.url, *BOUNDED)
+    name = f"interrupted-{uuid.uuid4().hex[:6]}.raw"
     reader = Paused(READER, mount.path / "by-id" / image["id"], 8 * MiB)
-    paused.append(reader)
+    writer = Paused(WRITER, mount.path / "new" / name, 32 * MiB, 8 * MiB, 8)
+    paused += [reader, writer]
     assert mount.proc is not None
     started = time.monotonic()
     mount.proc.send_signal(signal.SIGTERM)
     assert mount.proc.wait(timeout=10) == 0
     took = time.monotonic() - started
     assert not os.path.ismount(mount.path)
-    outcome = reader.resume(timeout=30)  # not a hang; what it gets is the kernel's
-    print(f"\nSIGTERM with a reader open: exited after {took:.2f} s; the reader got {outcome}")
-    assert outcome[0] == "error"
+    read, wrote = reader.resume(timeout=30), writer.resume(timeout=30)  # neither hangs
+    left = wait_settled(lab_api, name)
+    print(f"\nSIGTERM: exited after {took:.2f} s; reader {read}, writer {wrote}; Glance {left}")
+    assert read[0] == "error" and wrote[0] == "error"
+    assert [i for i in left if i["status"] == "active"] == []
+    for leftover in left:
+        lab_api.delete(leftover["id"])
