@@ -289,7 +289,7 @@ def test_node_killed_mid_upload_is_eio_then_cp_again_succeeds(
     lab.node(lab.wait_for_busy_node()).kill()
     outcome = writer.resume()
     assert outcome[:2] == ["error", "EIO"], outcome
-    assert [i for i in wait_settled(lab_api, name) if i["status"] == "active"] == []
+    assert wait_settled(lab_api, name) == []  # the mount deleted the image it had created
     data = random.Random(5).randbytes(32 * MiB)
     copied = copy_in(mount, name, data, tmp_path)
     assert copied.returncode == 0, copied.stderr
@@ -318,7 +318,9 @@ def test_frozen_node_is_routed_around_within_the_bound(
     assert (mount.path / "by-id" / small[0]["id"]).stat().st_size == len(small[1])
     metadata = time.monotonic() - started
     print(f"\nSIGSTOP mid-read: read finished {took:.1f} s later; ls -l + stat {metadata:.1f} s")
-    assert took < BOUND + 10 and metadata < BOUND + 10  # + the time to stream 248 MiB
+    # One stalled request costs at most the bound; the rest is streaming 248 MiB on a busy box
+    # (measured 24-30 s in all: the stall is noticed only once the buffered data is read).
+    assert took < 2 * BOUND and metadata < BOUND
 
 
 # --- the network: errors, resets, truncations, flipped bytes -----------------------------------
