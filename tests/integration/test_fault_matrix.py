@@ -225,6 +225,22 @@ def copy_in(mount: Mount, name: str, data: bytes, tmp_path: Path) -> subprocess.
         source.unlink()
 
 
+def read_paused(paused: list[Paused], mount: Mount, image: dict) -> Paused:
+    """A reader of ``by-id/<image>`` that has read 8 MiB and waits (its download stays open)."""
+    reader = read_paused(paused, mount, image)
+    return reader
+
+
+def kill_mount(mount: Mount) -> None:
+    """kill -9 the glancefs process (the kernel keeps the mount: ENOTCONN from now on)."""
+    kill_mount(mount)
+
+
+def assert_unchanged(api: GlanceAPI, image: dict) -> None:
+    held = api.get(image["id"])
+    assert (held["status"], held["checksum"]) == ("active", image["checksum"])
+
+
 def unmount_dead(mount: Mount) -> None:
     """Remove the mount of a killed glancefs (its mountpoint answers ENOTCONN)."""
     subprocess.run(["fusermount3", "-u", "-z", str(mount.path)], check=False)
@@ -242,13 +258,11 @@ def test_node_killed_mid_read_resumes_on_the_other_node(
 ) -> None:
     image, digest = big
     mount = mount_glancefs(lab.url, *BOUNDED)
-    reader = Paused(READER, mount.path / "by-id" / image["id"], 8 * MiB)
-    paused.append(reader)
+    reader = read_paused(paused, mount, image)
     busy = lab.wait_for_busy_node()
     lab.node(busy).kill()
     assert reader.resume() == ["done", str(image["size"]), digest]
-    held = lab_api.get(image["id"])
-    assert (held["status"], held["checksum"]) == ("active", image["checksum"])
+    assert_unchanged(lab_api, image)
 
 
 def test_node_killed_mid_listing_leaves_ls_complete(
@@ -306,8 +320,7 @@ def test_frozen_node_is_routed_around_within_the_bound(
     image, digest = big
     fresh = ("--metadata-ttl", "0", "--listing-ttl", "0")
     mount = mount_glancefs(lab.url, *BOUNDED, *fresh, "--tag", small[0]["name"])
-    reader = Paused(READER, mount.path / "by-id" / image["id"], 8 * MiB)
-    paused.append(reader)
+    reader = read_paused(paused, mount, image)
     lab.node(lab.wait_for_busy_node()).freeze()
     started = time.monotonic()
     assert reader.resume(timeout=3 * BOUND) == ["done", str(image["size"]), digest]
@@ -432,11 +445,8 @@ def test_mount_killed_mid_read_gives_enotconn(
 ) -> None:
     image, _ = big
     mount = mount_glancefs(lab.url, *BOUNDED)
-    reader = Paused(READER, mount.path / "by-id" / image["id"], 8 * MiB)
-    paused.append(reader)
-    assert mount.proc is not None
-    mount.proc.kill()
-    mount.proc.wait(timeout=10)
+    reader = read_paused(paused, mount, image)
+    kill_mount(mount)
     try:
         assert reader.resume(timeout=30)[:2] == ["error", "ENOTCONN"]
         with pytest.raises(OSError) as stat_after:
@@ -444,8 +454,7 @@ def test_mount_killed_mid_read_gives_enotconn(
         assert stat_after.value.errno == errno.ENOTCONN
     finally:
         unmount_dead(mount)
-    held = lab_api.get(image["id"])
-    assert (held["status"], held["checksum"]) == ("active", image["checksum"])
+    assert_unchanged(lab_api, image)
 
 
 def test_mount_killed_mid_upload_gives_enotconn_and_leaves_a_queued_image(
@@ -458,9 +467,7 @@ def test_mount_killed_mid_upload_gives_enotconn_and_leaves_a_queued_image(
     name = f"orphan-{uuid.uuid4().hex[:6]}.raw"
     writer = Paused(WRITER, mount.path / "new" / name, 32 * MiB, 8 * MiB, 7)
     paused.append(writer)
-    assert mount.proc is not None
-    mount.proc.kill()
-    mount.proc.wait(timeout=10)
+    kill_mount(mount)
     try:
         assert writer.resume(timeout=30)[:2] == ["error", "ENOTCONN"]
     finally:
@@ -482,9 +489,9 @@ def test_sigterm_unmounts_within_10_s_with_a_reader_and_a_writer_open(
     image, _ = big
     mount = mount_glancefs(lab.url, *BOUNDED)
     name = f"interrupted-{uuid.uuid4().hex[:6]}.raw"
-    reader = Paused(READER, mount.path / "by-id" / image["id"], 8 * MiB)
+    reader = read_paused(paused, mount, image)
     writer = Paused(WRITER, mount.path / "new" / name, 32 * MiB, 8 * MiB, 8)
-    paused += [reader, writer]
+    paused.append(writer)
     assert mount.proc is not None
     started = time.monotonic()
     mount.proc.send_signal(signal.SIGTERM)
