@@ -227,13 +227,16 @@ def copy_in(mount: Mount, name: str, data: bytes, tmp_path: Path) -> subprocess.
 
 def read_paused(paused: list[Paused], mount: Mount, image: dict) -> Paused:
     """A reader of ``by-id/<image>`` that has read 8 MiB and waits (its download stays open)."""
-    reader = read_paused(paused, mount, image)
+    reader = Paused(READER, mount.path / "by-id" / image["id"], 8 * MiB)
+    paused.append(reader)
     return reader
 
 
 def kill_mount(mount: Mount) -> None:
     """kill -9 the glancefs process (the kernel keeps the mount: ENOTCONN from now on)."""
-    kill_mount(mount)
+    assert mount.proc is not None
+    mount.proc.kill()
+    mount.proc.wait(timeout=10)
 
 
 def assert_unchanged(api: GlanceAPI, image: dict) -> None:
