@@ -90,6 +90,9 @@ class MountConfig:
     keep_new: float = 300.0
     #: Bytes all prefetch windows together may hold.
     prefetch_memory: int = 128 * 1024 * 1024
+    #: Requests to Glance in flight at once, downloads and uploads included (the client's
+    #: connection budget): 8 is one worker of a small API node with its default threads.
+    max_connections: int = 8
 
 
 _FLAG_OPTIONS = frozenset(
