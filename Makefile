@@ -27,7 +27,7 @@ MANDIR ?= $(PREFIX)/share/man/man1
 RUNTIME_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv
 
 .PHONY: all deps venv lab lab-glance lint types unit integration test demo demo-stop bench clean \
-	install uninstall
+	install uninstall soak
 
 all: test
 
@@ -110,6 +110,11 @@ uninstall:
 
 bench: lab
 	$(PY) -m bench
+
+# Ten minutes of mixed load on the production lab through 5 % faults; figures into RELIABILITY.md.
+SOAK_ARGS ?=
+soak: lab
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	@if [ -x $(PY) ]; then $(PY) -m lab.demo stop --dir $(DEMO_DIR) --mountpoint mnt; fi

@@ -48,7 +48,7 @@ from .namespace import (
     file_mode,
     has_readable_size,
 )
-from .naming import sanitize
+from .naming import is_id_shaped, sanitize
 from .reader import ImageReader, Readers
 from .refusals import (
     AccessDenied,
@@ -202,6 +202,8 @@ class GlanceFS(pyfuse3.Operations):
         if directory == ROOT and name in ROOT_ENTRIES:
             return ROOT_ENTRIES[name], None
         if directory.kind is DirKind.BY_ID:
+            if not is_id_shaped(name):
+                raise NoEntry(name)  # no request: such text is no image's id
             try:
                 entry = await self.catalog.attributes(name)
             except NotFound:
