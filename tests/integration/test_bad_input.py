@@ -220,7 +220,6 @@ def test_setxattr_answers_0_or_an_errno_and_the_mount_lives_on(
     assert os.stat(path).st_size == 4
 
 
-@pytest.mark.xfail(reason="needs branch writes", strict=False)
 @EXAMPLES
 @given(key=keys, value=values)
 @_examples
