@@ -32,7 +32,6 @@ import contextlib
 import errno
 import hashlib
 import json
-import os
 import random
 import shlex
 import subprocess
@@ -48,9 +47,9 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
 
-from bench.data import Glance
-from bench.harness import Mount
 from lab.faults import IMAGE_DATA, FaultProxy, Rule
+from lab.glance_http import GlanceAPI
+from lab.mounts import Mount, mount_argv
 from lab.production import ProductionLab
 
 MiB = 1024 * 1024
@@ -131,7 +130,7 @@ class Soak:
     def __init__(self, lab: ProductionLab, mount: Mount, seed: int, deadline: float) -> None:
         self.lab = lab
         self.mount = mount
-        self.glance = Glance(lab.url)  # straight to HAProxy: the checks see no faults
+        self.glance = GlanceAPI(lab.url)  # straight to HAProxy: the checks see no faults
         self.deadline = deadline
         self.seed = seed
         self.figures = Figures()
@@ -146,13 +145,7 @@ class Soak:
         rng = random.Random(self.seed)
         for i, size in enumerate(READ_SIZES):
             data = rng.randbytes(size)
-            image_id = self.glance.create(f"{PREFIX}read-{i}")
-            self.glance.http.put(
-                f"/v2/images/{image_id}/file",
-                content=data,
-                headers={"Content-Type": "application/octet-stream"},
-            ).raise_for_status()
-            self.images.append((image_id, data))
+            self.images.append((self.glance.create(f"{PREFIX}read-{i}", data)["id"], data))
 
     # -- workers ----------------------------------------------------------------------------------
     def reader(self, worker: int) -> None:
@@ -188,7 +181,7 @@ class Soak:
                 except OSError as error:
                     self.figures.count(f"write {errno.errorcode.get(error.errno or 0, error)}")
                     continue
-            held = self.glance.find(name)
+            held = self.glance.list(name=name)
             if (
                 len(held) == 1
                 and held[0]["status"] == "active"
@@ -267,22 +260,13 @@ class Soak:
         """Soak images not active once uploads have settled (saving ones get a minute)."""
         deadline = time.monotonic() + 60
         while True:
-            left = [i for i in self._all_images() if i["name"].startswith(PREFIX)]
+            left = [i for i in self.glance.list() if (i["name"] or "").startswith(PREFIX)]
             if not any(i["status"] == "saving" for i in left) or time.monotonic() > deadline:
                 break
             time.sleep(1)
         self.figures.half_made = [
             f"{i['name']} {i['status']}" for i in left if i["status"] != "active"
         ]
-
-    def _all_images(self) -> list[dict[str, Any]]:
-        images: list[dict[str, Any]] = []
-        url: str | None = "/v2/images?limit=1000"
-        while url:
-            body = self.glance.http.get(url).json()
-            images += body["images"]
-            url = body.get("next") if body["images"] else None
-        return images
 
 
 def rss_change(samples: list[tuple[float, int]], seconds: float) -> tuple[int, int, float]:
@@ -301,7 +285,11 @@ def soak(minutes: float, seed: int, workdir: Path) -> tuple[dict[str, Any], bool
     with (
         ProductionLab(workdir / "lab") as lab,
         FaultProxy(lab.url, seed=seed) as proxy,
-        Mount(proxy.url, workdir / "mnt", workdir / "mount.log", MOUNT_OPTIONS) as mount,
+        Mount(
+            workdir / "mnt",
+            workdir / "mount.log",
+            mount_argv(proxy.url, workdir / "mnt", *MOUNT_OPTIONS),
+        ) as mount,
     ):
         started = time.monotonic()
         runner = Soak(lab, mount, seed, started + seconds)
@@ -327,8 +315,7 @@ def soak(minutes: float, seed: int, workdir: Path) -> tuple[dict[str, Any], bool
         proxy.clear()
         faults = sum(proxy.counts().values())
         if stuck:  # unblock them: abort the FUSE connection, as fusermount -u cannot
-            connection = os.minor(os.stat(mount.path).st_dev)
-            Path(f"/sys/fs/fuse/connections/{connection}/abort").write_text("1")
+            Path(f"/sys/fs/fuse/connections/{mount.connection}/abort").write_text("1")
         runner.count_half_made()
         figures = runner.figures
         before, after, change = rss_change(figures.rss, seconds)
