@@ -49,7 +49,7 @@ from queue import Empty, Queue
 from typing import Any
 
 from lab.faults import IMAGE_DATA, FaultProxy, Rule
-from lab.glance_http import GlanceAPI
+from lab.glance_http import GlanceAPI, GlanceHTTPError
 from lab.mounts import Mount, mount_argv
 from lab.production import ProductionLab
 
@@ -139,6 +139,15 @@ class Soak:
         self.made: Queue[str] = Queue()
         self.images: list[tuple[str, bytes]] = []
 
+    def listed(self, **query: str) -> list[dict[str, Any]]:
+        """Glance's images (straight through HAProxy), asked again when a kept-alive connection
+        was closed under the request: the checks must not fail for reasons of their own."""
+        for _ in range(4):
+            with contextlib.suppress(GlanceHTTPError):
+                return self.glance.list(**query)
+            time.sleep(1)
+        return self.glance.list(**query)
+
     def running(self) -> bool:
         return time.monotonic() < self.deadline
 
@@ -181,7 +190,7 @@ class Soak:
             with self.watchdog.operation(f"cp {name}"):
                 if not self._run("cp", ["cp", str(source), str(self.mount.path / "new" / name)]):
                     continue
-            held = self.glance.list(name=name)
+            held = self.listed(name=name)
             if (
                 len(held) == 1
                 and held[0]["status"] == "active"
@@ -259,7 +268,7 @@ class Soak:
         """Soak images not active once uploads have settled (saving ones get a minute)."""
         deadline = time.monotonic() + 60
         while True:
-            left = [i for i in self.glance.list() if (i["name"] or "").startswith(PREFIX)]
+            left = [i for i in self.listed() if (i["name"] or "").startswith(PREFIX)]
             if not any(i["status"] == "saving" for i in left) or time.monotonic() > deadline:
                 break
             time.sleep(1)
