@@ -196,6 +196,7 @@ def _set(path: bytes, name: bytes, value: bytes) -> int:
 
 
 def _examples(test: Callable[..., None]) -> Callable[..., None]:
+    """XATTR_EXAMPLES as hypothesis @example()s: tried first, every run."""
     for key, value in XATTR_EXAMPLES:
         test = example(key=key, value=value)(test)
     return test
