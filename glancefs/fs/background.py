@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from typing import NoReturn
 
 from glancefs import GlanceError
 
-__all__ = ["failure_of"]
+__all__ = ["failure_of", "raise_again"]
 
 log = logging.getLogger("glancefs")
 
@@ -36,3 +37,14 @@ async def failure_of(
         log.exception("%s failed", what)
         return internal(f"{what}: internal error: {error}")
     return None
+
+
+def raise_again(error: BaseException) -> NoReturn:
+    """Raise a kept failure for one more caller, with a traceback of its own.
+
+    Pitfall: every ``raise`` of an exception instance adds the frames it passes through to that
+    instance's traceback. A kept failure raised for each later read or close (a corrupt image, a
+    failed listing or upload) would keep every earlier caller's frames, and their locals, alive:
+    the soak saw a mount grow by 450 MB over 110,000 failed reads.
+    """
+    raise error.with_traceback(None)

@@ -29,7 +29,7 @@ import trio
 
 from glancefs import Client, GlanceError, Image, NotFound, parse_time
 
-from .background import failure_of
+from .background import failure_of, raise_again
 from .config import MountConfig
 from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for
 from .naming import NameStream, assign_names
@@ -148,7 +148,7 @@ class Listing:
         while len(self.names) <= count and not self.complete:
             await self._progress.park()
         if self.error is not None:
-            raise self.error
+            raise_again(self.error)
         return len(self.names) > count
 
     async def wait_complete(self) -> None:
@@ -156,7 +156,7 @@ class Listing:
         while not self.complete:
             await self._progress.park()
         if self.error is not None:
-            raise self.error
+            raise_again(self.error)
 
     async def find(self, name: str) -> Entry | None:
         """The entry called ``name``: at once if that name is final already, else once the

@@ -54,7 +54,7 @@ from glancefs import (
     is_retryable,
 )
 
-from .background import failure_of
+from .background import failure_of, raise_again
 from .extents import Extents
 from .status import STATUS
 
@@ -235,7 +235,7 @@ class ImageFeed:
         if self._last_failure is not None:
             failed_at, error = self._last_failure
             if trio.current_time() - failed_at < self._tuning.failure_grace:
-                raise error
+                raise_again(error)
             self._last_failure = None
         try:
             return await self._read(offset, end, sequential)
@@ -275,7 +275,7 @@ class ImageFeed:
             stream = self._stream
             if stream is not None and stream.hash_from is not None and stream.error is not None:
                 self._stop_stream()
-                raise stream.error
+                raise_again(stream.error)
             if stream is None or stream.hash_from is None:
                 stream = self._start_stream(current.hashed)
             stream.furthest = self.size  # the hash needs all of it
@@ -284,7 +284,7 @@ class ImageFeed:
 
     def _raise_if_corrupt(self) -> None:
         if self.corrupt is not None:
-            raise self.corrupt
+            raise_again(self.corrupt)
 
     def _notify(self) -> None:
         self._changed.set()
@@ -418,8 +418,11 @@ class ImageFeed:
                 return None  # the stream was stopped (moved, or reset) under this read
             if stream is self._stream:
                 self._stop_stream()
-            raise stream.error or TransportError(
-                f"image {self.image.id}: download ended at byte {stream.end} of {self.size}"
+            raise_again(
+                stream.error
+                or TransportError(
+                    f"image {self.image.id}: download ended at byte {stream.end} of {self.size}"
+                )
             )
         if offset < stream.start:
             return None  # readahead fell behind what we kept: fetch it directly rather than fail

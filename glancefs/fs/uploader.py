@@ -39,7 +39,7 @@ import trio
 
 from glancefs import GlanceError, Image, OverLimit
 
-from .background import failure_of
+from .background import failure_of, raise_again
 from .changes import Changes
 from .formats import DETECTION_BYTES, Formats, choose_formats, formats_of_name
 from .refusals import Busy, InvalidArgument, LocalFailure, OutOfSpace, Refusal
@@ -111,7 +111,7 @@ class _DataPath:
 
     def _refuse_if_done(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise_again(self._error)
         if self.finished:
             raise InvalidArgument(f"image {self.image.id}: write after the upload was finished")
 
@@ -233,7 +233,7 @@ class ImageUpload(_DataPath):
             return self.image
         if self.finished:
             if self._error is not None:
-                raise self._error
+                raise_again(self._error)
             return self.image
         self.finished = True
         try:
@@ -244,7 +244,7 @@ class ImageUpload(_DataPath):
             await self._send.aclose()
             await self._put_finished.wait()
             if self._error is not None:
-                raise self._error
+                raise_again(self._error)
             return await self._verify()
         except GlanceError as error:
             self._error = error
@@ -347,7 +347,7 @@ class SpooledUpload(_DataPath):
     async def finish(self) -> Image:
         if self.written == 0 or self.finished:
             if self._error is not None:
-                raise self._error
+                raise_again(self._error)
             return self.image
         self.finished = True
         try:
@@ -483,7 +483,7 @@ class UploadSession:
         """A close (FLUSH): finalize, unless the writer is dying; returns the active image (None
         when nothing was finalized: no data yet, or aborted). Raises why the upload failed."""
         if self._failure is not None:
-            raise self._failure
+            raise_again(self._failure)
         interruption = self.writer.interruption() if self.writer is not None else None
         if interruption is not None and (self.written or self.created) and not self.finished:
             await self._abort(
