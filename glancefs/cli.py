@@ -22,7 +22,15 @@ import trio
 from . import AuthError, Client, GlanceError, __version__
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
-from .fs.config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
+from .fs.config import (
+    ConfigError,
+    MountConfig,
+    View,
+    parse_cache_options,
+    parse_filter,
+    parse_mount_options,
+    parse_sort,
+)
 from .fs.mount import (
     MountError,
     check_reachable,
@@ -47,6 +55,7 @@ _OPTION_FLAGS = {
     "foreground": ("foreground", True),
     "no_verify": ("no_verify", True),
     "insecure": ("insecure", True),
+    "cache_dir": ("cache_dir", ""),  # -o cache_dir: the default directory
 }
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 #: Parameters that can repeat (``-o tag=a,tag=b``).
@@ -201,6 +210,26 @@ def run() -> None:
     help="Accept writes at any offset: spool uploads here, send them on close.",
 )
 @click.option(
+    "--cache-dir",
+    is_flag=False,
+    flag_value="",
+    metavar="[DIR]",
+    help="Keep image data in a persistent cache in DIR (0700), keyed by the image hash "
+    "[DIR default: $XDG_CACHE_HOME/glancefs, /var/cache/glancefs for root]. Put it after "
+    "MOUNTPOINT, or give DIR: a bare --cache-dir takes the next word as DIR.",
+)
+@click.option(
+    "--cache-size",
+    metavar="SIZE",
+    help="Bound of the cache: 500M, 10G (powers of 1024); least recently used out "
+    "[default: 10% of the free space, with what the cache holds, at mount].",
+)
+@click.option(
+    "--cache-fill",
+    is_flag=True,
+    help="Fetch an image read at random completely into the cache, then verify it.",
+)
+@click.option(
     "--disk-format",
     type=click.Choice(sorted(DISK_FORMATS)),
     default="raw",
@@ -217,12 +246,16 @@ def run() -> None:
 @click.pass_context
 def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     """Mount Glance at MOUNTPOINT (in the background unless -f)."""
+    mountpoint = mountpoint.absolute()
     try:
         _apply_mount_options(ctx, params)
         config = _config_from(params)
+        if config.cache is not None and config.cache.directory.resolve().is_relative_to(
+            mountpoint.resolve()
+        ):
+            raise ConfigError(f"--cache-dir: {config.cache.directory} is inside the mount")
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
-    mountpoint = mountpoint.absolute()
     options = fuse_options(allow_other=params["allow_other"])
     credentials = _credentials(params)
 
@@ -295,6 +328,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         keep_failed=params["keep_failed"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
+        cache=parse_cache_options(params["cache_dir"], params["cache_size"], params["cache_fill"]),
     )
 
 

@@ -193,6 +193,7 @@ class DataCache:
         self._lock_fd = lock_fd
         self._root = directory / _FORMAT
         self._trash_pending = False  # evicted directories wait in the trash to be deleted
+        self._trash_lock = trio.Lock()
         #: Every entry, least recently used first.
         self._entries: OrderedDict[_Key, _EntryState] = OrderedDict()
         self._used = 0  # block file bytes stored or being written
@@ -416,10 +417,12 @@ class DataCache:
             self._trash_pending = True
 
     async def _take_out_trash(self) -> None:
-        """Delete evicted directories (in a thread) before more data is written."""
-        if self._trash_pending:
-            self._trash_pending = False
-            await trio.to_thread.run_sync(_empty_trash, self._root)
+        """Wait until evicted directories are deleted (in a thread): every write calls this
+        before it writes, so that the disk never holds evicted data and new data together."""
+        async with self._trash_lock:
+            if self._trash_pending:
+                self._trash_pending = False
+                await trio.to_thread.run_sync(_empty_trash, self._root)
 
     def _discard(self, state: _EntryState, generation: int, damage: _Damaged) -> None:
         """Delete a block that failed a check, unless the index moved on since the check."""
@@ -580,6 +583,9 @@ class CacheEntry:
             )
         if index in state.blocks or index in state.writing:
             return True
+        current = cache._entries.setdefault(state.key, state)  # back in after a release
+        if current is not state:  # dropped for a size mismatch, another entry took its place
+            return False
         file_size = _HEADER_SIZE + len(data)
         if not cache._make_room(file_size, state):
             cache._refused += 1
@@ -595,8 +601,6 @@ class CacheEntry:
         except OSError as error:
             inode = None
             if state.generation == generation:  # else: its directory went away under it
-                if isinstance(error, FileNotFoundError):  # deleted behind our back: recreate it
-                    state.created = False
                 cache._note_write_failure(error)
         finally:
             state.writing.discard(index)
@@ -802,15 +806,27 @@ def _header(index: int, data: bytes, tag: bytes) -> bytes:
 def _write_block_file(
     state: _EntryState, index: int, data: bytes, size: int, block_size: int
 ) -> int:
-    """Write block ``index`` to a temporary file and rename it into place; its inode."""
+    """Write block ``index`` to a temporary file and rename it into place; its inode.
+
+    The entry's directory is made with the first block, and made again if it went away
+    (deleted by hand; an eviction meanwhile is the caller's to notice).
+    """
     directory = state.directory
-    if not state.created:
+    buffers: list[bytes | memoryview] = [_header(index, data, state.key.tag), data]
+
+    def create_directory() -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
         meta = json.dumps({"size": size, "block_size": block_size}).encode()
         _write_file_atomically(directory / "meta", [meta])
-    return _write_file_atomically(
-        directory / _block_name(index), [_header(index, data, state.key.tag), data]
-    )
+
+    if not state.created:
+        create_directory()
+        return _write_file_atomically(directory / _block_name(index), buffers)
+    try:
+        return _write_file_atomically(directory / _block_name(index), buffers)
+    except FileNotFoundError:
+        create_directory()
+        return _write_file_atomically(directory / _block_name(index), buffers)
 
 
 def _write_file_atomically(path: Path, buffers: list[bytes | memoryview]) -> int:
