@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoimage fio
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoimage fio haproxy postgresql
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 
 all: test
 
-# System packages: libfuse3 to build pyfuse3 and mount, qemu-img/rsync/getfattr for the tests.
+# System packages: libfuse3 to build pyfuse3 and mount, qemu-img/rsync/getfattr for the tests,
+# haproxy and postgresql for the production lab (lab.production).
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \

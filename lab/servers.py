@@ -32,7 +32,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Any, BinaryIO, Literal, Self
 
 from lab.venvs import ensure_glance_venv, ensure_keystone_venv, file_lock
 
@@ -62,16 +62,24 @@ USERS = {
 
 # Runs in a separate interpreter: blocks on its stdin pipe, whose write end only the
 # parent holds.  A byte means "stopped normally, just exit"; EOF means the parent died
-# without stopping the server, so kill the server's whole process group.
+# without stopping the server, so kill the server's whole process group, then remove
+# the paths given after the group id (a throwaway database cluster) once it is gone.
 _WATCHDOG = """
-import os, signal, sys
+import os, shutil, signal, sys, time
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if not sys.stdin.buffer.read(1):
+    pgid = int(sys.argv[1])
+    deadline = time.monotonic() + 10
     try:
-        os.killpg(int(sys.argv[1]), signal.SIGKILL)
+        os.killpg(pgid, signal.SIGKILL)
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)
+            time.sleep(0.05)
     except OSError:
         pass
+    for path in sys.argv[2:]:
+        shutil.rmtree(path, ignore_errors=True)
 """
 
 
@@ -104,7 +112,14 @@ def _tail(path: Path, lines: int = 40) -> str:
         return ""
 
 
-def _run(cmd: list[str], log: Path, env: dict[str, str], timeout: float = 300.0) -> None:
+def _as_user(user: str) -> dict[str, Any]:
+    """Popen arguments that run the child as system user ``user`` ("": as ourselves)."""
+    return {"user": user, "group": user, "extra_groups": []} if user else {}
+
+
+def _run(
+    cmd: list[str], log: Path, env: dict[str, str], timeout: float = 300.0, user: str = ""
+) -> None:
     """Run a setup command (db_sync, bootstrap...), appending its output to ``log``."""
     with log.open("a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
@@ -116,6 +131,7 @@ def _run(cmd: list[str], log: Path, env: dict[str, str], timeout: float = 300.0)
             stdin=subprocess.DEVNULL,
             env=env,
             timeout=timeout,
+            **_as_user(user),
         )
     if rc != 0:
         raise RuntimeError(
@@ -228,7 +244,7 @@ class _PortTaken(RuntimeError):
     """gunicorn could not bind its port."""
 
 
-_LIVE: set["_GunicornServer"] = set()
+_LIVE: set["ProcessGroup"] = set()
 
 
 @atexit.register
@@ -239,8 +255,131 @@ def _kill_leftovers() -> None:
             server.kill()
 
 
-class _GunicornServer:
-    """Process management shared by Glance and Keystone: one gunicorn group per server."""
+class ProcessGroup:
+    """A server process started in its own process group, and the safety nets that stop it.
+
+    Signals go to the whole group, so they reach every worker the server forks.  Unless
+    ``detach``, the group is also killed by an atexit hook and by a watchdog process when
+    the test process dies; ``cleanup`` paths are removed once the group is gone (by
+    stop()/kill(), or by the watchdog).  Subclasses implement start() with _spawn().
+    """
+
+    _name = "process"
+    #: What stop() sends to the group first (SIGKILL follows after STOP_TIMEOUT).
+    _stop_signal = signal.SIGTERM
+
+    def __init__(self, *, detach: bool = False, cleanup: tuple[Path, ...] = ()) -> None:
+        self._detach = detach
+        self._cleanup = cleanup
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        """The leader's pid (also the process group id) while running."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        """True while the process started by this object is alive (frozen counts as alive)."""
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start the server and wait until it serves."""
+        raise NotImplementedError
+
+    def _spawn(
+        self, cmd: list[str], *, env: dict[str, str], log: BinaryIO, cwd: Path, user: str = ""
+    ) -> None:
+        """Start ``cmd`` as the leader of a new process group (as ``user`` if given)."""
+        self._proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,  # own process group: stop() reaches the workers
+            **_as_user(user),
+        )
+        if not self._detach:
+            _LIVE.add(self)
+            self._watchdog = subprocess.Popen(
+                [sys.executable, "-I", "-c", _WATCHDOG, str(self._proc.pid)]
+                + [str(path) for path in self._cleanup],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,  # out of the terminal's group: Ctrl-C must not kill it
+            )
+
+    def stop(self) -> None:
+        """Send the stop signal to the group, SIGKILL it after 10 s; safe when not running."""
+        proc = self._proc
+        if proc is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, self._stop_signal)
+                os.killpg(proc.pid, signal.SIGCONT)  # a frozen group must run to stop
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(STOP_TIMEOUT)  # graceful: the leader stops its workers itself
+            self._kill_group(proc)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL the whole group at once, like a crash (data is left as is, but cleanup)."""
+        proc = self._proc
+        if proc is not None:
+            self._kill_group(proc)
+        self._forget()
+
+    def freeze(self) -> None:
+        """SIGSTOP the whole group: connections are accepted by the kernel, never answered."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """SIGCONT the group after freeze()."""
+        if self._proc is not None:
+            os.killpg(self._proc.pid, signal.SIGCONT)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @staticmethod
+    def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
+        """SIGKILL what is left of the group and reap the leader."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(STOP_TIMEOUT)
+        _wait_group_gone(proc.pid, STOP_TIMEOUT)  # workers are reaped by init, not by us
+
+    def _forget(self) -> None:
+        """Drop the process, remove the cleanup paths, tell the watchdog to exit quietly."""
+        self._proc = None
+        _LIVE.discard(self)
+        for path in self._cleanup:
+            shutil.rmtree(path, ignore_errors=True)
+        dog, self._watchdog = self._watchdog, None
+        if dog is not None and dog.stdin is not None:
+            with contextlib.suppress(OSError):
+                dog.stdin.write(b"x")
+                dog.stdin.close()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                dog.wait(5)
+
+
+class _GunicornServer(ProcessGroup):
+    """A server under gunicorn: a port on 127.0.0.1, TLS if asked, ready when it answers HTTP."""
 
     _name = "server"
     _probe_path = "/"
@@ -255,12 +394,12 @@ class _GunicornServer:
         keyfile: Path | None = None,
         ca_certs: Path | None = None,
     ) -> None:
+        super().__init__(detach=detach)
         self.workdir = Path(workdir).resolve()
         self._port = port or free_port()  # 0 too: gunicorn would pick one we cannot know
         self._auto_port = not port
         self._repick_port_ok = True  # until the first successful start
         self._log_offset = 0
-        self._detach = detach
         if (certfile is None) != (keyfile is None):
             raise ValueError("certfile and keyfile go together")
         if ca_certs is not None and certfile is None:
@@ -268,8 +407,6 @@ class _GunicornServer:
         self._certfile = Path(certfile).resolve() if certfile else None
         self._keyfile = Path(keyfile).resolve() if keyfile else None
         self._ca_certs = Path(ca_certs).resolve() if ca_certs else None
-        self._proc: subprocess.Popen[bytes] | None = None
-        self._watchdog: subprocess.Popen[bytes] | None = None
 
     # -- what subclasses provide ------------------------------------------------
     def _prepare(self) -> tuple[list[str], dict[str, str]]:
@@ -297,19 +434,9 @@ class _GunicornServer:
         return f"{self.scheme}://127.0.0.1:{self._port}"
 
     @property
-    def pid(self) -> int | None:
-        """gunicorn master's pid (also the process group id) while running."""
-        return self._proc.pid if self._proc is not None else None
-
-    @property
     def gunicorn_log_path(self) -> Path:
         """gunicorn's own stdout/stderr (boot errors, tracebacks while loading the app)."""
         return self.workdir / "log" / "gunicorn.log"
-
-    @property
-    def running(self) -> bool:
-        """True while the gunicorn master started by this object is alive."""
-        return self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
         """Start gunicorn (no-op if already running) and wait until it answers HTTP."""
@@ -346,87 +473,19 @@ class _GunicornServer:
             self._log_offset = log.tell()
             log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} $ {' '.join(cmd)}\n".encode())
             log.flush()
-            self._proc = subprocess.Popen(
-                cmd,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.workdir,
-                start_new_session=True,  # own process group: stop() reaches the workers
-            )
-        if not self._detach:
-            _LIVE.add(self)
-            self._watchdog = subprocess.Popen(
-                [sys.executable, "-I", "-c", _WATCHDOG, str(self._proc.pid)],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                start_new_session=True,  # out of the terminal's group: Ctrl-C must not kill it
-            )
+            self._spawn(cmd, env=env, log=log, cwd=self.workdir)
         try:
             self._wait_ready()
         except BaseException:
             self.kill()
             raise
 
-    def stop(self) -> None:
-        """SIGTERM the group, SIGKILL it after 10 s; safe to call when not running."""
-        proc = self._proc
-        if proc is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGTERM)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(STOP_TIMEOUT)  # graceful: gunicorn stops its workers itself
-            self._kill_group(proc)
-        self._forget()
-
-    def kill(self) -> None:
-        """SIGKILL the whole group at once, like a crash (the data dir is left as is)."""
-        proc = self._proc
-        if proc is not None:
-            self._kill_group(proc)
-        self._forget()
-
     def restart(self) -> None:
         """stop() then start(): same port, same data."""
         self.stop()
         self.start()
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # -- internals ------------------------------------------------------------------
-    @staticmethod
-    def _kill_group(proc: "subprocess.Popen[bytes]") -> None:
-        """SIGKILL what is left of the group and reap the master."""
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(STOP_TIMEOUT)
-        _wait_group_gone(proc.pid, STOP_TIMEOUT)  # workers are reaped by init, not by us
-
-    def _forget(self) -> None:
-        """Drop the process and tell the watchdog to exit quietly."""
-        self._proc = None
-        _LIVE.discard(self)
-        dog, self._watchdog = self._watchdog, None
-        if dog is not None and dog.stdin is not None:
-            with contextlib.suppress(OSError):
-                dog.stdin.write(b"x")
-                dog.stdin.close()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                dog.wait(5)
-
     def _opener(self) -> urllib.request.OpenerDirector:
         """urllib opener for probes: no proxy, and no certificate check for our own TLS."""
         ctx = ssl.create_default_context()
@@ -485,6 +544,10 @@ class GlanceServer(_GunicornServer):
     headers of project ``glancefs-test`` injected, a request may send its own
     X-Project-Id/X-Roles), ``keystone`` (real keystonemiddleware against
     ``keystone_url``).  Image data files are ``store_dir / <image id>``.
+
+    Several servers can share one catalog (lab.production): ``database_url`` (an
+    SQLAlchemy URL) replaces the SQLite, and the caller runs db_sync() once for all of
+    them; ``store_dir`` replaces the file store in ``workdir``.
     """
 
     _name = "glance"
@@ -503,10 +566,14 @@ class GlanceServer(_GunicornServer):
         ca_certs: Path | None = None,
         detach: bool = False,
         venv: Path | None = None,
+        database_url: str | None = None,
+        store_dir: Path | None = None,
     ) -> None:
         super().__init__(
             workdir, port=port, detach=detach, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
         )
+        self.database_url = database_url
+        self._store_dir = Path(store_dir).resolve() if store_dir else None
         if flavor not in ("noauth", "fakeauth", "keystone"):
             raise ValueError(f"unknown flavor {flavor!r}")
         if flavor == "keystone" and not keystone_url:
@@ -529,11 +596,12 @@ class GlanceServer(_GunicornServer):
     @property
     def store_dir(self) -> Path:
         """The file store: each active image's data is the file named by its id."""
-        return self.workdir / "data" / "images"
+        return self._store_dir or self.workdir / "data" / "images"
 
     @property
     def sqlite_path(self) -> Path:
-        """Glance's database (for scale fixtures that insert rows directly)."""
+        """Glance's database (for scale fixtures that insert rows directly); unused with
+        database_url."""
         return self.workdir / "glance.sqlite"
 
     @property
@@ -548,6 +616,10 @@ class GlanceServer(_GunicornServer):
             {"LAB": str(lab), "GLANCE_PORT": str(self._port)},
         )
         merge: dict[str, dict[str, str]] = {"DEFAULT": {"worker_self_reference_url": self.base_url}}
+        if self.database_url:
+            merge["database"] = {"connection": self.database_url}
+        if self._store_dir:
+            merge["fs"] = {"filesystem_store_datadir": f"{self._store_dir}/"}
         remove: tuple[str, ...] = ()
         if self.flavor == "fakeauth":
             merge["paste_deploy"] = {"flavor": "fakeauth"}
@@ -577,13 +649,15 @@ class GlanceServer(_GunicornServer):
         conf = self._render_conf(tmp, overrides=False)  # shared by all workdirs
         return _db_sync(venv / "bin" / "glance-manage", tmp, "glance-api.conf", conf, "glance")
 
-    def _prepare(self) -> tuple[list[str], dict[str, str]]:
-        venv = self._venv or ensure_glance_venv()
+    def _write_config(self) -> None:
+        """Create the work directory's layout and Glance's config files in etc_dir."""
         etc = self.etc_dir
         etc.mkdir(parents=True, exist_ok=True)
         for sub in ("images", "staging", "tasks", "cache"):
             (self.workdir / "data" / sub).mkdir(parents=True, exist_ok=True)
+        self.store_dir.mkdir(parents=True, exist_ok=True)
         (self.workdir / "run" / "locks").mkdir(parents=True, exist_ok=True)
+        (self.workdir / "log").mkdir(parents=True, exist_ok=True)
         subs = {"LAB": str(self.workdir), "GLANCE_PORT": str(self._port)}
         (etc / "glance-api-paste.ini").write_text(
             _render(TEMPLATES / "glance" / "glance-api-paste.ini", subs)
@@ -592,8 +666,27 @@ class GlanceServer(_GunicornServer):
             _render(TEMPLATES / "glance" / "policy-noauth.yaml", subs)
         )
         (etc / "glance-api.conf").write_text(self._render_conf(self.workdir))
+
+    def db_sync(self) -> None:
+        """Create (or upgrade) Glance's schema in ``database_url`` with glance-manage db_sync.
+
+        Only for an external database, which start() never migrates: run it once, from one
+        of the servers sharing the database, before they start.
+        """
+        if not self.database_url:
+            raise ValueError("db_sync() is for an external database_url; start() sets up SQLite")
+        venv = self._venv or ensure_glance_venv()
+        self._write_config()
+        conf = self.etc_dir / "glance-api.conf"
+        cmd = [str(venv / "bin" / "glance-manage"), "--config-file", str(conf), "db_sync"]
+        _run(cmd, self.workdir / "log" / "setup.log", _child_env())
+
+    def _prepare(self) -> tuple[list[str], dict[str, str]]:
+        venv = self._venv or ensure_glance_venv()
+        etc = self.etc_dir
+        self._write_config()
         synced = self.workdir / "run" / "db-synced"
-        if not synced.exists():
+        if not synced.exists() and not self.database_url:
             # = glance-manage db_sync, done once per venv and copied (saves ~3.5 s per workdir)
             pristine = _pristine_db(
                 venv, "glance.sqlite", lambda tmp: self._make_pristine_db(venv, tmp)

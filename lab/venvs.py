@@ -2,14 +2,17 @@
 
 The servers pin their own oslo.*, eventlet and SQLAlchemy versions, so they live in
 their own venvs (never in glancefs's environment).  Installing one takes about a
-minute, so each is built once per machine under ``<repo>/.cache/lab/<name>-<version>``
+minute, so each is built once per machine under ``<repo>/.cache/lab/<name>-<digest>``
 and reused; an fcntl lock keeps concurrent pytest workers and make targets from
 building the same venv twice, and a marker file written last means a half-finished
-install (killed, out of disk, registry hiccup) is detected and redone.
+install (killed, out of disk, registry hiccup) is detected and redone.  The digest is
+that of the requirement list: checkouts (git worktrees) that share one cache but pin
+different requirements get different venvs instead of rebuilding each other's.
 """
 
 import contextlib
 import fcntl
+import hashlib
 import os
 import shutil
 import subprocess
@@ -96,21 +99,25 @@ def _install(venv: Path, requirements: list[str], log: Path) -> None:
 
 
 def ensure_venv(name: str, requirements: list[str], cache_root: Path | None = None) -> Path:
-    """Return the venv ``<cache_root>/<name>``, building it first if no complete install exists."""
+    """Return the venv ``<cache_root>/<name>-<digest>``, building it first if not complete yet."""
     root = Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
-    venv = root / name
+    digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:8]
+    venv = root / f"{name}-{digest}"
     if _marker_ok(venv, requirements):  # fast path, no lock
         return venv
-    with file_lock(root / f"{name}.lock"):
+    with file_lock(root / f"{venv.name}.lock"):
         if not _marker_ok(venv, requirements):  # another process may have finished meanwhile
-            _install(venv, requirements, root / f"{name}.install.log")
+            _install(venv, requirements, root / f"{venv.name}.install.log")
     return venv
 
 
 def ensure_glance_venv(cache_root: Path | None = None) -> Path:
-    """Venv with glance (and gunicorn: Glance 33 has no standalone server)."""
+    """Venv with glance, gunicorn (Glance 33 has no standalone server) and psycopg2 (the
+    production lab's PostgreSQL; SQLite needs no driver)."""
     return ensure_venv(
-        f"glance-{GLANCE_VERSION}", [f"glance=={GLANCE_VERSION}", "gunicorn"], cache_root
+        f"glance-{GLANCE_VERSION}",
+        [f"glance=={GLANCE_VERSION}", "gunicorn", "psycopg2-binary"],
+        cache_root,
     )
 
 

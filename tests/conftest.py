@@ -1,4 +1,5 @@
-"""Fixtures: a real Glance per test session, and real glancefs mounts that always unmount."""
+"""Fixtures: a real Glance per test session (and a production-shaped one on demand), and real
+glancefs mounts that always unmount."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ sys.path.insert(0, str(REPO))
 
 from support import GLANCEFS, GlanceAPI, Mount  # noqa: E402
 
+from lab.production import ProductionLab  # noqa: E402
 from lab.servers import GlanceServer  # noqa: E402
 
 MountFactory = Callable[..., Mount]
@@ -23,6 +25,18 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
     """A real Glance (no auth) shared by the session; tests must not stop it."""
     with GlanceServer(tmp_path_factory.mktemp("glance"), flavor="noauth") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProductionLab]:
+    """Two Glance nodes behind HAProxy on one PostgreSQL and store (lab.production), started on
+    first use (about 10 s) and shared by the session.
+
+    Tests may kill, freeze or stop nodes; they must call ``production.heal()`` when done (a
+    fixture's teardown is the place) so the next test finds every node UP.
+    """
+    with ProductionLab(tmp_path_factory.mktemp("production")) as lab:
+        yield lab
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, HoldingProxy, Mount
+from support import GlanceAPI, Mount
 
+from lab.faults import LATER_PAGES, FaultProxy
 from lab.rows import insert_images, remove_inserted
 from lab.servers import GlanceServer
 
@@ -159,14 +160,15 @@ def test_readdir_hands_out_names_while_later_pages_are_on_their_way(
     tag = f"stream-{uuid.uuid4().hex[:8]}"
     inserted = insert_images(glance.sqlite_path, 2500, tag, tag=tag)  # three pages
     try:
-        with HoldingProxy(glance.url) as proxy:
+        with FaultProxy(glance.url) as proxy:
+            held = proxy.hold(method="GET", path=LATER_PAGES)
             mount = mount_glancefs(proxy.url, "--tag", tag)
             with os.scandir(mount.path) as directory:
                 entries = iter(directory)
                 first_page = [next(entries).name for _ in range(len(FIXED) + 900)]
                 # Those came from page 1 alone: the request for page 2 is still held.
-                assert proxy.holding.is_set()
-                proxy.release()
+                assert held.wait_holding()
+                held.release()
                 rest = [entry.name for entry in entries]
         names = [name for name in first_page + rest if name not in FIXED]
         assert names == sorted(name for _, name in inserted)  # all, once, in Glance's order
