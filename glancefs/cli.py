@@ -22,6 +22,7 @@ import trio
 from . import AuthError, Client, GlanceError, __version__
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
+from .fs.cache import CacheError, DataCache
 from .fs.config import (
     ConfigError,
     MountConfig,
@@ -401,13 +402,31 @@ async def _mount_and_serve(
         raise MountError(f"{mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
         raise MountError(f"{mountpoint} is already a mount point")
-    async with build_client(credentials, params) as client:
-        try:
-            await check_reachable(client)
-            config = await limit_to_credentials(client, config)
-        except GlanceError as error:
-            raise MountError(await _explain(client, credentials, error)) from None
-        return await serve(client, config, mountpoint, options, ready)
+    cache = await _open_cache(config)
+    try:
+        async with build_client(credentials, params) as client:
+            try:
+                await check_reachable(client)
+                config = await limit_to_credentials(client, config)
+            except GlanceError as error:
+                raise MountError(await _explain(client, credentials, error)) from None
+            return await serve(client, config, mountpoint, options, ready)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
+async def _open_cache(config: MountConfig) -> DataCache | None:
+    """Lock and index ``--cache-dir`` before anything else: a directory another mount uses, or
+    one open to other users, fails the mount with one line (the cache must not be shared)."""
+    if config.cache is None:
+        return None
+    try:
+        return await trio.to_thread.run_sync(
+            DataCache.open, config.cache.directory, config.cache.max_bytes
+        )
+    except CacheError as error:
+        raise MountError(str(error)) from None
 
 
 def _run_foreground(run: Callable[[Callable[[], None]], bool]) -> int:
