@@ -12,15 +12,21 @@ Layout (the directory is 0700, every file 0600)::
     DIR/lock                      flock(LOCK_EX) by the one process using DIR; holds its pid
     DIR/v1/<algo>-<hex>/meta      {"size": ..., "block_size": ...}; its mtime is the last use
     DIR/v1/<algo>-<hex>/<n>.blk   block n: a 4 KiB header, then the block's bytes
-    DIR/v1/<algo>-<hex>/verified  present once the whole entry matched the image hash
+    DIR/v1/<algo>-<hex>/verified  the manifest, once the whole entry matched the image hash
 
 An image is cut into aligned blocks (1 MiB; the last one shorter). The header of a block holds
 its index, its length, the first bytes of the entry's hash (so a block file copied into another
 entry is refused) and a CRC-32 of every 64 KiB of data; a read checks the CRCs of the 64 KiB
 pieces it touches, so a random 4 KiB read costs one piece's CRC, not the whole block's. A block
-that fails any check is deleted and reported missing, never served; a damaged block also takes
-the ``verified`` mark of its entry away, since the block fetched again in its place has not been
-through the image hash.
+that fails any check is deleted and reported missing, never served.
+
+Verification: once every block is stored, :meth:`CacheEntry.verify` hashes the entry against its
+key, once. A match writes the *manifest*: the CRC-32 of every 64 KiB of the image as it was
+hashed. The entry then stays verified for good, also when a damaged block is deleted: the block
+fetched again in its place is stored only if its CRCs are those of the manifest
+(:meth:`CacheEntry.agrees` lets the caller check before it serves it), so every byte a verified
+entry serves is one the image hash covered, up to CRC-32's odds against a random corruption that
+keeps the CRC (2^-32 per 64 KiB piece).
 
 Crash safety: a block is written to a temporary file and renamed into place, so a block file is
 either absent or whole; temporary files left by a killed process are deleted at the next open.
@@ -58,7 +64,7 @@ import stat
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -122,6 +128,8 @@ class CacheStats:
     rejected_entries: int
     #: Blocks not stored: no room left, or a disk error.
     refused_blocks: int
+    #: Blocks offered to a verified entry whose CRCs differ from its manifest (not stored).
+    mismatched_blocks: int
 
 
 @dataclass(frozen=True)
@@ -156,7 +164,8 @@ class _EntryState:
     directory: Path
     blocks: dict[int, _Block] = field(default_factory=dict)
     writing: set[int] = field(default_factory=set)
-    verified: bool = False
+    #: The CRC-32 of every piece of the image as its hash verified it; None: not verified.
+    manifest: tuple[int, ...] | None = None
     #: Open handles; an entry in use is evicted only when nothing else can go.
     pins: int = 0
     #: Bumped when the entry's files go (eviction, a failed hash): a write or check that started
@@ -167,6 +176,13 @@ class _EntryState:
 
     def stored_bytes(self) -> int:
         return sum(block.file_size for block in self.blocks.values())
+
+    def expected_crcs(self, index: int, block_size: int) -> tuple[int, ...] | None:
+        """The manifest's CRCs of block ``index`` (None: the entry is not verified)."""
+        if self.manifest is None:
+            return None
+        per_block = block_size // CHECKED_PIECE
+        return self.manifest[index * per_block : (index + 1) * per_block]
 
 
 class _Damaged(Exception):
@@ -199,7 +215,7 @@ class DataCache:
         self._used = 0  # block file bytes stored or being written
         self._write_failing = False  # a disk error was logged and no write succeeded since
         self._hits = self._hit_bytes = self._misses = self._written = 0
-        self._evictions = self._damaged = self._rejected = self._refused = 0
+        self._evictions = self._damaged = self._rejected = self._refused = self._mismatched = 0
 
     # -- opening and closing --------------------------------------------------------------------
 
@@ -296,7 +312,6 @@ class DataCache:
             return None
         state = _EntryState(key, size, directory, created=True)
         count = _block_count(size, block_size)
-        marked = False
         for item in os.scandir(directory):
             match = _BLOCK_NAME.fullmatch(item.name)
             if match and int(match.group(1)) < count:
@@ -305,12 +320,12 @@ class DataCache:
                     state.blocks[int(match.group(1))] = _Block(info.st_size, info.st_ino)
                     continue
             if item.name == "verified":
-                marked = True
+                state.manifest = _parse_manifest(Path(item.path).read_bytes(), key, size)
+                if state.manifest is None:
+                    log.warning("cache: the manifest of %s is damaged: removed", directory.name)
+                    _remove(Path(item.path))
             elif item.name != "meta":  # a temporary file of a killed write, or a stranger
                 _remove(Path(item.path))
-        state.verified = marked and len(state.blocks) == count
-        if marked and not state.verified:
-            (directory / "verified").unlink()
         return state
 
     def _evict_at_open(self) -> None:
@@ -365,11 +380,12 @@ class DataCache:
             bytes=self._used,
             max_bytes=self.max_bytes,
             entries=sum(1 for state in self._entries.values() if state.blocks),
-            verified_entries=sum(1 for state in self._entries.values() if state.verified),
+            verified_entries=sum(1 for s in self._entries.values() if s.manifest and s.blocks),
             evictions=self._evictions,
             damaged_blocks=self._damaged,
             rejected_entries=self._rejected,
             refused_blocks=self._refused,
+            mismatched_blocks=self._mismatched,
         )
 
     # -- what the entries call ------------------------------------------------------------------
@@ -402,7 +418,7 @@ class DataCache:
         """Take the entry's files out of the index and off the disk (moved to the trash now)."""
         self._used -= state.stored_bytes()
         state.blocks.clear()
-        state.verified = False
+        state.manifest = None
         state.generation += 1
         if state.created:
             state.created = False
@@ -440,17 +456,11 @@ class DataCache:
             damage.reason,
         )
         self._damaged += 1
-        self._unmark_verified(state)
         del state.blocks[index]
         self._used -= block.file_size
         # Synchronous, on purpose: no write of this block can be in flight while the index holds
         # it, so the file on disk is the one the check saw; a thread would race the next write.
         _remove(state.directory / _block_name(index))
-
-    def _unmark_verified(self, state: _EntryState) -> None:
-        if state.verified:
-            state.verified = False
-            _remove(state.directory / "verified")
 
     def _note_write_failure(self, error: OSError) -> None:
         self._refused += 1
@@ -468,8 +478,7 @@ class CacheEntry:
 
     Blocks are ``block_size`` aligned pieces of the image. :meth:`read` answers only from blocks
     that are stored and pass their checks; :meth:`write_block` stores one whole block. When every
-    block is stored, :meth:`verify` hashes the entry against its key once (or
-    :meth:`mark_verified` records that the caller's own hash of exactly these bytes matched).
+    block is stored, :meth:`verify` hashes the entry against its key, once.
     """
 
     def __init__(self, cache: DataCache, state: _EntryState) -> None:
@@ -507,8 +516,8 @@ class CacheEntry:
 
     @property
     def verified(self) -> bool:
-        """Whether the stored blocks together matched the image hash (and none was lost since)."""
-        return self._state.verified
+        """Whether the entry matched the image hash: what it serves is verified data."""
+        return self._state.manifest is not None
 
     def blocks_of(self, offset: int, length: int) -> range:
         """Indices of the blocks that hold bytes ``[offset, offset + length)`` of the image."""
@@ -526,11 +535,20 @@ class CacheEntry:
         wanted = range(self.block_count) if blocks is None else blocks
         return [index for index in wanted if index not in self._state.blocks]
 
+    def agrees(self, index: int, data: bytes) -> bool | None:
+        """Whether ``data`` is block ``index`` as the image hash verified it (its CRCs are the
+        manifest's); None when the entry is not verified. Costs a CRC-32 of ``data`` (about
+        0.5 ms per MiB) on the calling thread."""
+        expected = self._state.expected_crcs(index, self.block_size)
+        if expected is None:
+            return None
+        return len(data) == self.block_length(index) and _crcs(data) == expected
+
     async def read(self, offset: int, length: int) -> bytes | None:
         """Bytes ``[offset, offset + length)`` (fewer at the end), or None if any is missing.
 
         Every 64 KiB piece the range touches is checked against its CRC; a block that fails is
-        deleted (and the entry loses its ``verified`` mark) and the read returns None.
+        deleted and the read returns None (the caller fetches it again).
         """
         state, cache = self._state, self._cache
         end = min(offset + length, self.size)
@@ -572,8 +590,9 @@ class CacheEntry:
         """Store block ``index`` (exactly its bytes); True once it is stored (or already was).
 
         False when it was not stored: no room (only this entry left to evict), a disk error
-        (logged once), or the entry was evicted or dropped while the block was being written.
-        Never raises for the disk's sake: the cache is an optimisation, the read goes on.
+        (logged once), the entry was evicted or dropped while the block was being written, or
+        the entry is verified and ``data`` is not what it verified (see :meth:`agrees`). Never
+        raises for the disk's sake: the cache is an optimisation, the read goes on.
         """
         state, cache = self._state, self._cache
         if not 0 <= index < self.block_count or len(data) != self.block_length(index):
@@ -593,13 +612,16 @@ class CacheEntry:
         state.writing.add(index)
         cache._used += file_size
         generation = state.generation
+        expected = state.expected_crcs(index, self.block_size)
+        inode: int | None = None  # of the stored file; None: it disagreed with the manifest
+        failed = False
         try:
             await cache._take_out_trash()
             inode = await trio.to_thread.run_sync(
-                _write_block_file, state, index, data, self.size, self.block_size
+                _write_block_file, state, index, data, self.size, self.block_size, expected
             )
         except OSError as error:
-            inode = None
+            failed = True
             if state.generation == generation:  # else: its directory went away under it
                 cache._note_write_failure(error)
         finally:
@@ -612,7 +634,10 @@ class CacheEntry:
                 _remove_if_same(state.directory / _block_name(index), inode)
             cache._forget_if_unused(state)
             return False
+        if failed:
+            return False
         if inode is None:
+            cache._mismatched += 1
             return False
         state.created = True
         state.blocks[index] = _Block(file_size, inode)
@@ -622,43 +647,21 @@ class CacheEntry:
         cache._entries.move_to_end(state.key)
         return True
 
-    async def mark_verified(self) -> bool:
-        """Record that the whole image, as stored, matched its hash; False if not complete.
-
-        Only for a caller whose own hash ran over exactly the bytes it wrote into every block (a
-        download from offset 0 that stored each block it received). Otherwise use :meth:`verify`.
-        """
-        state, cache = self._state, self._cache
-        if not self.complete:
-            return False
-        if not state.verified:
-            generation = state.generation
-            marker = state.directory / "verified"
-            try:
-                await trio.to_thread.run_sync(_create_marker, marker)
-            except OSError as error:
-                log.warning("cache %s: cannot mark verified: %s", cache.directory, error.strerror)
-                return False
-            if state.generation != generation or not self.complete:
-                _remove(marker)
-                return False
-            state.verified = True
-        return True
-
     async def verify(self) -> bool:
         """Hash the stored entry against its key once it is complete; True if it matches.
 
-        A mismatch deletes the entry's data (it is fetched again) and logs one line; a damaged
+        True at once for an entry verified before (also while a damaged block is missing). A
+        mismatch deletes the entry's data (it is fetched again) and logs one line; a damaged
         block is deleted as by :meth:`read`. Both return False, as does an incomplete entry.
         """
         state, cache = self._state, self._cache
-        if state.verified:
+        if state.manifest is not None:
             return True
         if not self.complete:
             return False
         generation = state.generation
         try:
-            digest = await trio.to_thread.run_sync(_hash_entry, state, self.block_size)
+            digest, manifest = await trio.to_thread.run_sync(_hash_entry, state, self.block_size)
         except _Damaged as damage:
             cache._discard(state, generation, damage)
             return False
@@ -675,10 +678,26 @@ class CacheEntry:
                 digest[:16],
             )
             cache._rejected += 1
-            cache._forget_files(state)
-            await cache._take_out_trash()
+            await self.drop()
             return False
-        return await self.mark_verified()
+        try:
+            await trio.to_thread.run_sync(
+                _write_file_atomically,
+                state.directory / "verified",
+                [_format_manifest(manifest, state.key, state.size)],
+            )
+        except OSError as error:
+            log.warning("cache %s: cannot store a manifest: %s", cache.directory, error.strerror)
+            return False
+        if state.generation != generation:
+            return False
+        state.manifest = manifest
+        return True
+
+    async def drop(self) -> None:
+        """Delete the entry's data (the caller found it, or the image, corrupt)."""
+        self._cache._forget_files(self._state)
+        await self._cache._take_out_trash()
 
 
 # -- file formats and disk I/O (worker threads) ---------------------------------------------------
@@ -780,11 +799,7 @@ def _touch(path: Path) -> None:
         os.utime(path)
 
 
-def _create_marker(path: Path) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
-
-
-def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
+def _write_all(fd: int, buffers: Sequence[bytes | memoryview]) -> None:
     views = [memoryview(buffer) for buffer in buffers]
     while views:
         written = os.writev(fd, views)
@@ -794,9 +809,15 @@ def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
             views[0] = views[0][written:]
 
 
-def _header(index: int, data: bytes, tag: bytes) -> bytes:
+def _crcs(data: bytes) -> tuple[int, ...]:
+    """The CRC-32 of every piece of ``data``."""
     view = memoryview(data)
-    crcs = [zlib.crc32(view[at : at + CHECKED_PIECE]) for at in range(0, len(data), CHECKED_PIECE)]
+    return tuple(
+        zlib.crc32(view[at : at + CHECKED_PIECE]) for at in range(0, len(data), CHECKED_PIECE)
+    )
+
+
+def _header(index: int, data: bytes, tag: bytes, crcs: tuple[int, ...]) -> bytes:
     fields = _HEADER.pack(_MAGIC, index, len(data), CHECKED_PIECE, tag)
     body = fields + struct.pack(f"<{len(crcs)}I", *crcs)
     body += struct.pack("<I", zlib.crc32(body))
@@ -804,15 +825,24 @@ def _header(index: int, data: bytes, tag: bytes) -> bytes:
 
 
 def _write_block_file(
-    state: _EntryState, index: int, data: bytes, size: int, block_size: int
-) -> int:
-    """Write block ``index`` to a temporary file and rename it into place; its inode.
+    state: _EntryState,
+    index: int,
+    data: bytes,
+    size: int,
+    block_size: int,
+    expected: tuple[int, ...] | None,
+) -> int | None:
+    """Write block ``index`` to a temporary file and rename it into place; its inode, or None
+    (nothing written) when its CRCs are not the ``expected`` ones of a verified entry.
 
     The entry's directory is made with the first block, and made again if it went away
     (deleted by hand; an eviction meanwhile is the caller's to notice).
     """
+    crcs = _crcs(data)
+    if expected is not None and crcs != expected:
+        return None
     directory = state.directory
-    buffers: list[bytes | memoryview] = [_header(index, data, state.key.tag), data]
+    buffers: list[bytes | memoryview] = [_header(index, data, state.key.tag, crcs), data]
 
     def create_directory() -> None:
         directory.mkdir(mode=0o700, exist_ok=True)
@@ -829,7 +859,7 @@ def _write_block_file(
         return _write_file_atomically(directory / _block_name(index), buffers)
 
 
-def _write_file_atomically(path: Path, buffers: list[bytes | memoryview]) -> int:
+def _write_file_atomically(path: Path, buffers: Sequence[bytes | memoryview]) -> int:
     temporary = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
     fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
@@ -848,8 +878,11 @@ def _write_file_atomically(path: Path, buffers: list[bytes | memoryview]) -> int
     return inode
 
 
-def _read_checked(fd: int, index: int, tag: bytes, length: int, start: int, stop: int) -> bytes:
-    """Bytes ``[start, stop)`` of the open block file ``fd``, after every check they need."""
+def _read_checked(
+    fd: int, index: int, tag: bytes, length: int, start: int, stop: int
+) -> tuple[bytes, tuple[int, ...]]:
+    """Bytes ``[start, stop)`` of the open block file ``fd``, after every check they need, and
+    the CRCs of the whole block its (checked) header holds."""
     info = os.fstat(fd)
     if info.st_size != _HEADER_SIZE + length:
         raise _Damaged(
@@ -880,8 +913,8 @@ def _read_checked(fd: int, index: int, tag: bytes, length: int, start: int, stop
         if zlib.crc32(view[at : at + CHECKED_PIECE]) != crcs[piece_index]:
             raise _Damaged(index, info.st_ino, f"checksum of bytes {piece_index * CHECKED_PIECE}+")
     if start == low and stop == high:
-        return data
-    return data[start - low : stop - low]
+        return data, crcs
+    return data[start - low : stop - low], crcs
 
 
 def _read_spans(
@@ -895,20 +928,49 @@ def _read_spans(
         except FileNotFoundError:
             raise _Damaged(index, None, "file missing") from None
         try:
-            parts.append(_read_checked(fd, index, tag, length, start, stop))
+            parts.append(_read_checked(fd, index, tag, length, start, stop)[0])
         finally:
             os.close(fd)
     return parts
 
 
-def _hash_entry(state: _EntryState, block_size: int) -> str:
-    """The hex digest of the stored entry, every block checked on the way."""
+def _hash_entry(state: _EntryState, block_size: int) -> tuple[str, tuple[int, ...]]:
+    """The hex digest of the stored entry, every block checked on the way, and its manifest."""
     digest = hashlib.new(state.key.algorithm)
-    count = _block_count(state.size, block_size)
-    for index in range(count):
+    manifest: list[int] = []
+    for index in range(_block_count(state.size, block_size)):
         length = min(block_size, state.size - index * block_size)
-        (data,) = _read_spans(
-            state.directory, state.key.tag, block_size, state.size, [(index, 0, length)]
-        )
+        path = state.directory / _block_name(index)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            raise _Damaged(index, None, "file missing") from None
+        try:
+            data, crcs = _read_checked(fd, index, state.key.tag, length, 0, length)
+        finally:
+            os.close(fd)
         digest.update(data)
-    return digest.hexdigest()
+        manifest += crcs
+    return digest.hexdigest(), tuple(manifest)
+
+
+_MANIFEST = struct.Struct("<8s8sQII")  # magic, key tag, image size, piece size, piece count
+_MANIFEST_MAGIC = b"GLFSMAN1"
+
+
+def _format_manifest(crcs: tuple[int, ...], key: _Key, size: int) -> bytes:
+    body = _MANIFEST.pack(_MANIFEST_MAGIC, key.tag, size, CHECKED_PIECE, len(crcs))
+    body += struct.pack(f"<{len(crcs)}I", *crcs)
+    return body + struct.pack("<I", zlib.crc32(body))
+
+
+def _parse_manifest(raw: bytes, key: _Key, size: int) -> tuple[int, ...] | None:
+    """The CRCs of a manifest file, or None unless it is whole and of this entry."""
+    count = -(-size // CHECKED_PIECE)
+    if len(raw) != _MANIFEST.size + 4 * count + 4:
+        return None
+    if struct.unpack_from("<I", raw, len(raw) - 4)[0] != zlib.crc32(raw[:-4]):
+        return None
+    if _MANIFEST.unpack_from(raw) != (_MANIFEST_MAGIC, key.tag, size, CHECKED_PIECE, count):
+        return None
+    return struct.unpack_from(f"<{count}I", raw, _MANIFEST.size)

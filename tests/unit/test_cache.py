@@ -189,11 +189,14 @@ class TestVerification:
         data = image_data(1)
         entry = entry_of(cache, data)
         await fill(entry, data, range(5))
-        assert not await entry.verify() and not await entry.mark_verified()
+        assert not await entry.verify() and not entry.verified
+        assert entry.agrees(0, data[:BLOCK]) is None
         await fill(entry, data, [5])
         assert await entry.verify() and entry.verified
         assert (cache_files(directory)[-1]).name == "verified"
         assert cache.stats().verified_entries == 1
+        assert entry.agrees(5, data[5 * BLOCK :]) and entry.agrees(0, data[:BLOCK])
+        assert not entry.agrees(0, data[BLOCK : 2 * BLOCK]) and not entry.agrees(5, b"short")
 
     async def test_a_mismatch_drops_the_entry(
         self, cache: DataCache, caplog: pytest.LogCaptureFixture
@@ -215,12 +218,38 @@ class TestVerification:
         await fill(entry, data)  # the same handle fills again
         assert await entry.verify()
 
-    async def test_mark_verified_is_the_callers_word(self, cache: DataCache) -> None:
+    async def test_a_verified_entry_takes_back_only_the_data_it_verified(
+        self, cache: DataCache
+    ) -> None:
         data = image_data(1)
         entry = entry_of(cache, data)
         await fill(entry, data)
-        assert await entry.mark_verified() and entry.verified
+        assert await entry.verify()
+        damage_by_flipping_data(block_files(cache.directory)[1], Path())  # block 1
+        assert await entry.read(BLOCK + CHECKED_PIECE, 10) is None and entry.missing() == [1]
+        assert entry.verified  # what is left is still what the hash saw
+        assert await entry.read(0, BLOCK) == data[:BLOCK]
+        wrong = bytearray(data[BLOCK : 2 * BLOCK])
+        wrong[100] ^= 1
+        assert not await entry.write_block(1, bytes(wrong))
+        assert cache.stats().mismatched_blocks == 1 and entry.missing() == [1]
+        assert await entry.write_block(1, data[BLOCK : 2 * BLOCK])
+        assert entry.complete and await entry.read(0, SIZE) == data
         assert await entry.verify()  # already verified: no second hash
+        assert cache.stats().verified_entries == 1
+
+    async def test_a_damaged_manifest_is_removed_and_verified_again(self, directory: Path) -> None:
+        data = image_data(1)
+        with open_cache(directory) as cache:
+            entry = entry_of(cache, data)
+            await fill(entry, data)
+            assert await entry.verify()
+        manifest = directory / "v1" / f"sha512-{sha512(data)}" / "verified"
+        damage_by_flipping_the_header(manifest, Path())
+        with open_cache(directory) as cache:
+            entry = entry_of(cache, data)
+            assert not entry.verified and not manifest.exists() and entry.complete
+            assert await entry.verify() and manifest.exists()
 
 
 def damage_by_flipping_data(path: Path, other: Path) -> None:
@@ -288,13 +317,12 @@ class TestDamage:
             assert len(caplog.records) == 1
             assert "block 2 of sha512" in caplog.records[0].getMessage()
             assert not target.exists() and entry.missing() == [2]
-            assert not entry.verified and not (target.parent / "verified").exists()
+            assert entry.verified and (target.parent / "verified").exists()
             stats = cache.stats()
             assert stats.damaged_blocks == 1 and stats.bytes == disk_bytes(directory)
-            # Fetched again: served again, and verified again once hashed.
+            # Fetched again (and matching the manifest): served again.
             await fill(entry, data, [2])
             assert await entry.read(0, SIZE) == data
-            assert await entry.verify()
 
     async def test_every_file_damaged_nothing_wrong_is_served(self, directory: Path) -> None:
         data = image_data(1)
@@ -382,17 +410,19 @@ class TestRestart:
             assert await entry_of(cache, data).read(0, SIZE) == data
         assert (directory / "unrelated").exists()
 
-    async def test_a_verified_mark_without_all_blocks_is_dropped(self, directory: Path) -> None:
+    async def test_a_verified_entry_missing_a_block_stays_verified(self, directory: Path) -> None:
         data = image_data(1)
         with open_cache(directory) as cache:
             entry = entry_of(cache, data)
             await fill(entry, data)
             assert await entry.verify()
-        entry_dir = directory / "v1" / f"sha512-{sha512(data)}"
-        (entry_dir / "4.blk").unlink()
+        (directory / "v1" / f"sha512-{sha512(data)}" / "4.blk").unlink()
         with open_cache(directory) as cache:
-            assert not entry_of(cache, data).verified
-            assert not (entry_dir / "verified").exists()
+            entry = entry_of(cache, data)
+            assert entry.verified and entry.missing() == [4]
+            assert not await entry.write_block(4, bytes(BLOCK))
+            await fill(entry, data, [4])
+            assert await entry.read(0, SIZE) == data
 
 
 class TestEviction:
