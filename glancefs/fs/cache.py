@@ -83,7 +83,7 @@ __all__ = [
 
 log = logging.getLogger("glancefs.cache")
 
-#: Bytes per cached block: the unit of fetching, storing and evicting within an entry.
+#: Bytes per cached block: the unit of fetching, storing, and deleting a damaged part.
 BLOCK_SIZE = 1024 * 1024
 #: Bytes covered by one CRC-32: the least a read from the cache checks.
 CHECKED_PIECE = 64 * 1024
