@@ -1,4 +1,5 @@
-"""What every measurement needs: timed commands, mounts, the page cache, results and the table."""
+"""What every measurement needs: timed commands, the page cache, results and the table (mounts:
+lab.mounts)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,10 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-GLANCEFS = str(Path(sys.executable).with_name("glancefs"))
 MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes), as glance-lab.md does
 
 
@@ -61,74 +60,6 @@ def cpu_seconds(pid: int, children: bool = False) -> float:
         fields = Path(f"/proc/{each}/stat").read_text().rpartition(")")[2].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
     return total / os.sysconf("SC_CLK_TCK")
-
-
-class Mount:
-    """``glancefs mount -f`` as a child process; its pid is the process serving FUSE."""
-
-    def __init__(self, url: str, path: Path, log: Path, options: list[str]) -> None:
-        self.argv = [GLANCEFS, "mount", "-f", "--os-image-url", url, str(path), *options]
-        self.path = path
-        self.log = log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def __enter__(self) -> Mount:
-        self.path.mkdir(parents=True, exist_ok=True)
-        with self.log.open("ab") as log:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log
-            )
-        deadline = time.monotonic() + 30
-        while not os.path.ismount(self.path):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.__exit__()
-                raise RuntimeError(f"glancefs did not mount; see {self.log}")
-            time.sleep(0.02)
-        # The mount tunes the kernel's readahead through sysfs right after it starts serving.
-        time.sleep(0.3)
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        if os.path.ismount(self.path):
-            subprocess.run(["fusermount3", "-u", str(self.path)], check=False)
-            if os.path.ismount(self.path):
-                subprocess.run(["fusermount3", "-u", "-z", str(self.path)], check=False)
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-
-    def status(self, field_name: str) -> int:
-        """A ``/proc/PID/status`` memory field (VmHWM, VmRSS) of the mount process, in bytes."""
-        assert self.proc is not None
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1]) * 1024
-        raise KeyError(field_name)
-
-    def cpu_seconds(self) -> float:
-        """User + system CPU time the mount process (all its threads) has used so far."""
-        assert self.proc is not None
-        return cpu_seconds(self.proc.pid)
-
-    def kernel_settings(self) -> dict[str, str]:
-        """The sysfs values the kernel uses for this mount (what tune_kernel wrote)."""
-        device = os.stat(self.path).st_dev
-        bdi = Path(f"/sys/class/bdi/{os.major(device)}:{os.minor(device)}")
-        conn = Path(f"/sys/fs/fuse/connections/{os.minor(device)}")
-        values = {}
-        for name, path in (
-            ("read_ahead_kb", bdi / "read_ahead_kb"),
-            ("max_background", conn / "max_background"),
-            ("congestion_threshold", conn / "congestion_threshold"),
-        ):
-            try:
-                values[name] = path.read_text().strip()
-            except OSError:
-                values[name] = "?"
-        return values
 
 
 @dataclass

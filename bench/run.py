@@ -17,11 +17,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.data import GIB, Glance, random_file
+from bench.data import GIB, random_file
 from bench.harness import (
     MB,
     Metric,
-    Mount,
     Series,
     cpu_seconds,
     drop_page_cache,
@@ -30,6 +29,8 @@ from bench.harness import (
     timed,
     warm,
 )
+from lab.glance_http import GlanceAPI
+from lab.mounts import Mount, mount_argv
 from lab.rows import insert_images
 from lab.servers import GlanceServer
 from lab.venvs import ensure_venv
@@ -40,6 +41,11 @@ RANDOM_READS = 200  # per fio run
 CURL_RANGES = 30  # ranged curl GETs per run
 RSS_COPIES = 10
 LS_TIMEOUT = 60.0
+SHARED_IMAGES = 4
+SHARED_SIZE = 64 * 1024 * 1024
+READERS_PER_IMAGE = 4
+WRITERS = 4
+WRITER_SIZE = 32 * 1024 * 1024
 
 
 def log(message: str) -> None:
@@ -58,9 +64,11 @@ class Bench:
         self.glance = GlanceServer(work / "glance", flavor="noauth")
         self.metrics: list[Metric] = []
         self.settings: dict[str, str] = {}
-        self.api: Glance
+        self.api: GlanceAPI
         self.source: Path
         self.image_id: str
+        #: The verified single-stream read, for the shared-read target (when "read" ran first).
+        self.verified_single: Series | None = None
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -68,13 +76,14 @@ class Bench:
         log("installing python-glanceclient (cached) and starting Glance")
         self.glanceclient = ensure_venv("glanceclient-4.13.0", [GLANCECLIENT]) / "bin" / "glance"
         self.glance.start()
-        self.api = Glance(self.glance.url)
+        self.api = GlanceAPI(self.glance.url, timeout=600)
         log("writing 1 GiB of random data")
         self.source = random_file(self.work / "source.raw")
-        self.image_id = self.api.create("bench-1g.raw")
+        self.image_id = self.api.create("bench-1g.raw")["id"]
         self.curl_upload(self.image_id)
         image = self.api.get(self.image_id)
-        assert image["status"] == "active" and image["size"] == GIB, image
+        assert image["status"] == "active", image
+        assert image["size"] == GIB, image
         log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
         insert_images(self.glance.sqlite_path, LISTED_IMAGES, "list")
 
@@ -91,9 +100,9 @@ class Bench:
     @contextmanager
     def mount(self, name: str, *options: str) -> Iterator[Mount]:
         path = self.work / "mnt" / name
-        with Mount(
-            self.glance.url, path, self.work / f"{name}.log", [*self.mount_options, *options]
-        ) as mount:
+        argv = mount_argv(self.glance.url, path, *self.mount_options, *options)
+        with Mount(path, self.work / f"{name}.log", argv) as mount:
+            mount.wait_tuned()
             if not self.settings:
                 self.settings = mount.kernel_settings()
             yield mount
@@ -103,11 +112,11 @@ class Bench:
         """CPU seconds the mount and Glance's worker use in the block (the last run's)."""
         use = CpuUse()
         assert self.glance.pid is not None
-        before = mount.cpu_seconds(), cpu_seconds(self.glance.pid, children=True)
+        before = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
         started = time.perf_counter()
         yield use
         elapsed = time.perf_counter() - started
-        after = mount.cpu_seconds(), cpu_seconds(self.glance.pid, children=True)
+        after = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
         use.text = (
             f"last run: {elapsed:.2f} s wall, CPU s: mount {after[0] - before[0]:.2f}, "
             f"Glance {after[1] - before[1]:.2f}"
@@ -137,7 +146,7 @@ class Bench:
         log("upload: curl -T, then cp into new/")
         curl = Series("curl -T")
         for index in range(self.runs):
-            image_id = self.api.create(f"curl-up-{index}.raw")
+            image_id = self.api.create(f"curl-up-{index}.raw")["id"]
             warm(self.source)
             curl.values.append(GIB / self.curl_upload(image_id) / MB)
             self.api.delete(image_id)
@@ -151,8 +160,9 @@ class Bench:
                     seconds, _ = timed("cp", str(self.source), str(mount.path / "new" / name))
                 ours.values.append(GIB / seconds / MB)
                 hwm.values.append(mount.status("VmHWM") / MB)
-                (image,) = self.api.find(name)
-                assert image["status"] == "active" and image["size"] == GIB, image
+                (image,) = self.api.list(name=name)
+                assert image["status"] == "active", image
+                assert image["size"] == GIB, image
                 self.api.delete(image["id"])
         self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, upload_cpu.text))
         self.add(
@@ -194,16 +204,36 @@ class Bench:
                 self.cold()
                 with self.cpu(mount) as unverified_cpu:
                     unverified.values.append(GIB / self.dd(path) / MB)
+        hashing = Series("sha512, one core")
+        for _ in range(self.runs):
+            warm(self.source)
+            hashing.values.append(GIB / self.sha512_seconds(self.source) / MB)
+        self.verified_single = first
         self.add(
             Metric("first read, verified", "MB/s", True, first, client, 1.5, verified_cpu.text)
         )
+        self.add(Metric("first read, verified, vs the hash", "MB/s", True, first, hashing, 0.9))
         self.add(
             Metric(
-                "first read, --no-verify", "MB/s", True, unverified, curl, 0.4,
+                "first read, --no-verify", "MB/s", True, unverified, curl, 0.6,
                 unverified_cpu.text,
             )
         )  # fmt: skip
         self.add(Metric("second read (page cache)", "MB/s", True, second, curl, 1.5))
+
+    @staticmethod
+    def sha512_seconds(path: Path) -> float:
+        """Wall time of hashlib's sha512 over ``path`` in 1 MiB reads, in one process (what
+        the mount's hash thread does with the same bytes)."""
+        script = (
+            "import hashlib, sys, time\n"
+            "h, started = hashlib.sha512(), time.perf_counter()\n"
+            "with open(sys.argv[1], 'rb', buffering=0) as f:\n"
+            "    while chunk := f.read(1 << 20):\n"
+            "        h.update(chunk)\n"
+            "print(time.perf_counter() - started)\n"
+        )
+        return float(run(sys.executable, "-c", script, str(path)))
 
     @staticmethod
     def dd(path: Path) -> float:
@@ -296,6 +326,109 @@ class Bench:
                 ours.values.append(timed("head", "-c", "1", str(path))[0] * 1000)
         self.add(Metric("time to first byte", "ms", False, ours, curl, None))
 
+    def shared_images(self) -> list[tuple[str, Path]]:
+        """The images of the shared-read test (uploaded once), with their data files."""
+        images = []
+        for index in range(SHARED_IMAGES):
+            source = random_file(self.work / f"shared-{index}.raw", SHARED_SIZE)
+            image_id = self.api.create(f"bench-shared-{index}.raw")["id"]
+            run(
+                "curl", "-sS", "-f", "-T", str(source),
+                "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
+            )  # fmt: skip
+            images.append((image_id, source))
+        return images
+
+    def cold_shared(self, images: list[tuple[str, Path]]) -> None:
+        drop_page_cache()
+        for image_id, _ in images:
+            warm(self.glance.store_dir / image_id)
+
+    @staticmethod
+    def parallel(commands: list[list[str]]) -> float:
+        """Wall time of running ``commands`` all at once; each must succeed."""
+        started = time.perf_counter()
+        processes = [
+            subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands
+        ]
+        for command, process in zip(commands, processes, strict=True):
+            _, err = process.communicate(timeout=600)
+            if process.returncode != 0:
+                raise RuntimeError(f"{command} exited {process.returncode}: {err.decode()}")
+        return time.perf_counter() - started
+
+    def shared_reads(self) -> None:
+        readers = SHARED_IMAGES * READERS_PER_IMAGE
+        log(f"{readers} readers of {SHARED_IMAGES} images: 4 parallel curls, then the mounts")
+        images = self.shared_images()
+        distinct = SHARED_IMAGES * SHARED_SIZE
+        curls = Series(f"{SHARED_IMAGES} parallel curls")
+        for _ in range(self.runs):
+            self.cold_shared(images)
+            commands = [
+                ["curl", "-sS", "-f", "-o", "/dev/null", self.data_url(i)] for i, _ in images
+            ]
+            curls.values.append(distinct / self.parallel(commands) / MB)
+        for name, options in (("verified", []), ("--no-verify", ["--no-verify"])):
+            ours = Series(f"{readers} x cat")
+            with self.mount(f"shared-{name.strip('-')}", "--debug", *options) as mount:
+                paths = [mount.path / "by-id" / i for i, _ in images]
+                commands = [["cat", str(p)] for p in paths for _ in range(READERS_PER_IMAGE)]
+                for _ in range(self.runs):
+                    self.cold_shared(images)
+                    with self.cpu(mount) as shared_cpu:
+                        ours.values.append(distinct / self.parallel(commands) / MB)
+                gets = self.data_requests(mount, images)
+                hwm = mount.status("VmHWM") / MB
+            note = (
+                f"MB/s of distinct image data ({readers} readers get {READERS_PER_IMAGE}x that); "
+                f"Glance data requests per image over {self.runs} runs: {gets}; "
+                f"peak RSS {hwm:.0f} MB; {shared_cpu.text}"
+            )
+            if name == "verified":
+                peer, target = self.verified_single, 0.9
+            else:
+                peer, target = curls, 0.5
+            self.add(Metric(f"{readers} readers x {SHARED_IMAGES} images, {name}", "MB/s", True,
+                            ours, peer, target, note))  # fmt: skip
+        self.shared_load(images)
+
+    def shared_load(self, images: list[tuple[str, Path]]) -> None:
+        """Peak RSS under the issue's load: the 16 readers and 4 writers (cp into new/)."""
+        log(f"peak RSS: {SHARED_IMAGES * READERS_PER_IMAGE} readers and {WRITERS} writers")
+        sources = [random_file(self.work / f"writer-{n}.raw", WRITER_SIZE) for n in range(WRITERS)]
+        hwm = Series("VmHWM")
+        with self.mount("shared-load") as mount:
+            for run_index in range(self.runs):
+                self.cold_shared(images)
+                for source in sources:
+                    warm(source)
+                commands = [
+                    ["cat", str(mount.path / "by-id" / i)]
+                    for i, _ in images
+                    for _ in range(READERS_PER_IMAGE)
+                ] + [
+                    ["cp", str(source), str(mount.path / "new" / f"w{run_index}-{source.name}")]
+                    for source in sources
+                ]
+                self.parallel(commands)
+                hwm.values.append(mount.status("VmHWM") / MB)
+        for run_index in range(self.runs):
+            for source in sources:
+                for image in self.api.list(name=f"w{run_index}-{source.name}"):
+                    assert image["status"] == "active", image
+                    assert image["size"] == WRITER_SIZE, image
+                    self.api.delete(image["id"])
+        self.add(Metric("peak RSS, 16 readers + 4 writers", "MB", False, hwm, None, 250,
+                        "VmHWM after each run of the whole load"))  # fmt: skip
+
+    @staticmethod
+    def data_requests(mount: Mount, images: list[tuple[str, Path]]) -> str:
+        """Data GETs per image the mount logged (``--debug`` logs one line per request)."""
+        text = mount.log()
+        counts = [text.count(f"/v2/images/{image_id}/file'") for image_id, _ in images]
+        return ", ".join(str(c) for c in counts)
+
     def memory(self) -> None:
         log(f"peak RSS: {RSS_COPIES} cold copies of the 1 GiB image out of the mount")
         first, last = Series("VmHWM after 1 copy"), Series(f"VmHWM after {RSS_COPIES} copies")
@@ -309,10 +442,10 @@ class Bench:
                     resident_after_first = mount.status("VmRSS") / MB
             last.values.append(mount.status("VmHWM") / MB)
             resident_after_last = mount.status("VmRSS") / MB
-        self.add(Metric("peak RSS, 1 GiB copy", "MB", False, first, None, 200))
+        self.add(Metric("peak RSS, 1 GiB copy", "MB", False, first, None, 120))
         self.add(
             Metric(
-                f"peak RSS after {RSS_COPIES} copies", "MB", False, last, None, 200,
+                f"peak RSS after {RSS_COPIES} copies", "MB", False, last, None, 120,
                 f"peak growth over the first copy: {last.median - first.median:+.1f} MB; "
                 f"resident between copies (VmRSS) after the first {resident_after_first:.0f} MB, "
                 f"after the last {resident_after_last:.0f} MB",
@@ -323,6 +456,7 @@ class Bench:
 GROUPS: dict[str, Callable[[Bench], None]] = {
     "upload": Bench.upload,
     "read": Bench.reads,
+    "shared": Bench.shared_reads,
     "ls": Bench.listing,
     "random": Bench.random_reads,
     "ttfb": Bench.first_byte,

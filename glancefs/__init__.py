@@ -6,10 +6,12 @@ leading underscore are implementation.
 """
 
 from ._auth import Auth, SessionAuth, TokenAuth
+from ._budget import ConnectionBudget
 from ._client import Client, tls_context
 from ._exceptions import (
     AuthError,
     BadRequest,
+    CertificateError,
     Conflict,
     ConnectError,
     Forbidden,
@@ -41,9 +43,11 @@ __all__ = [
     "Auth",
     "AuthError",
     "BadRequest",
+    "CertificateError",
     "Client",
     "Conflict",
     "ConnectError",
+    "ConnectionBudget",
     "Forbidden",
     "GlanceError",
     "HTTPError",

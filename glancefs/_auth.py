@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from collections.abc import Iterable, Iterator
 from typing import Any, Protocol
 
 import trio
 
-from ._exceptions import AuthError, ConnectError, redact
+from ._exceptions import AuthError, connect_error, redact
 
 __all__ = ["Auth", "SessionAuth", "TokenAuth"]
 
@@ -197,34 +196,14 @@ def _keystone_errors(secrets: list[str]) -> Iterator[None]:
 
     try:
         yield
-    except ks.SSLError as error:
-        reason = _ssl_reason(error)
-        raise ConnectError(redact(f"Keystone: certificate problem: {reason}", secrets)) from None
-    except ks.ConnectionError as error:  # refused, timed out, DNS...
-        raise ConnectError(redact(f"Keystone: {_connect_reason(error)}", secrets)) from None
+    except ks.ConnectionError as error:  # refused, timed out, DNS, TLS...
+        # keystoneauth1's text is "Unable to establish connection to URL: <requests' long story>":
+        # its head, then the innermost reason.
+        head = str(error).partition(": ")[0]
+        raise connect_error(f"Keystone: {head}", error, secrets) from None
     except ks.Unauthorized:
         raise AuthError("Keystone refused the credentials (401)") from None
     except ks.EndpointNotFound as error:
         raise AuthError(redact(f"service catalog: {error}", secrets)) from None
     except ks.ClientException as error:
         raise AuthError(redact(f"Keystone: {error}", secrets)) from None
-
-
-def _ssl_reason(error: BaseException) -> str:
-    """The innermost ``[SSL: ...]`` text of a wrapped certificate failure."""
-    text = str(error)
-    start = text.find("[SSL")
-    if start < 0:
-        return text
-    end = text.find(")", text.find("]", start))
-    return text[start : end + 1 if end > 0 else len(text)]
-
-
-def _connect_reason(error: BaseException) -> str:
-    """keystoneauth1's "Unable to establish connection to URL: <requests' long story>", short."""
-    text = str(error)
-    errno = re.search(r"\[Errno -?\d+\] [^'\")]*", text)
-    if errno is None:
-        return text
-    head = text.split(": ", 1)[0] if ": " in text else text
-    return f"{head}: {errno.group(0).strip()}"

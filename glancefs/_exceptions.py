@@ -7,6 +7,7 @@ HTTP status and the request id Glance logged, so an operator can find the reques
     GlanceError
     ├── TransportError ............ Glance could not be reached or did not answer in time
     │   ├── ConnectError
+    │   │   └── CertificateError .. the server's TLS certificate is not trusted
     │   └── Timeout
     ├── HTTPError ................. Glance answered an error status (.status, .request_id)
     │   ├── BadRequest ............ 400: malformed request or invalid value
@@ -31,11 +32,13 @@ from __future__ import annotations
 import hashlib
 import html
 import re
-from collections.abc import Iterable
+import ssl
+from collections.abc import Iterable, Iterator
 
 __all__ = [
     "AuthError",
     "BadRequest",
+    "CertificateError",
     "Conflict",
     "ConnectError",
     "Forbidden",
@@ -51,7 +54,9 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "UnsupportedMediaType",
+    "connect_error",
     "error_for_status",
+    "transport_reason",
 ]
 
 
@@ -65,6 +70,10 @@ class TransportError(GlanceError):
 
 class ConnectError(TransportError):
     """The connection to Glance could not be made (refused, DNS, TLS handshake)."""
+
+
+class CertificateError(ConnectError):
+    """The server's TLS certificate could not be verified (unknown CA, wrong host name)."""
 
 
 class Timeout(TransportError):
@@ -184,6 +193,48 @@ def is_retryable(error: GlanceError) -> bool:
     if isinstance(error, TransportError):
         return True
     return isinstance(error, HTTPError) and error.status in RETRY_STATUSES
+
+
+def transport_reason(error: BaseException) -> str:
+    """The innermost readable reason of a transport failure, on one line: ``[Errno 111]
+    Connection refused``, ``[SSL: CERTIFICATE_VERIFY_FAILED] certificate verify failed: ...``.
+
+    Wrappers have empty messages (httpx's and httpcore's ConnectError, trio's BrokenResourceError
+    around an ``ssl.SSLCertVerificationError``) or long ones that repeat their cause with object
+    reprs (requests and urllib3 under keystoneauth1): the innermost message says it best.
+    """
+    best = error
+    for inner in _causes(error):
+        if str(inner):
+            best = inner
+    return " ".join(str(best).split()) or type(best).__name__
+
+
+def connect_error(context: str, error: BaseException, secrets: Iterable[str] = ()) -> ConnectError:
+    """The error for a connection that could not be made, ``"{context}: {reason}"`` with the
+    ``secrets`` redacted: a :class:`CertificateError` when, somewhere in the chain of causes, the
+    server's certificate was refused (told from the exception type, never from its text).
+    """
+    refused = any(isinstance(e, ssl.SSLCertVerificationError) for e in _causes(error))
+    cls = CertificateError if refused else ConnectError
+    return cls(redact(f"{context}: {transport_reason(error)}", secrets))
+
+
+def _causes(error: BaseException) -> Iterator[BaseException]:
+    """``error`` and its causes (or contexts), outermost first; each exception once.
+
+    A group of one exception (trio's "all attempts to connect failed" has one per address) goes
+    on into that exception.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        yield current
+        if isinstance(current, BaseExceptionGroup) and len(current.exceptions) == 1:
+            current = current.exceptions[0]
+        else:
+            current = current.__cause__ or current.__context__
 
 
 def error_for_status(status: int, detail: str, request_id: str | None = None) -> HTTPError:

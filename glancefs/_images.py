@@ -14,13 +14,19 @@ import stat
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, ClassVar, cast
 
 import httpcore
 import httpx
 import trio
 
-from ._exceptions import ConnectError, GlanceError, RangeNotSatisfiable, Timeout
+from ._exceptions import (
+    ConnectError,
+    GlanceError,
+    RangeNotSatisfiable,
+    Timeout,
+    transport_reason,
+)
 from ._integrity import Verifier
 from ._records import Record, paginate
 
@@ -28,17 +34,22 @@ if TYPE_CHECKING:
     from ._client import Client
     from ._tasks import Task
 
-__all__ = ["CORE_FIELDS", "Image", "ImageData", "ImagesManager", "parse_time"]
+__all__ = ["Image", "ImageData", "ImagesManager", "parse_time"]
 
-#: Fields of Glance's image schema; every other key of an image record is a custom property.
-CORE_FIELDS = frozenset(
-    {
-        "id", "name", "status", "visibility", "protected", "os_hidden", "checksum",
-        "os_hash_algo", "os_hash_value", "owner", "size", "virtual_size", "min_ram", "min_disk",
-        "container_format", "disk_format", "created_at", "updated_at", "tags", "self", "file",
-        "schema", "direct_url", "locations", "stores",
-    }
+# Glance's image schema, the one source of its field lists (the filesystem's xattrs use them).
+#: Fields Glance computes or owns: a PATCH of them is refused.
+READ_ONLY_FIELDS = frozenset(
+    {"id", "status", "checksum", "os_hash_algo", "os_hash_value", "size", "virtual_size",
+     "created_at", "updated_at", "owner", "self", "file", "schema", "direct_url", "locations",
+     "stores"}
 )  # fmt: skip
+#: Fields the image's owner may change; they always exist in a record (replaced, never added).
+WRITABLE_FIELDS = frozenset(
+    {"name", "visibility", "protected", "min_ram", "min_disk", "os_hidden", "tags",
+     "disk_format", "container_format"}
+)  # fmt: skip
+#: Every field of the schema; every other key of an image record is a custom property.
+CORE_FIELDS = READ_ONLY_FIELDS | WRITABLE_FIELDS
 
 JSON_PATCH = "application/openstack-images-v2.1-json-patch"
 #: What :meth:`ImagesManager.upload` and :meth:`ImagesManager.stage` accept as data.
@@ -62,6 +73,10 @@ class Image(Record):
 
     __slots__ = ()
     _repr_keys = ("id", "name", "status")
+    #: The fields of Glance's image schema: read-only and writable ones partition them.
+    CORE_FIELDS: ClassVar[frozenset[str]] = CORE_FIELDS
+    READ_ONLY_FIELDS: ClassVar[frozenset[str]] = READ_ONLY_FIELDS
+    WRITABLE_FIELDS: ClassVar[frozenset[str]] = WRITABLE_FIELDS
 
     @property
     def id(self) -> str:
@@ -143,7 +158,7 @@ class ImageData:
         except (httpx.TimeoutException, httpcore.TimeoutException) as exc:
             raise Timeout("image download: Glance stopped sending data") from exc
         except (httpx.TransportError, httpcore.NetworkError) as exc:
-            raise ConnectError(f"image download interrupted: {exc or type(exc).__name__}") from exc
+            raise ConnectError(f"image download interrupted: {transport_reason(exc)}") from exc
         finally:
             await body.aclose()
 
@@ -382,11 +397,18 @@ class ImagesManager:
         return [Task(record) for record in body.get("tasks") or []]
 
     async def open_data(
-        self, image_id: str, offset: int = 0, length: int | None = None
+        self,
+        image_id: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        retries: int | None = None,
     ) -> ImageData:
         """Start a download of the image's bytes ``[offset, offset + length)`` (to the end if None).
 
-        One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it.
+        One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it (it holds a
+        slot of :attr:`Client.connections <glancefs.Client.connections>` until then).
+        ``retries`` overrides the client's retries for opening it.
         """
         if length is not None and length <= 0:
             return ImageData(None, offset, offset, None)
@@ -396,7 +418,7 @@ class ImagesManager:
             headers["Range"] = f"bytes={offset}-{last}"
         try:
             response = await self._client.request(
-                "GET", f"/v2/images/{image_id}/file", headers=headers, stream=True
+                "GET", f"/v2/images/{image_id}/file", headers=headers, stream=True, retries=retries
             )
         except RangeNotSatisfiable:
             return ImageData(None, offset, offset, None)

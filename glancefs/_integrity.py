@@ -51,7 +51,7 @@ class Verifier:
         else:
             self._hash.update(chunk)
 
-    async def update_many(self, chunks: Sequence[bytes]) -> None:
+    async def update_many(self, chunks: Sequence[bytes | memoryview]) -> None:
         """Hash several chunks with one hop to a worker thread (fewer GIL handoffs and wakeups)."""
         self.length += sum(len(chunk) for chunk in chunks)
         if len(chunks) == 1 and len(chunks[0]) < _THREAD_THRESHOLD:

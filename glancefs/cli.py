@@ -7,6 +7,7 @@ exit; Ctrl-C exits 130.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -19,7 +20,7 @@ from typing import Any
 import click
 import trio
 
-from . import AuthError, Client, GlanceError, __version__
+from . import AuthError, CertificateError, Client, GlanceError, __version__
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
 from .fs.cache import CacheError, DataCache
@@ -32,8 +33,11 @@ from .fs.config import (
     parse_mount_options,
     parse_sort,
 )
+from .fs.daemon import run_in_background
+from .fs.fstab import mount_argv
 from .fs.mount import (
     MountError,
+    check_mountpoint,
     check_reachable,
     fuse_options,
     limit_to_credentials,
@@ -75,10 +79,6 @@ def main() -> None:
     """Mount an OpenStack Glance image service as a filesystem."""
 
 
-#: Sources of an fstab line that name no cloud (the options or the environment then do).
-_NO_CLOUD = frozenset({"none", "glancefs"})
-
-
 def run() -> None:
     """The ``glancefs`` program: the click commands, and the form mount(8) uses for fstab.
 
@@ -86,12 +86,7 @@ def run() -> None:
     ``glancefs CLOUD MOUNTPOINT -o OPTIONS``: that becomes ``glancefs mount MOUNTPOINT -o
     OPTIONS --os-cloud CLOUD`` (no ``--os-cloud`` for the source ``none``).
     """
-    args = sys.argv[1:]
-    if len(args) >= 2 and args[0] not in main.commands and not args[0].startswith("-"):
-        source, mountpoint, *rest = args
-        cloud = [] if source in _NO_CLOUD else ["--os-cloud", source]
-        args = ["mount", mountpoint, *rest, *cloud]
-    main(args=args, prog_name="glancefs")
+    main(args=mount_argv(sys.argv[1:], main.commands), prog_name="glancefs")
 
 
 @main.command()
@@ -198,6 +193,13 @@ def run() -> None:
     show_default=True,
     help="Retries of idempotent requests after a network failure.",
 )
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=MountConfig.max_connections,
+    show_default=True,
+    help="Requests to Glance in flight at once (downloads and uploads included).",
+)
 @click.option("--no-verify", is_flag=True, help="Do not check image data against its hash.")
 @click.option("--uid", type=int, help="Owner shown for every file [default: you].")
 @click.option("--gid", type=int, help="Group shown for every file [default: yours].")
@@ -261,6 +263,7 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     credentials = _credentials(params)
 
     def run(ready: Callable[[], None]) -> bool:
+        check_mountpoint(str(mountpoint))
         return trio.run(
             _mount_and_serve, params, credentials, config, str(mountpoint), options, ready
         )
@@ -268,7 +271,13 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     if params["foreground"]:
         _setup_logging(params["debug"], None)
         sys.exit(_run_foreground(run))
-    sys.exit(_run_background(run, params))
+    log_file = (params["log_file"] or DEFAULT_LOG).expanduser()
+    try:
+        run_in_background(run, lambda: _setup_logging(params["debug"], log_file))
+    except MountError as error:
+        click.echo(f"glancefs: {error}", err=True)
+        sys.exit(1)
+    sys.exit(0)
 
 
 @main.command()
@@ -329,6 +338,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         keep_failed=params["keep_failed"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
+        max_connections=params["max_connections"],
         cache=parse_cache_options(params["cache_dir"], params["cache_size"], params["cache_fill"]),
     )
 
@@ -373,19 +383,18 @@ def build_client(credentials: Credentials, params: dict[str, Any]) -> Client:
         timeout=params["timeout"],
         retries=params["retries"],
         verify=verify,
+        max_connections=params["max_connections"],
     )
 
 
 async def _explain(client: Client, credentials: Credentials, error: GlanceError) -> str:
-    """The one line saying why Glance could not be used."""
-    if isinstance(error, AuthError):
-        return f"cannot authenticate ({credentials.source}): {error}"
-    try:
-        endpoint = await client.auth.endpoint()
-    except GlanceError:  # the catalog itself failed: the error is about Keystone
-        return f"cannot authenticate ({credentials.source}): {error}"
-    text = f"cannot use Glance at {endpoint}: {error}"
-    if "CERTIFICATE_VERIFY_FAILED" in text:
+    """The one line saying why Glance could not be used, with a hint for what the user can do."""
+    text = f"cannot authenticate ({credentials.source}): {error}"
+    if not isinstance(error, AuthError):
+        # When the catalog itself fails, the error is about Keystone.
+        with contextlib.suppress(GlanceError):
+            text = f"cannot use Glance at {await client.auth.endpoint()}: {error}"
+    if isinstance(error, CertificateError):
         text += " (give the CA with --os-cacert, or skip the check with --insecure)"
     return text
 
@@ -398,10 +407,6 @@ async def _mount_and_serve(
     options: set[str],
     ready: Callable[[], None],
 ) -> bool:
-    if not os.path.isdir(mountpoint):
-        raise MountError(f"{mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise MountError(f"{mountpoint} is already a mount point")
     cache = await _open_cache(config)
     try:
         async with build_client(credentials, params) as client:
@@ -438,55 +443,6 @@ def _run_foreground(run: Callable[[Callable[[], None]], bool]) -> int:
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_INTERRUPTED if interrupted else 0
-
-
-def _run_background(run: Callable[[Callable[[], None]], bool], params: dict[str, Any]) -> int:
-    """Fork; the parent waits until the child's mount is ready (exit 0) or failed (exit 1)."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid:
-        os.close(write_end)
-        with os.fdopen(read_end, "rb") as pipe:
-            message = pipe.read().decode(errors="replace")
-        if message == "ready":
-            return 0
-        os.waitpid(pid, 0)
-        click.echo(f"glancefs: {message or 'the mount process died'}", err=True)
-        return 1
-    os.close(read_end)
-    os.setsid()
-    log_file = (params["log_file"] or DEFAULT_LOG).expanduser()
-    _setup_logging(params["debug"], log_file)
-    _detach_stdio()
-
-    pipe_open = True
-
-    def tell_parent(message: str) -> None:
-        nonlocal pipe_open
-        if pipe_open:
-            os.write(write_end, message.encode())
-            os.close(write_end)
-            pipe_open = False
-
-    try:
-        run(lambda: tell_parent("ready"))
-    except MountError as error:
-        log.error("%s", error)
-        tell_parent(str(error))
-        os._exit(1)
-    except BaseException as error:
-        log.exception("mount failed")
-        tell_parent(f"mount failed: {error}")
-        os._exit(1)
-    os._exit(0)
-
-
-def _detach_stdio() -> None:
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)
-    os.close(null)
-    os.chdir("/")
 
 
 def _setup_logging(debug: bool, log_file: Path | None) -> None:

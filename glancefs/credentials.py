@@ -227,7 +227,7 @@ def _load_cloud(
     """openstack.config's view of the cloud: (config, cloud region, keystoneauth1 session)."""
     from openstack.config.loader import OpenStackConfig
 
-    from ._version import __version__
+    from . import __version__
 
     class Config(OpenStackConfig):
         def auth_config_hook(self, config: dict[str, Any]) -> dict[str, Any]:

@@ -15,31 +15,27 @@ import functools
 import hashlib
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
+
 from lab.__main__ import STATE_FILE, _running_url
+from lab.glance_http import GlanceAPI
+from lab.mounts import GLANCEFS, mount_answers, mount_fstype, unmount
 from lab.servers import GlanceServer, _child_env, stop_detached
 
 MIB = 1024 * 1024
-#: The project venv's console script, beside the python running us (.venv/bin).
-GLANCEFS = Path(sys.executable).with_name("glancefs")
 MOUNT_TIMEOUT = 60.0
 EXIT_TIMEOUT = 10.0
-
-# Loopback only: an http_proxy from the environment must never see these requests.
-_opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 @functools.cache
@@ -117,34 +113,6 @@ class DemoError(Exception):
     """A problem the user can fix; printed as one line, exit 1."""
 
 
-# -- Glance over plain HTTP -------------------------------------------------------------
-
-
-def _call(method: str, url: str, body: bytes | None = None, ctype: str = "") -> bytes:
-    """One request; a non-2xx answer raises DemoError with Glance's message."""
-    req = urllib.request.Request(url, data=body, method=method)
-    if ctype:
-        req.add_header("Content-Type", ctype)
-    try:
-        with _opener.open(req, timeout=120) as resp:
-            data: bytes = resp.read()
-            return data
-    except urllib.error.HTTPError as e:
-        detail = e.read().decode(errors="replace").strip()[:300]
-        raise DemoError(f"{method} {url}: HTTP {e.code}: {detail}") from None
-
-
-def list_images(url: str) -> list[dict[str, Any]]:
-    """Every image, following Glance's `next` links."""
-    images: list[dict[str, Any]] = []
-    path: str | None = "/v2/images?limit=1000"
-    while path:
-        page = json.loads(_call("GET", url + path))
-        images += page["images"]
-        path = page.get("next") if page["images"] else None
-    return images
-
-
 def seed_images(url: str) -> list[str]:
     """Create the missing SEEDS, delete leftovers with their names; return what changed.
 
@@ -152,8 +120,13 @@ def seed_images(url: str) -> list[str]:
     (a third ubuntu-demo, a half-uploaded demo-raw) are deleted, so running it again
     always ends with exactly the seeded set.
     """
+    with GlanceAPI(url, timeout=120) as api:
+        return _seed(api)
+
+
+def _seed(api: GlanceAPI) -> list[str]:
     existing: dict[str, list[dict[str, Any]]] = {}
-    for image in list_images(url):
+    for image in api.list():
         existing.setdefault(image.get("name") or "", []).append(image)
     changes: list[str] = []
     for name in dict.fromkeys(seed.name for seed in SEEDS):
@@ -166,45 +139,21 @@ def seed_images(url: str) -> list[str]:
             else:
                 unclaimed.remove(match)
         for image in unclaimed:
-            _call("DELETE", f"{url}/v2/images/{image['id']}")
+            api.delete(image["id"])
             changes.append(f"removed stray {name} ({image['status']}, {image['id']})")
         for seed in missing:
-            doc = {
-                "name": name,
-                "disk_format": seed.disk_format,
-                "container_format": "bare",
-                "tags": list(seed.tags),
+            api.create(
+                name,
+                None if seed.data is None else seed.data(),
+                disk_format=seed.disk_format,
+                tags=list(seed.tags),
                 **seed.properties,
-            }
-            image = json.loads(
-                _call("POST", f"{url}/v2/images", json.dumps(doc).encode(), "application/json")
             )
-            if seed.data is not None:
-                data = seed.data()
-                _call(
-                    "PUT", f"{url}/v2/images/{image['id']}/file", data, "application/octet-stream"
-                )
             changes.append(f"created {name}")
     return changes
 
 
 # -- mounts and processes ---------------------------------------------------------------
-
-
-def mount_fstype(mountpoint: Path) -> str | None:
-    """Filesystem type mounted on mountpoint ("fuse.glancefs"...), None if not a mount point.
-
-    Read from /proc/self/mountinfo rather than os.path.ismount, which says False for a
-    FUSE mount whose process died (stat fails with ENOTCONN) yet still needs unmounting.
-    """
-    target = os.path.realpath(mountpoint)
-    fstype = None
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        fields, _, rest = line.partition(" - ")
-        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields.split(" ")[4])
-        if point == target:
-            fstype = rest.split(" ")[0]  # the last match is the top of a stack
-    return fstype
 
 
 def mount_processes(mountpoint: Path) -> dict[int, str | None]:
@@ -224,19 +173,6 @@ def mount_processes(mountpoint: Path) -> dict[int, str | None]:
             i = argv.index("--os-image-url") + 1 if "--os-image-url" in argv else 0
             found[pid] = argv[i] if 0 < i < len(argv) else None
     return found
-
-
-def unmount(mountpoint: Path) -> None:
-    """`glancefs umount`; a busy or dead mount is detached lazily so that stop proceeds."""
-    if _answers(mountpoint):
-        result = subprocess.run(
-            [str(GLANCEFS), "umount", str(mountpoint)], capture_output=True, text=True, check=False
-        )
-        if result.returncode == 0 or mount_fstype(mountpoint) is None:
-            return
-        why = (result.stderr.strip().splitlines() or ["umount failed"])[-1]
-        print(f"demo: {why}; detaching {mountpoint} lazily", file=sys.stderr)
-    subprocess.run(["fusermount3", "-u", "-z", str(mountpoint)], check=False)
 
 
 def wait_gone(pids: list[int], timeout: float = EXIT_TIMEOUT) -> None:
@@ -283,7 +219,7 @@ def ensure_mount(mountpoint: Path, url: str, log: Path) -> str:
                 f"{mountpoint} is a glancefs mount of {live[0]}, not of the demo's {url}: "
                 f"unmount it first (glancefs umount {mountpoint})"
             )
-        if (not urls or None in urls) and _answers(mountpoint):
+        if (not urls or None in urls) and mount_answers(mountpoint):
             return "left as it was (a glancefs mount this demo did not start)"
         print(f"demo: replacing the stale mount on {mountpoint}", file=sys.stderr)
         stop_mount(mountpoint)
@@ -305,19 +241,9 @@ def ensure_mount(mountpoint: Path, url: str, log: Path) -> str:
 def _glance_answers(url: str) -> bool:
     """True if something serves HTTP at url (any status): that mount is not stale."""
     try:
-        _opener.open(url + "/versions", timeout=5).close()
-    except urllib.error.HTTPError:
-        return True
-    except (OSError, ValueError):
-        return False
-    return True
-
-
-def _answers(mountpoint: Path) -> bool:
-    """False for a FUSE mount whose process is gone (ENOTCONN)."""
-    try:
-        os.stat(mountpoint)
-    except OSError:
+        with GlanceAPI(url, timeout=5) as api:
+            api.http.get("/versions")
+    except (httpx.HTTPError, ValueError):
         return False
     return True
 
@@ -327,7 +253,9 @@ def stop_mount(mountpoint: Path) -> bool:
     pids = list(mount_processes(mountpoint))
     fstype = mount_fstype(mountpoint)
     if fstype == "fuse.glancefs":
-        unmount(mountpoint)
+        why = unmount(mountpoint)
+        if why is not None:
+            print(f"demo: {why}; detached {mountpoint} lazily", file=sys.stderr)
     elif fstype is not None:
         print(f"demo: {mountpoint} is a {fstype} mount, not glancefs: left alone", file=sys.stderr)
     wait_gone(pids)

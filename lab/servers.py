@@ -568,12 +568,15 @@ class GlanceServer(_GunicornServer):
         venv: Path | None = None,
         database_url: str | None = None,
         store_dir: Path | None = None,
+        threads: int = 8,
     ) -> None:
         super().__init__(
             workdir, port=port, detach=detach, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
         )
         self.database_url = database_url
         self._store_dir = Path(store_dir).resolve() if store_dir else None
+        #: gunicorn request threads: how many requests this Glance serves at once.
+        self.threads = threads
         if flavor not in ("noauth", "fakeauth", "keystone"):
             raise ValueError(f"unknown flavor {flavor!r}")
         if flavor == "keystone" and not keystone_url:
@@ -695,8 +698,8 @@ class GlanceServer(_GunicornServer):
             synced.write_text("")
         cmd = [
             str(venv / "bin" / "gunicorn"),
-            "-k", "gthread", "-w", "1", "--threads", "8", "--timeout", "600", "--no-control-socket",
-            "--graceful-timeout", str(GRACEFUL_TIMEOUT),
+            "-k", "gthread", "-w", "1", "--threads", str(self.threads), "--timeout", "600",
+            "--no-control-socket", "--graceful-timeout", str(GRACEFUL_TIMEOUT),
             "--pythonpath", str(LIB_DIR),
             "glance.wsgi.api:application",
         ]  # fmt: skip

@@ -12,8 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from support import GLANCEFS, GlanceAPI, Mount  # noqa: E402
+from support import GlanceAPI, Mount  # noqa: E402
 
+from lab.mounts import mount_argv  # noqa: E402
 from lab.production import ProductionLab  # noqa: E402
 from lab.servers import GlanceServer  # noqa: E402
 
@@ -63,8 +64,7 @@ def mount_glancefs(tmp_path: Path) -> Iterator[MountFactory]:
         path: Path | None = None,
     ) -> Mount:
         mountpoint = path or tmp_path / name
-        endpoint = ["--os-image-url", url] if url else []
-        argv = [GLANCEFS, "mount", "-f", *endpoint, str(mountpoint), *args]
+        argv = mount_argv(url, mountpoint, *args)
         mount = Mount(mountpoint, tmp_path / f"{name}.log", argv, env=env)
         mounts.append(mount)
         return mount.start()

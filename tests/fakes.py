@@ -7,12 +7,16 @@ tests/integration; this fake is for what glancefs decides: caching, ordering, fa
 
 from __future__ import annotations
 
+import hashlib
+from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from types import TracebackType
 from typing import Any
 
 import trio
 
-from glancefs import Image, NotFound
+from glancefs import ConnectError, ConnectionBudget, Image, NotFound
 
 
 def record(n: int, name: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -28,9 +32,122 @@ def record(n: int, name: str | None = None, **fields: Any) -> dict[str, Any]:
     }
 
 
+def data_record(n: int, data: bytes, **fields: Any) -> dict[str, Any]:
+    """An active image record whose data is ``data`` (give it to ``FakeClient(data=...)``)."""
+    return record(
+        n,
+        size=len(data),
+        os_hash_algo="sha512",
+        os_hash_value=hashlib.sha512(data).hexdigest(),
+        checksum=hashlib.md5(data).hexdigest(),
+        **fields,
+    )
+
+
+@dataclass(eq=False)
+class DataFault:
+    """A fault of :meth:`FakeImages.open_data` responses, for the next ``times`` that it picks.
+
+    It picks a response of ``image_id`` (any if None) that covers image byte ``at`` (any if
+    None) and starts at ``response_start`` (any if None). ``flip``: that byte arrives inverted;
+    ``reset``: the connection breaks just before it; ``pause``: delivery stops just before it
+    until ``resume`` is set.
+    """
+
+    kind: str  # "flip", "reset" or "pause"
+    at: int | None = None
+    image_id: str | None = None
+    #: Pick only a response that starts at this image offset.
+    response_start: int | None = None
+    times: int = 1
+    resume: trio.Event = field(default_factory=trio.Event)
+    #: Set when a paused response reached the byte.
+    paused: trio.Event = field(default_factory=trio.Event)
+
+    def picks(self, image_id: str, start: int, end: int) -> bool:
+        if self.times <= 0 or (self.image_id is not None and self.image_id != image_id):
+            return False
+        if self.response_start is not None and self.response_start != start:
+            return False
+        return self.at is None or start <= self.at < end
+
+
+class FakeImageData:
+    """What :meth:`FakeImages.open_data` returns: the bytes ``[offset, end)`` in small chunks,
+    with a checkpoint between chunks, holding a ``download`` slot of the budget until closed."""
+
+    def __init__(
+        self, images: FakeImages, image_id: str, offset: int, end: int, fault: DataFault | None
+    ) -> None:
+        self._images = images
+        self.image_id = image_id
+        self.offset = offset
+        self.end = end
+        self._fault = fault
+        self._closed = False
+
+    async def __aenter__(self) -> FakeImageData:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        data = self._images.data[self.image_id]
+        fault = self._fault
+        at = None if fault is None else (self.offset if fault.at is None else fault.at)
+        position = self.offset
+        while position < self.end:
+            chunk_end = min(self.end, position + self._images.chunk_size)
+            if at is not None and fault is not None and position <= at < chunk_end:
+                if fault.kind == "flip":
+                    chunk = bytearray(data[position:chunk_end])
+                    chunk[at - position] ^= 0xFF
+                    at = None
+                    await trio.sleep(self._images.chunk_delay)
+                    yield bytes(chunk)
+                    position = chunk_end
+                    continue
+                if at > position:
+                    chunk_end = at  # deliver up to the byte first
+                else:
+                    at = None
+                    if fault.kind == "reset":
+                        raise ConnectError("image download interrupted: fake reset")
+                    fault.paused.set()
+                    await fault.resume.wait()
+                    continue
+            await trio.sleep(self._images.chunk_delay)
+            yield data[position:chunk_end]
+            position = chunk_end
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._images.open_streams[self.image_id] -= 1
+            self._images.budget.release("download")
+
+
 class FakeImages:
     def __init__(self, records: list[dict[str, Any]]) -> None:
         self.records = records
+        #: Image data by id, for open_data; faults apply to its responses in order.
+        self.data: dict[str, bytes] = {}
+        self.faults: list[DataFault] = []
+        self.chunk_size = 64 * 1024
+        #: Seconds each chunk takes to arrive (0: a checkpoint only).
+        self.chunk_delay = 0.0
+        #: Every open_data call: (image id, offset, length).
+        self.data_gets: list[tuple[str, int, int | None]] = []
+        #: Responses open right now per image, and the most there ever were at once.
+        self.open_streams: Counter[str] = Counter()
+        self.peak_streams: Counter[str] = Counter()
+        self.budget = ConnectionBudget(8)
         self.lists: list[dict[str, Any]] = []
         self.gets = 0
         #: When set: the listing stops after this many records until ``resume`` is set, then
@@ -55,7 +172,37 @@ class FakeImages:
                 return Image(r)
         raise NotFound(404, image_id)
 
+    async def open_data(
+        self,
+        image_id: str,
+        offset: int = 0,
+        length: int | None = None,
+        *,
+        retries: int | None = None,
+    ) -> FakeImageData:
+        """Like ``Client.images.open_data``, from :attr:`data`, with :attr:`faults`."""
+        self.data_gets.append((image_id, offset, length))
+        data = self.data[image_id]
+        end = len(data) if length is None else min(len(data), offset + length)
+        await self.budget.acquire("download")
+        self.open_streams[image_id] += 1
+        self.peak_streams[image_id] = max(self.peak_streams[image_id], self.open_streams[image_id])
+        fault = next((f for f in self.faults if f.picks(image_id, offset, end)), None)
+        if fault is not None:
+            fault.times -= 1
+        return FakeImageData(self, image_id, offset, end, fault)
+
 
 class FakeClient:
-    def __init__(self, records: list[dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        records: list[dict[str, Any]],
+        *,
+        data: dict[str, bytes] | None = None,
+        max_connections: int = 8,
+        retries: int = 1,
+    ) -> None:
         self.images = FakeImages(records)
+        self.images.data.update(data or {})
+        self.connections = self.images.budget = ConnectionBudget(max_connections)
+        self.retries = retries

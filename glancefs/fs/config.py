@@ -158,6 +158,9 @@ class MountConfig:
     prefetch_memory: int = 128 * 1024 * 1024
     #: The persistent data cache (``--cache-dir``); None: off.
     cache: CacheOptions | None = None
+    #: Requests to Glance in flight at once, downloads and uploads included (the client's
+    #: connection budget): 8 is one worker of a small API node with its default threads.
+    max_connections: int = 8
 
 
 _FLAG_OPTIONS = frozenset(

@@ -29,6 +29,7 @@ from .operations import GlanceFS
 
 __all__ = [
     "MountError",
+    "check_mountpoint",
     "check_reachable",
     "fuse_options",
     "limit_to_credentials",
@@ -56,7 +57,11 @@ KERNEL_TUNING = {
 
 def tune_kernel(mountpoint: str) -> None:
     """Raise the mount's readahead and FUSE queue limits through sysfs (root only; best effort)."""
-    device = os.stat(mountpoint).st_dev
+    try:
+        device = os.stat(mountpoint).st_dev
+    except OSError as error:  # unmounted already (ECONNABORTED once the session ends)
+        log.debug("not tuning %s: %s", mountpoint, error.strerror)
+        return
     minor = os.minor(device)
     paths = {
         "bdi": Path(f"/sys/class/bdi/{os.major(device)}:{minor}"),
@@ -88,6 +93,14 @@ def fuse_options(*, allow_other: bool = False) -> set[str]:
     if allow_other:
         options.add("allow_other")
     return options
+
+
+def check_mountpoint(mountpoint: str) -> None:
+    """Refuse a mountpoint that is not a directory, or already a mount point (MountError)."""
+    if not os.path.isdir(mountpoint):
+        raise MountError(f"{mountpoint} is not a directory")
+    if os.path.ismount(mountpoint):
+        raise MountError(f"{mountpoint} is already a mount point")
 
 
 async def check_reachable(client: Client) -> None:
@@ -130,9 +143,10 @@ async def serve(
     """
     interrupted = False
 
-    async def watch_signals() -> None:
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("SIGHUP: dropping every cache")
@@ -158,7 +172,8 @@ async def serve(
             nursery.cancel_scope.cancel()
         else:
             try:
-                nursery.start_soon(watch_signals)
+                # Before ready(): a SIGTERM sent as soon as the mount is reported ready unmounts.
+                await nursery.start(watch_signals)
                 nursery.start_soon(_tune_when_served, mountpoint)
                 ready()
                 log.info("mounted %s", mountpoint)

@@ -48,7 +48,7 @@ from .namespace import (
     has_readable_size,
 )
 from .naming import sanitize
-from .reader import ImageReader, PrefetchBudget
+from .reader import ImageReader, Readers
 from .refusals import (
     AccessDenied,
     CrossDevice,
@@ -165,12 +165,17 @@ class GlanceFS(pyfuse3.Operations):
         self._nursery = nursery
         self.catalog = catalog
         self._inodes = InodeTable(FIXED_INODES)
-        self._budget = PrefetchBudget(config.prefetch_memory)
+        self._readers = Readers(
+            client,
+            nursery,
+            self._image_corrupt,
+            verify=config.verify,
+            prefetch_memory=config.prefetch_memory,
+        )
         self._open_files: dict[int, _OpenFile] = {}
         #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.
         self._open_dirs: dict[int, tuple[tuple[tuple[str, Key], ...], Listing]] = {}
         self._next_handle = 1
-        self._corrupt: set[str] = set()
         self._mounted_ns = time.time_ns()
 
     # -- names and attributes -------------------------------------------------------------
@@ -337,16 +342,16 @@ class GlanceFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             return self._open_for_upload(inode, image, created=False)
         open_file = _OpenFile(inode, image)
+        keep_cache = False
         if image.status == "active":
-            open_file.reader = ImageReader(
-                self._client, image, self._nursery, self._budget, verify=self._config.verify
-            )
+            # Active image data never changes, so cached pages stay valid, once verified.
+            keep_cache = self._readers.keeps_cache(image.id)
+            open_file.reader = self._readers.open(image)
         elif image.status != "queued":
             raise AccessDenied(f"open {image.id}: image is {image.status}, its data is unreadable")
         handle = self._new_handle()
         self._open_files[handle] = open_file
-        # Active image data never changes, so pages the kernel cached stay valid.
-        return pyfuse3.FileInfo(fh=handle, keep_cache=image.status == "active")
+        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     def _open_for_upload(self, inode: InodeT, image: Image, *, created: bool) -> pyfuse3.FileInfo:
         self._refuse_if_read_only(f"write {image.id}")
@@ -391,20 +396,25 @@ class GlanceFS(pyfuse3.Operations):
         open_file = self._open_files[fh]
         if open_file.reader is None:
             return b""
-        image_id = open_file.image.id
-        if image_id in self._corrupt:
-            raise IntegrityError(f"image {image_id} failed verification earlier in this mount")
         try:
             return await open_file.reader.read(off, size)
         except IntegrityError:
-            # Pages read before the mismatch are suspect too: drop them from the page cache.
-            # Not here: the kernel would wait for the pages this very read holds locked.
-            self._corrupt.add(image_id)
-            self._nursery.start_soon(self._drop_cached_pages, open_file.inode)
-            raise
+            # Logged once, when found (_image_corrupt): every later read fails quietly.
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    def _image_corrupt(self, image_id: str, error: IntegrityError) -> None:
+        """A mismatch was found in an image's data: say so once and drop its cached pages."""
+        log.error("read: EIO: %s (every read of it fails until SIGHUP or remount)", error)
+        # Pages served before the mismatch are suspect too. Not from the read that found it:
+        # the kernel would wait for the pages that very read holds locked.
+        inode = InodeT(self._inodes.inode_of(ImageKey(image_id)))
+        self._nursery.start_soon(self._drop_cached_pages, inode)
 
     async def _drop_cached_pages(self, inode: InodeT) -> None:
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode)
+        except OSError as error:  # the kernel forgot the inode: no pages left to drop
+            log.debug("invalidate inode %d: %s", inode, error)
 
     @_boundary
     async def write(self, fh: FileHandleT, off: int, buf: bytes) -> int:
@@ -485,7 +495,7 @@ class GlanceFS(pyfuse3.Operations):
         if open_file is None:
             return
         if open_file.reader is not None:
-            await open_file.reader.aclose()
+            await self._readers.release(open_file.reader)
         if open_file.upload is not None and not open_file.upload.finished:
             try:
                 await self._finish_upload(open_file)
@@ -681,6 +691,6 @@ class GlanceFS(pyfuse3.Operations):
         return handle
 
     def drop_caches(self) -> None:
-        """Forget cached metadata and verification failures (SIGHUP)."""
+        """Forget cached metadata and verification failures and verdicts (SIGHUP)."""
         self.catalog.drop_all()
-        self._corrupt.clear()
+        self._readers.reset()

@@ -291,7 +291,8 @@ def test_missing_credentials_are_one_line(tmp_path: Path, keystone: KeystoneServ
         assert expected in line
     wrong = {**demo_env(keystone, tmp_path), "OS_PASSWORD": "wrong-password"}
     line = _mount_fails([], wrong, tmp_path / "mnt")
-    assert "Keystone refused the credentials" in line and "wrong-password" not in line
+    assert "Keystone refused the credentials" in line
+    assert "wrong-password" not in line
 
 
 def _mount_fails(args: list[str], env: dict[str, str], mountpoint: Path) -> str:
@@ -308,7 +309,8 @@ def _mount_fails(args: list[str], env: dict[str, str], mountpoint: Path) -> str:
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
     assert not os.path.ismount(mountpoint)
     return lines[0]
 
@@ -366,6 +368,7 @@ async def test_client_upload_outlives_its_revoked_token(
             name=f"slow-{uuid.uuid4().hex[:6]}", disk_format="raw", container_format="bare"
         )
         token = await trio.to_thread.run_sync(session.get_token)
+        assert token is not None
 
         async def slowly() -> AsyncIterator[bytes]:
             for i, chunk in enumerate(chunks):
@@ -387,8 +390,9 @@ async def test_client_upload_outlives_its_revoked_token(
         image = await client.images.create(
             name=f"late-{uuid.uuid4().hex[:6]}", disk_format="raw", container_format="bare"
         )
-        token = await trio.to_thread.run_sync(session.get_token)
-        await trio.to_thread.run_sync(revoke, keystone, token)
+        late_token = await trio.to_thread.run_sync(session.get_token)
+        assert late_token is not None
+        await trio.to_thread.run_sync(revoke, keystone, late_token)
 
         async def at_once() -> AsyncIterator[bytes]:
             for chunk in chunks:
@@ -468,7 +472,8 @@ def test_mounted_upload_outlives_invalidated_tokens(
     # The upload started with a token from before the new keys and ended after them; what came
     # after it was refused once and re-authenticated.
     started, ended = upload_span(log, image["id"])
-    assert started < rotation[0] and ended > rotation[1]
+    assert started < rotation[0]
+    assert ended > rotation[1]
     assert "token refused (401): re-authenticating once" in log
     assert log.count("authenticated with Keystone") >= 2
     assert not secrets_in(log, [USERS["demo"]])
@@ -609,7 +614,8 @@ def test_https_without_the_ca_fails_in_one_line(
     (tmp_path / "mnt").mkdir()
     env = demo_env(keystone, tmp_path)
     line = _mount_fails(["--os-image-url", glance_https.url], env, tmp_path / "mnt")
-    assert "certificate" in line and "CERTIFICATE_VERIFY_FAILED" in line, line
+    assert "certificate" in line, line
+    assert "CERTIFICATE_VERIFY_FAILED" in line, line
     assert "--os-cacert" in line
 
 
@@ -729,7 +735,8 @@ def test_debug_logs_hold_no_secret(
             text=True,
             check=True,
         ).stdout
-        assert "--os-" in ps and not secrets_in(ps, [USERS["demo"], known]), ps
+        assert "--os-" in ps, ps
+        assert not secrets_in(ps, [USERS["demo"], known]), ps
 
     revoke(keystone, known)  # the bare mount's requests are now refused: error paths get logged
     listing(password)
@@ -737,7 +744,8 @@ def test_debug_logs_hold_no_secret(
     for mount in (password, token_auth, bare):
         mount.stop()
         log = mount.log()
-        assert "curl -g -i" in log and "X-Auth-Token: {SHA256}" in log
+        assert "curl -g -i" in log
+        assert "X-Auth-Token: {SHA256}" in log
         assert not secrets_in(log, [USERS["demo"], known]), mount.path.name
     assert "can be seen by other users" in password.log()  # the warning about --os-password
 
@@ -757,7 +765,8 @@ def test_ps_does_not_show_the_password(
     ).stdout
     assert mount.proc is not None
     ours = [line for line in everything.splitlines() if line.split()[0] == str(mount.proc.pid)]
-    assert ours and "--os-password=***" in ours[0], ours
+    assert ours, ours
+    assert "--os-password=***" in ours[0], ours
     assert USERS["demo"] not in everything
     cmdline = Path(f"/proc/{mount.proc.pid}/cmdline").read_bytes()
     assert USERS["demo"].encode() not in cmdline
@@ -803,19 +812,22 @@ def test_other_users_need_allow_other(
     name = images["demo"]["name"]
     private = mount_glancefs(None, name="private", env=env, path=shared_dir / "private")
     refused = _as_nobody("ls", str(private.path))
-    assert refused.returncode != 0 and "Permission denied" in refused.stderr
+    assert refused.returncode != 0
+    assert "Permission denied" in refused.stderr
     assert name in listing(private)  # the owner still can
 
     shared = mount_glancefs(
         None, "--allow-other", name="shared", env=env, path=shared_dir / "shared"
     )
     seen = _as_nobody("ls", "-l", str(shared.path))
-    assert seen.returncode == 0 and name in seen.stdout, seen.stderr
+    assert seen.returncode == 0, seen.stderr
+    assert name in seen.stdout, seen.stderr
     read = _as_nobody("sha256sum", str(shared.path / name))
     assert read.stdout.split()[0] == hashlib.sha256(images["demo"]["data"]).hexdigest()
     # What the modes show is what the kernel enforces: others may read, not write.
     write = _as_nobody("touch", str(shared.path / "new" / "intruder.raw"))
-    assert write.returncode != 0 and "Permission denied" in write.stderr
+    assert write.returncode != 0
+    assert "Permission denied" in write.stderr
     assert images["alt"]["name"] not in seen.stdout  # and only what the credentials see
 
 
@@ -855,7 +867,8 @@ def test_reader_role_mounts_read_only(
         copy = subprocess.run(
             ["cp", str(source), str(new / "refused.raw")], capture_output=True, text=True
         )
-        assert copy.returncode != 0 and "Read-only file system" in copy.stderr, copy.stderr
+        assert copy.returncode != 0, copy.stderr
+        assert "Read-only file system" in copy.stderr, copy.stderr
         with pytest.raises(OSError) as refused:
             os.open(queued_path, os.O_WRONLY)
         assert refused.value.errno == errno.EROFS
@@ -867,13 +880,17 @@ def test_reader_role_mounts_read_only(
         modes = _as_nobody("stat", "-c", "%a", str(new), str(queued_path), str(active))
         assert modes.stdout.split() == ["555", "444", "444"], modes.stderr
         copy = _as_nobody("cp", str(source), str(new / "refused.raw"))
-        assert copy.returncode != 0 and "Read-only file system" in copy.stderr, copy.stderr
+        assert copy.returncode != 0, copy.stderr
+        assert "Read-only file system" in copy.stderr, copy.stderr
         seen = _as_nobody("ls", str(mount.path))
-        assert seen.returncode == 0 and images["demo"]["name"] in seen.stdout, seen.stderr
+        assert seen.returncode == 0, seen.stderr
+        assert images["demo"]["name"] in seen.stdout, seen.stderr
         status = _as_nobody("getfattr", "--only-values", "-n", "user.status", str(active))
-        assert status.returncode == 0 and status.stdout == "active", status.stderr
+        assert status.returncode == 0, status.stderr
+        assert status.stdout == "active", status.stderr
         read = _as_nobody("cat", str(active))
-        assert read.returncode != 0 and "Operation not permitted" in read.stderr, read.stderr
+        assert read.returncode != 0, read.stderr
+        assert "Operation not permitted" in read.stderr, read.stderr
     finally:
         source.unlink()
     assert "refused.raw" not in {*os.listdir(mount.path), *os.listdir(new)}

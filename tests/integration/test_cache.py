@@ -59,4 +59,5 @@ def test_a_cache_directory_open_to_others_is_refused(glance: GlanceServer, tmp_p
         f"glancefs: cache directory {shared} is open to other users (mode 755): chmod 700 it, "
         "or name a new directory"
     ]
-    assert not mountpoint.is_mount() and list(shared.iterdir()) == []
+    assert not mountpoint.is_mount()
+    assert list(shared.iterdir()) == []

@@ -145,7 +145,8 @@ def test_by_tag_lists_the_tag_and_by_id_ignores_the_view(
 def test_statfs_without_quotas(glance: GlanceServer, mount_glancefs: MountFactory) -> None:
     mount = mount_glancefs(glance.url)
     stats = os.statvfs(mount.path)
-    assert stats.f_bsize == 4096 and stats.f_namemax == 255
+    assert stats.f_bsize == 4096
+    assert stats.f_namemax == 255
     # The lab's Glance enforces no unified limits (/v2/info/usage answers {}): all free.
     assert stats.f_blocks == stats.f_bfree == stats.f_bavail > 0
     assert mount.run("df", "-k", ".").splitlines()[1].split()[2] == "0"  # used

@@ -11,7 +11,7 @@ import shutil
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -211,7 +211,7 @@ def test_mv_renames_within_a_directory(api: GlanceAPI, writable: Mount) -> None:
 
 def test_fixed_tree_refusals(api: GlanceAPI, writable: Mount) -> None:
     image = api.create(f"tree-{uuid.uuid4().hex[:6]}", b"x")
-    refusals = {
+    refusals: dict[str, Callable[[], object]] = {
         "mkdir": lambda: os.mkdir(writable.path / "dir"),
         "symlink": lambda: os.symlink("x", writable.path / "new" / "link"),
         "link": lambda: os.link(writable.path / image["name"], writable.path / "new" / "hard"),
@@ -245,7 +245,7 @@ def test_read_only_mount_refuses_every_change(
     image = api.create(f"ro-{uuid.uuid4().hex[:6]}", b"x")
     mount = mount_glancefs(glance.url, "--read-only", "--allow-delete")
     path = mount.path / image["name"]
-    calls = [
+    calls: list[Callable[[], object]] = [
         lambda: os.open(mount.path / "new" / "nope", os.O_WRONLY | os.O_CREAT),
         lambda: os.unlink(path),
         lambda: os.rename(path, mount.path / "renamed"),
@@ -347,9 +347,13 @@ def test_property_quota_gives_enospc(
     mount = mount_glancefs(own_glance.url)
     path = mount.path / "quota"
     os.setxattr(path, "user.c", b"3")
-    with pytest.raises(OSError) as full:
+
+    def set_three_more() -> None:
         for key in ("d", "e", "f"):
             os.setxattr(path, f"user.{key}", b"x")
+
+    with pytest.raises(OSError) as full:
+        set_three_more()
     assert full.value.errno == errno.ENOSPC
     assert len([k for k in api.get(image["id"]) if len(k) == 1]) <= 4
 
@@ -423,12 +427,16 @@ def test_size_cap_gives_enospc_and_leaves_nothing(
     api = GlanceAPI(capped_glance.url)
     mount = mount_glancefs(capped_glance.url)
     fd = os.open(mount.path / "new" / "too-big.raw", os.O_WRONLY | os.O_CREAT)
-    with pytest.raises(OSError) as refused:
+
+    def write_4_mib_and_close() -> None:
         try:
             for _ in range(4):
                 os.write(fd, random.randbytes(MiB))
         finally:
             os.close(fd)
+
+    with pytest.raises(OSError) as refused:
+        write_4_mib_and_close()
     assert refused.value.errno == errno.ENOSPC, refused.value
     assert api.list() == []
     assert "413" in mount.log()

@@ -110,7 +110,9 @@ def test_counts_requests_and_data_gets(
     assert proxy.data_gets(image_id) == [DataGet(image_id, None), DataGet(image_id, "bytes=0-9")]
     assert proxy.data_gets("another") == []
     proxy.reset_counts()
-    assert proxy.count() == 0 and proxy.data_gets() == [] and proxy.counts() == {}
+    assert proxy.count() == 0
+    assert proxy.data_gets() == []
+    assert proxy.counts() == {}
 
 
 def test_uploads_chunked_and_with_content_length(
@@ -126,7 +128,8 @@ def test_uploads_chunked_and_with_content_length(
         )
         assert r.status_code == 204, r.text
         image = api.get(image_id)
-        assert image["status"] == "active" and image["size"] == len(data)
+        assert image["status"] == "active"
+        assert image["size"] == len(data)
         assert image["checksum"] == hashlib.md5(data).hexdigest()
     assert proxy.count("PUT", IMAGE_DATA) == 2
 
@@ -181,7 +184,8 @@ def test_fail_answers_a_glance_like_error_then_passes(
     r = client.get(f"/v2/images/{image_id}/file")
     assert r.status_code == 503
     assert "<h1>503 Service Unavailable</h1>" in r.text
-    assert r.headers["Retry-After"] == "1" and r.headers["X-Openstack-Request-Id"]
+    assert r.headers["Retry-After"] == "1"
+    assert r.headers["X-Openstack-Request-Id"]
     assert client.get(f"/v2/images/{image_id}/file").content == data  # times=1: next one passes
     assert rule.fired == 1
     assert proxy.count("GET", IMAGE_DATA) == 2  # the failed one was counted too
@@ -212,10 +216,11 @@ def test_reset_after_n_body_bytes(
     image_id, data = image
     proxy.reset_after(100_000, method="GET", path=IMAGE_DATA, times=1)
     head, body, end = raw_get(proxy.url, f"/v2/images/{image_id}/file")
-    assert head.startswith(b"HTTP/1.1 200 ") and f"Content-Length: {len(data)}".encode() in head
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert f"Content-Length: {len(data)}".encode() in head
     assert (body, end) == (data[:100_000], "reset")
+    proxy.reset_after(10, method="GET", path=IMAGE_DATA, times=1)
     with pytest.raises(httpx.ReadError):
-        proxy.reset_after(10, method="GET", path=IMAGE_DATA, times=1)
         client.get(f"/v2/images/{image_id}/file")
 
 
@@ -301,7 +306,8 @@ def test_hang_ends_on_release_and_on_stop(glance: GlanceServer) -> None:
             else:
                 proxy.stop()
             thread.join(10)
-            assert not thread.is_alive() and time.monotonic() - started < 5
+            assert not thread.is_alive()
+            assert time.monotonic() - started < 5
     assert len(errors) == 2
 
 
@@ -334,10 +340,12 @@ def test_hold_later_pages_until_released(
     )
     thread.start()
     assert rule.wait_holding()
-    assert rule.holding and not answers
+    assert rule.holding
+    assert not answers
     rule.release()
     thread.join(10)
-    assert answers == [200] and not rule.holding
+    assert answers == [200]
+    assert not rule.holding
     assert client.get("/v2/images", params={"marker": image_id}).status_code == 200  # released
 
 

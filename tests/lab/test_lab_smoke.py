@@ -103,7 +103,8 @@ def test_fakeauth_glance_survives_restart(tmp_path: Path) -> None:
         glance.restart()
         assert glance.port == port
         status, _, raw = _request("GET", f"{glance.url}/v2/images/{image['id']}")
-        assert status == 200 and json.loads(raw)["checksum"] == image["checksum"]
+        assert status == 200
+        assert json.loads(raw)["checksum"] == image["checksum"]
         # the override reached glance-api.conf: a sixth property is refused
         props = [{"op": "add", "path": f"/p{i}", "value": "v"} for i in range(6)]
         status, _, _ = _request(
@@ -163,7 +164,8 @@ def test_keystone_glance(tmp_path: Path) -> None:
                 {"name": "ks", "disk_format": "raw", "container_format": "bare"},
                 {"X-Auth-Token": token},
             )
-            assert status == 201 and image["owner"] == ids["project:demo"]
+            assert status == 201
+            assert image["owner"] == ids["project:demo"]
 
             keystone.rotate_keys()  # every token issued so far is now refused
             status, _, _ = _request("GET", f"{glance.url}/v2/images", None, {"X-Auth-Token": token})

@@ -112,11 +112,11 @@ def test_upload_through_haproxy_then_download_byte_exact(
     assert (lab.store_dir / image["id"]).read_bytes() == data  # the one shared store
     for url in (lab.url, *(node.url for node in lab.nodes)):
         got = httpx.get(f"{url}/v2/images/{image['id']}/file", timeout=60)
-        assert got.status_code == 200 and hashlib.sha256(got.content).digest() == (
-            hashlib.sha256(data).digest()
-        )
+        assert got.status_code == 200
+        assert hashlib.sha256(got.content).digest() == (hashlib.sha256(data).digest())
     final = client.get(f"/v2/images/{image['id']}").json()
-    assert final["status"] == "active" and final["checksum"] == hashlib.md5(data).hexdigest()
+    assert final["status"] == "active"
+    assert final["checksum"] == hashlib.md5(data).hexdigest()
 
 
 def test_killed_node_is_routed_around_and_comes_back(
@@ -163,7 +163,8 @@ def test_concurrent_uploads_all_succeed(lab: ProductionLab, client: httpx.Client
     assert {node for _, node in results} == {"node0", "node1"}
     for image, data in zip(images, blobs, strict=True):
         held = httpx.get(f"{lab.node(0).url}/v2/images/{image['id']}").json()
-        assert held["status"] == "active" and held["size"] == len(data)
+        assert held["status"] == "active"
+        assert held["size"] == len(data)
         assert held["checksum"] == hashlib.md5(data).hexdigest()
     for node in lab.nodes:
         assert "database is locked" not in node.log_path.read_text()

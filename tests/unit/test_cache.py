@@ -111,7 +111,8 @@ class TestReadWrite:
     async def test_reads_return_exactly_the_stored_bytes(self, cache: DataCache) -> None:
         data = image_data(1)
         entry = entry_of(cache, data)
-        assert entry.block_count == 6 and entry.block_length(5) == 1000
+        assert entry.block_count == 6
+        assert entry.block_length(5) == 1000
         await fill(entry, data)
         assert entry.complete
         rng = random.Random(2)
@@ -121,8 +122,10 @@ class TestReadWrite:
             assert await entry.read(offset, length) == data[offset : offset + length]
         assert await entry.read(SIZE, 10) == b""
         stats = cache.stats()
-        assert stats.hits == len(ranges) and stats.misses == 0
-        assert stats.written_bytes == SIZE and stats.bytes == disk_bytes(cache.directory)
+        assert stats.hits == len(ranges)
+        assert stats.misses == 0
+        assert stats.written_bytes == SIZE
+        assert stats.bytes == disk_bytes(cache.directory)
 
     async def test_a_read_needs_every_block_it_touches(self, cache: DataCache) -> None:
         data = image_data(1)
@@ -139,7 +142,7 @@ class TestReadWrite:
         entry = entry_of(cache, image_data(1))
         with pytest.raises(ValueError, match="1000 bytes"):
             await entry.write_block(5, b"x" * BLOCK)
-        with pytest.raises(ValueError):
+        with pytest.raises(ValueError, match="block 6 of a"):
             await entry.write_block(6, b"x")
         assert cache_files(cache.directory) == []
 
@@ -160,14 +163,17 @@ class TestReadWrite:
         assert cache.entry("shake_128", "00" * 16, 10) is None  # no fixed length
         assert cache.entry("nosuchhash", "00" * 16, 10) is None
         entry = cache.entry("SHA512", value.upper(), 10)
-        assert entry is not None and entry.size == 10
+        assert entry is not None
+        assert entry.size == 10
 
     async def test_a_hash_recorded_with_another_size_starts_over(self, cache: DataCache) -> None:
         data = image_data(1)
         await fill(entry_of(cache, data), data)
         other = cache.entry("sha512", sha512(data), SIZE - 1)
-        assert other is not None and other.missing() == list(range(6))
-        assert block_files(cache.directory) == [] and cache.stats().bytes == 0
+        assert other is not None
+        assert other.missing() == list(range(6))
+        assert block_files(cache.directory) == []
+        assert cache.stats().bytes == 0
         await fill(other, data[:-1], [0])  # the old files are gone before new ones are written
         assert disk_bytes(cache.directory) == FILE
 
@@ -189,14 +195,18 @@ class TestVerification:
         data = image_data(1)
         entry = entry_of(cache, data)
         await fill(entry, data, range(5))
-        assert not await entry.verify() and not entry.verified
+        assert not await entry.verify()
+        assert not entry.verified
         assert entry.agrees(0, data[:BLOCK]) is None
         await fill(entry, data, [5])
-        assert await entry.verify() and entry.verified
+        assert await entry.verify()
+        assert entry.verified
         assert (cache_files(directory)[-1]).name == "verified"
         assert cache.stats().verified_entries == 1
-        assert entry.agrees(5, data[5 * BLOCK :]) and entry.agrees(0, data[:BLOCK])
-        assert not entry.agrees(0, data[BLOCK : 2 * BLOCK]) and not entry.agrees(5, b"short")
+        assert entry.agrees(5, data[5 * BLOCK :])
+        assert entry.agrees(0, data[:BLOCK])
+        assert not entry.agrees(0, data[BLOCK : 2 * BLOCK])
+        assert not entry.agrees(5, b"short")
 
     async def test_a_mismatch_drops_the_entry(
         self, cache: DataCache, caplog: pytest.LogCaptureFixture
@@ -212,8 +222,10 @@ class TestVerification:
             f"cache: sha512 of the stored {sha512(data)[:16]}... is {sha512(bytes(wrong))[:16]}"
             "..., not the image's: entry dropped"
         ]
-        assert entry.missing() == list(range(6)) and not entry.verified
-        assert cache_files(cache.directory) == [] and cache.stats().bytes == 0
+        assert entry.missing() == list(range(6))
+        assert not entry.verified
+        assert cache_files(cache.directory) == []
+        assert cache.stats().bytes == 0
         assert cache.stats().rejected_entries == 1
         await fill(entry, data)  # the same handle fills again
         assert await entry.verify()
@@ -226,15 +238,18 @@ class TestVerification:
         await fill(entry, data)
         assert await entry.verify()
         damage_by_flipping_data(block_files(cache.directory)[1], Path())  # block 1
-        assert await entry.read(BLOCK + CHECKED_PIECE, 10) is None and entry.missing() == [1]
+        assert await entry.read(BLOCK + CHECKED_PIECE, 10) is None
+        assert entry.missing() == [1]
         assert entry.verified  # what is left is still what the hash saw
         assert await entry.read(0, BLOCK) == data[:BLOCK]
         wrong = bytearray(data[BLOCK : 2 * BLOCK])
         wrong[100] ^= 1
         assert not await entry.write_block(1, bytes(wrong))
-        assert cache.stats().mismatched_blocks == 1 and entry.missing() == [1]
+        assert cache.stats().mismatched_blocks == 1
+        assert entry.missing() == [1]
         assert await entry.write_block(1, data[BLOCK : 2 * BLOCK])
-        assert entry.complete and await entry.read(0, SIZE) == data
+        assert entry.complete
+        assert await entry.read(0, SIZE) == data
         assert await entry.verify()  # already verified: no second hash
         assert cache.stats().verified_entries == 1
 
@@ -248,8 +263,11 @@ class TestVerification:
         damage_by_flipping_the_header(manifest, Path())
         with open_cache(directory) as cache:
             entry = entry_of(cache, data)
-            assert not entry.verified and not manifest.exists() and entry.complete
-            assert await entry.verify() and manifest.exists()
+            assert not entry.verified
+            assert not manifest.exists()
+            assert entry.complete
+            assert await entry.verify()
+            assert manifest.exists()
 
 
 def damage_by_flipping_data(path: Path, other: Path) -> None:
@@ -316,10 +334,13 @@ class TestDamage:
             assert await entry.read(0, SIZE) is None
             assert len(caplog.records) == 1
             assert "block 2 of sha512" in caplog.records[0].getMessage()
-            assert not target.exists() and entry.missing() == [2]
-            assert entry.verified and (target.parent / "verified").exists()
+            assert not target.exists()
+            assert entry.missing() == [2]
+            assert entry.verified
+            assert (target.parent / "verified").exists()
             stats = cache.stats()
-            assert stats.damaged_blocks == 1 and stats.bytes == disk_bytes(directory)
+            assert stats.damaged_blocks == 1
+            assert stats.bytes == disk_bytes(directory)
             # Fetched again (and matching the manifest): served again.
             await fill(entry, data, [2])
             assert await entry.read(0, SIZE) == data
@@ -335,7 +356,8 @@ class TestDamage:
             entry = entry_of(cache, data)
             for index in range(entry.block_count):
                 assert await entry.read(index * BLOCK, BLOCK) is None
-            assert block_files(directory) == [] and cache.stats().bytes == 0
+            assert block_files(directory) == []
+            assert cache.stats().bytes == 0
 
     async def test_only_the_touched_pieces_are_checked(self, cache: DataCache) -> None:
         """A 4 KiB read checks its 64 KiB piece, not the block: intact pieces are still served."""
@@ -380,10 +402,12 @@ class TestRestart:
             await fill(entry_of(cache, partial), partial, [1, 3])
         with open_cache(directory) as cache:
             entry = entry_of(cache, data)
-            assert entry.complete and entry.verified
+            assert entry.complete
+            assert entry.verified
             assert await entry.read(0, SIZE) == data
             partial_entry = entry_of(cache, partial)
-            assert partial_entry.missing() == [0, 2, 4, 5] and not partial_entry.verified
+            assert partial_entry.missing() == [0, 2, 4, 5]
+            assert not partial_entry.verified
             assert await partial_entry.read(BLOCK, BLOCK) == partial[BLOCK : 2 * BLOCK]
             assert cache.stats().written_bytes == 0
             assert cache.stats().bytes == disk_bytes(directory) == 7 * FILE + 4096 + 1000
@@ -419,7 +443,8 @@ class TestRestart:
         (directory / "v1" / f"sha512-{sha512(data)}" / "4.blk").unlink()
         with open_cache(directory) as cache:
             entry = entry_of(cache, data)
-            assert entry.verified and entry.missing() == [4]
+            assert entry.verified
+            assert entry.missing() == [4]
             assert not await entry.write_block(4, bytes(BLOCK))
             await fill(entry, data, [4])
             assert await entry.read(0, SIZE) == data
@@ -438,11 +463,14 @@ class TestEviction:
             await fill(entries[2], images[2])
             assert cache.stats().evictions == 1
             assert entries[1].missing() == list(range(6))
-            assert entries[0].complete and entries[2].complete
+            assert entries[0].complete
+            assert entries[2].complete
             await fill(entries[3], images[3])
-            assert entries[0].missing() == list(range(6)) and entries[2].complete
+            assert entries[0].missing() == list(range(6))
+            assert entries[2].complete
             stats = cache.stats()
-            assert stats.evictions == 2 and stats.bytes == disk_bytes(directory) <= 14 * FILE
+            assert stats.evictions == 2
+            assert stats.bytes == disk_bytes(directory) <= 14 * FILE
             assert not list((directory / "v1").glob(".trash-*"))
 
     async def test_open_files_are_evicted_last(self, directory: Path) -> None:
@@ -453,7 +481,8 @@ class TestEviction:
             await fill(idle, images[1])
             idle.release()
             await fill(new, images[2])
-            assert in_use.complete and idle.missing() == list(range(6))
+            assert in_use.complete
+            assert idle.missing() == list(range(6))
 
     async def test_the_entry_being_written_never_evicts_itself(self, directory: Path) -> None:
         data = image_data(1)
@@ -485,7 +514,8 @@ class TestEviction:
             assert cache.stats().evictions == 1
             assert disk_bytes(directory) == 2 * (5 * FILE + 4096 + 1000)
             assert entry_of(cache, images[1]).missing() == list(range(6))
-            assert entry_of(cache, images[0]).complete and entry_of(cache, images[2]).complete
+            assert entry_of(cache, images[0]).complete
+            assert entry_of(cache, images[2]).complete
 
     async def test_an_open_marks_the_use_on_disk(self, directory: Path) -> None:
         data = image_data(1)
@@ -550,7 +580,8 @@ class TestEviction:
             "Glance until a write works"
         ]
         stats = cache.stats()
-        assert stats.refused_blocks == 3 and stats.bytes == 0
+        assert stats.refused_blocks == 3
+        assert stats.bytes == 0
         monkeypatch.undo()
         await fill(entry, data)
         assert await entry.read(0, SIZE) == data
@@ -576,7 +607,8 @@ class TestOneProcessPerDirectory:
             text=True,
         )
         try:
-            assert holder.stdout is not None and holder.stdout.readline() == "open\n"
+            assert holder.stdout is not None
+            assert holder.stdout.readline() == "open\n"
             refused = subprocess.run(
                 [sys.executable, "-c", HOLD_SCRIPT, str(directory)],
                 capture_output=True,
@@ -715,7 +747,8 @@ class TestKilledWriter:
             data = image_data(9)
             entry = entry_of(cache, data)
             await fill(entry, data)
-            assert await entry.verify() and await entry.read(0, SIZE) == data
+            assert await entry.verify()
+            assert await entry.read(0, SIZE) == data
 
 
 class TestOptions:

@@ -95,7 +95,8 @@ async def test_names_reach_readers_before_the_listing_ends() -> None:
         assert (listing.names, listing.complete) == (["image-1", "image-2"], False)
         assert cat.open_listing(ROOT) is listing  # one fetch, shared
         found = await listing.find("image-2")  # a final name: no wait for the rest
-        assert found is not None and found.size == 20
+        assert found is not None
+        assert found.size == 20
         client.images.resume.set()
         await listing.wait_complete()
         assert listing.names == [f"image-{n}" for n in range(1, 6)]

@@ -120,7 +120,8 @@ def test_clouds_yaml_with_aliases_tls_and_secure_yaml(
     assert credentials.tls == TLS(
         str(tmp_path / "ca.pem"), str(tmp_path / "client.pem"), str(tmp_path / "client.key")
     )
-    assert auth._interface == "internal" and auth._region_name == "RegionTwo"
+    assert auth._interface == "internal"
+    assert auth._region_name == "RegionTwo"
     plugin = auth._session.auth
     assert (plugin._project_name, plugin._user_domain_id) == ("demo-project", "default")
     assert "s3cr3t" in auth.secrets()

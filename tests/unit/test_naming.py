@@ -558,9 +558,12 @@ def test_property_arbitrary_unicode(images: list[tuple[str, str | None]]) -> Non
 def test_property_sanitize(name: str | None) -> None:
     clean = sanitize(name)
     if clean:
-        assert "/" not in clean and "\0" not in clean and clean not in (".", "..")
+        assert "/" not in clean
+        assert "\0" not in clean
+        assert clean not in (".", "..")
         clean.encode()  # no lone surrogates left
-        assert name is not None and len(clean) == len(name)
+        assert name is not None
+        assert len(clean) == len(name)
     assert sanitize(clean) == clean  # idempotent
 
 
