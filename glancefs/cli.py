@@ -415,9 +415,10 @@ async def _mount_and_serve(
                 config = await limit_to_credentials(client, config)
             except GlanceError as error:
                 raise MountError(await _explain(client, credentials, error)) from None
-            return await serve(client, config, mountpoint, options, ready)
+            return await serve(client, config, mountpoint, options, ready, cache)
     finally:
         if cache is not None:
+            log.info("cache %s at unmount: %s", cache.directory, cache.stats())
             cache.close()
 
 

@@ -819,9 +819,8 @@ def _crcs(data: bytes) -> tuple[int, ...]:
 
 def _header(index: int, data: bytes, tag: bytes, crcs: tuple[int, ...]) -> bytes:
     fields = _HEADER.pack(_MAGIC, index, len(data), CHECKED_PIECE, tag)
-    body = fields + struct.pack(f"<{len(crcs)}I", *crcs)
-    body += struct.pack("<I", zlib.crc32(body))
-    return body.ljust(_HEADER_SIZE, b"\0")
+    body = (fields + struct.pack(f"<{len(crcs)}I", *crcs)).ljust(_HEADER_SIZE - 4, b"\0")
+    return body + struct.pack("<I", zlib.crc32(body))  # the whole header, padding included
 
 
 def _write_block_file(
@@ -890,11 +889,10 @@ def _read_checked(
         )
     header = os.pread(fd, _HEADER_SIZE, 0)
     count = -(-length // CHECKED_PIECE)
-    crcs_end = _HEADER.size + 4 * count
-    if len(header) < crcs_end + 4:
+    if len(header) < _HEADER_SIZE:
         raise _Damaged(index, info.st_ino, "short header")
-    (header_crc,) = struct.unpack_from("<I", header, crcs_end)
-    if zlib.crc32(header[:crcs_end]) != header_crc:
+    (header_crc,) = struct.unpack_from("<I", header, _HEADER_SIZE - 4)
+    if zlib.crc32(memoryview(header)[: _HEADER_SIZE - 4]) != header_crc:
         raise _Damaged(index, info.st_ino, "header checksum")
     magic, stored_index, stored_length, piece, stored_tag = _HEADER.unpack_from(header)
     if (magic, stored_index, stored_length, piece, stored_tag) != (

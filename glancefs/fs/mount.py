@@ -23,6 +23,7 @@ import trio
 
 from glancefs import Client
 
+from .cache import DataCache
 from .catalog import Catalog
 from .config import MountConfig
 from .operations import GlanceFS
@@ -136,8 +137,10 @@ async def serve(
     mountpoint: str,
     fuse_options: set[str],
     ready: Callable[[], None] = lambda: None,
+    cache: DataCache | None = None,
 ) -> bool:
-    """Mount at ``mountpoint`` and serve until unmounted or signalled.
+    """Mount at ``mountpoint`` and serve until unmounted or signalled; reads go through
+    ``cache`` (``--cache-dir``, opened by the caller) when given.
 
     Returns True when a SIGINT ended it (the CLI then exits 130).
     """
@@ -162,7 +165,7 @@ async def serve(
         fuse_options = fuse_options | {"ro"}
     refused: str | None = None
     async with trio.open_nursery() as nursery:
-        operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery))
+        operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery), cache)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options)
         except RuntimeError as error:  # /dev/fuse, permissions, options

@@ -33,6 +33,7 @@ from glancefs import (
     parse_time,
 )
 
+from .cache import DataCache
 from .catalog import Catalog, Entry, Listing
 from .config import MountConfig
 from .inodes import ImageKey, InodeTable, Key
@@ -157,7 +158,12 @@ class GlanceFS(pyfuse3.Operations):
     """Glance's image catalog as a directory tree (see :mod:`glancefs.namespace`)."""
 
     def __init__(
-        self, client: Client, config: MountConfig, nursery: trio.Nursery, catalog: Catalog
+        self,
+        client: Client,
+        config: MountConfig,
+        nursery: trio.Nursery,
+        catalog: Catalog,
+        cache: DataCache | None = None,
     ) -> None:
         super().__init__()
         self._client = client
@@ -171,6 +177,8 @@ class GlanceFS(pyfuse3.Operations):
             self._image_corrupt,
             verify=config.verify,
             prefetch_memory=config.prefetch_memory,
+            cache=cache,
+            cache_fill=config.cache is not None and config.cache.fill,
         )
         self._open_files: dict[int, _OpenFile] = {}
         #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.

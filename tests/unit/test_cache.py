@@ -288,6 +288,12 @@ def damage_a_crc(path: Path, other: Path) -> None:
     path.write_bytes(raw)
 
 
+def damage_the_header_padding(path: Path, other: Path) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[3000] ^= 1  # nothing reads it, yet the header's CRC covers it
+    path.write_bytes(raw)
+
+
 def damage_by_truncating(path: Path, other: Path) -> None:
     os.truncate(path, path.stat().st_size - 1)
 
@@ -309,6 +315,7 @@ DAMAGES = [
     damage_by_flipping_data,
     damage_by_flipping_the_header,
     damage_a_crc,
+    damage_the_header_padding,
     damage_by_truncating,
     damage_by_appending,
     damage_by_zeroing,
