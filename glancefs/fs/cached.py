@@ -97,6 +97,8 @@ class CachedImage:
         self._verify = verify
         self._fill = fill
         self._writes = trio.Semaphore(WRITES_IN_FLIGHT)
+        #: Blocks on their way to the disk: reads find them here meanwhile.
+        self._pending: dict[int, bytes] = {}
         self._checked = trio.Event()  # the first read's hash of a complete entry is done
         self._checking = False
         self._verifying = False  # a background hash of the entry runs or ran
@@ -115,10 +117,30 @@ class CachedImage:
         entry never answers None: what it lacks is fetched and checked against its manifest.
         Raises :class:`~glancefs.IntegrityError` when Glance sent other data than verified."""
         await self._check_complete_entry()
-        data = await self.entry.read(offset, end - offset)
+        data = await self._read_stored(offset, end)
         if data is not None or not self.trusted:
             return data
         return await self.fetch(offset, end)
+
+    async def _read_stored(self, offset: int, end: int) -> bytes | None:
+        """From the entry, and from the blocks still on their way to it."""
+        entry, size = self.entry, self.block_size
+        blocks = entry.blocks_of(offset, end - offset)
+        if not any(index in self._pending for index in blocks):
+            return await entry.read(offset, end - offset)
+        parts: list[bytes] = []
+        for index in blocks:
+            low, high = max(offset, index * size), min(end, (index + 1) * size)
+            block = self._pending.get(index)
+            part = (
+                await entry.read(low, high - low)
+                if block is None
+                else block[low - index * size : high - index * size]
+            )
+            if part is None:
+                return None
+            parts.append(part)
+        return b"".join(parts)
 
     async def _check_complete_entry(self) -> None:
         """The first read of a verifying mount hashes a complete, unverified entry (once; the
@@ -176,9 +198,10 @@ class CachedImage:
 
     async def store(self, index: int, block: bytes) -> None:
         """Store a whole block in the background; waits while :data:`WRITES_IN_FLIGHT` are."""
-        if self._closed or index not in self.entry.missing([index]):
+        if self._closed or index in self._pending or index not in self.entry.missing([index]):
             return
         await self._writes.acquire()
+        self._pending[index] = block
         self._nursery.start_soon(self._write, index, block)
 
     async def _write(self, index: int, block: bytes) -> None:
@@ -192,6 +215,7 @@ class CachedImage:
         try:
             await failure_of(write, f"image {self._image.id}: cache write")
         finally:
+            del self._pending[index]
             self._writes.release()
 
     def _start_verification(self) -> None:
