@@ -108,7 +108,8 @@ class CacheError(Exception):
 class CacheStats:
     """Counters since the cache was opened, and what it holds now (for status and metrics)."""
 
-    #: Reads answered from the cache, and their bytes.
+    #: Reads of the disk answered from the cache (a sequential reader: one per block), and
+    #: their bytes.
     hits: int
     hit_bytes: int
     #: Reads that found a block missing (the caller fetches it from Glance).

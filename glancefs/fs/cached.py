@@ -33,6 +33,7 @@ it runs), then the hash of the entry; it stops when the last file of the image c
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import trio
 
@@ -50,6 +51,9 @@ log = logging.getLogger("glancefs.cache")
 WRITES_IN_FLIGHT = 4
 #: The most one request of ``--cache-fill`` asks for.
 FILL_REQUEST = 16 * 1024 * 1024
+#: Whole blocks a sequential reader gets read from disk ahead of it (each block is a file of
+#: its own: the kernel's readahead does not cross from one to the next).
+READ_AHEAD = 2
 
 
 def cached_image(
@@ -99,6 +103,11 @@ class CachedImage:
         self._writes = trio.Semaphore(WRITES_IN_FLIGHT)
         #: Blocks on their way to the disk: reads find them here meanwhile.
         self._pending: dict[int, bytes] = {}
+        #: Whole blocks read from disk for a sequential reader (the last ones, and those ahead),
+        #: and the reads ahead in flight.
+        self._read: OrderedDict[int, bytes] = OrderedDict()
+        self._reading: dict[int, trio.Event] = {}
+        self._last_block = -1
         self._checked = trio.Event()  # the first read's hash of a complete entry is done
         self._checking = False
         self._verifying = False  # a background hash of the entry runs or ran
@@ -123,24 +132,70 @@ class CachedImage:
         return await self.fetch(offset, end)
 
     async def _read_stored(self, offset: int, end: int) -> bytes | None:
-        """From the entry, and from the blocks still on their way to it."""
+        """From the entry, and from the blocks still on their way to it.
+
+        A random read reads (and checks) only the 64 KiB pieces it touches. A sequential one
+        (it starts in the block the previous read ended in, or the next) gets whole blocks,
+        read :data:`READ_AHEAD` blocks ahead of it in the background: one disk read per MiB.
+        """
         entry, size = self.entry, self.block_size
         blocks = entry.blocks_of(offset, end - offset)
-        if not any(index in self._pending for index in blocks):
+        sequential = blocks.start in (self._last_block, self._last_block + 1)
+        self._last_block = blocks.stop - 1
+        held = (self._pending, self._read, self._reading)
+        if not sequential and not any(index in where for where in held for index in blocks):
             return await entry.read(offset, end - offset)
         parts: list[bytes] = []
         for index in blocks:
-            low, high = max(offset, index * size), min(end, (index + 1) * size)
-            block = self._pending.get(index)
-            part = (
-                await entry.read(low, high - low)
-                if block is None
-                else block[low - index * size : high - index * size]
-            )
-            if part is None:
+            block = await self._whole_block(index)
+            if block is None:
                 return None
-            parts.append(part)
-        return b"".join(parts)
+            low, high = max(offset, index * size), min(end, (index + 1) * size)
+            parts.append(block[low - index * size : high - index * size])
+        if sequential:
+            self._read_ahead(blocks.stop)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _whole_block(self, index: int) -> bytes | None:
+        """Block ``index`` whole: on its way to the disk, read (or being read) ahead already,
+        or read now; None when the entry lacks it."""
+        if index in self._pending:
+            return self._pending[index]
+        if index in self._reading:
+            await self._reading[index].wait()
+        block = self._read.get(index)
+        if block is None:
+            block = await self.entry.read(index * self.block_size, self.block_size)
+            if block is not None:
+                self._keep(index, block)
+        return block
+
+    def _keep(self, index: int, block: bytes) -> None:
+        self._read[index] = block
+        self._read.move_to_end(index)
+        while len(self._read) > READ_AHEAD + 1:
+            self._read.popitem(last=False)
+
+    def _read_ahead(self, first: int) -> None:
+        entry = self.entry
+        for index in range(first, min(first + READ_AHEAD, entry.block_count)):
+            held = index in self._read or index in self._pending or index in self._reading
+            if not held and not entry.missing([index]):
+                self._reading[index] = trio.Event()
+                self._nursery.start_soon(self._read_block_ahead, index)
+
+    async def _read_block_ahead(self, index: int) -> None:
+        """Runs in the mount's nursery: never raises."""
+
+        async def read() -> None:
+            block = await self.entry.read(index * self.block_size, self.block_size)
+            if block is not None and not self._closed:
+                self._keep(index, block)
+
+        try:
+            await failure_of(read, f"image {self._image.id}: cache read ahead")
+        finally:
+            self._reading.pop(index).set()
 
     async def _check_complete_entry(self) -> None:
         """The first read of a verifying mount hashes a complete, unverified entry (once; the
@@ -274,4 +329,5 @@ class CachedImage:
         self._closed = True
         if self._filling is not None:
             self._filling.cancel()
+        self._read.clear()
         self.entry.release()
