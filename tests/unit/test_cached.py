@@ -83,8 +83,9 @@ async def read_all(reader: ImageReader) -> bytes:
 
 
 async def wait_until(condition: Callable[[], bool]) -> None:
-    """Background work (storing, hashing) has no event to wait on from outside: poll it."""
-    while not condition():
+    """Background work (storing, hashing in worker threads) has no event to wait on from
+    outside: poll it (``wait_all_tasks_blocked`` does not wait for threads)."""
+    while not condition():  # noqa: ASYNC110
         await trio.sleep(0.01)
 
 
@@ -106,7 +107,9 @@ class TestWholeReads:
         async with mount(tmp_path, payloads) as m:
             reader = m.open()
             assert await read_all(reader) == payloads[0]
-            assert m.gets() == [] and reader.feed.clean and not m.corrupt
+            assert m.gets() == []
+            assert reader.feed.clean
+            assert not m.corrupt
             await m.readers.release(reader)
             assert m.readers.keeps_cache(m.records[0]["id"])
             stats = m.cache.stats()  # one disk read per block, read ahead of the reader
@@ -129,7 +132,8 @@ class TestWholeReads:
                 await read_all(reader)
             await m.readers.release(reader)
             await wait_until(lambda: not list(m.entry_dir().glob("*.blk")))
-            assert m.cache.stats().bytes == 0 and len(m.corrupt) == 1
+            assert m.cache.stats().bytes == 0
+            assert len(m.corrupt) == 1
             m.readers.reset()  # SIGHUP
             assert await read_and_close(m) == payloads[0]
             await wait_until(lambda: (m.entry_dir() / "verified").exists())
@@ -145,8 +149,10 @@ class TestWholeReads:
         async with mount(tmp_path, payloads) as m:
             reader = m.open()
             assert await reader.read(MiB, 10) == payloads[0][MiB : MiB + 10]
-            assert (m.entry_dir() / "verified").exists() and m.gets() == []
-            assert await read_all(reader) == payloads[0] and reader.feed.clean
+            assert (m.entry_dir() / "verified").exists()
+            assert m.gets() == []
+            assert await read_all(reader) == payloads[0]
+            assert reader.feed.clean
             await m.readers.release(reader)
 
     async def test_what_is_not_cached(self, tmp_path: Path) -> None:
@@ -232,7 +238,8 @@ class TestRandomReads:
                                     (image_id, 31 * MiB, 9 * MiB + 3)]  # fmt: skip
             await m.readers.release(reader)
         async with mount(tmp_path, payloads) as m:
-            assert await read_and_close(m) == payloads[0] and m.gets() == []
+            assert await read_and_close(m) == payloads[0]
+            assert m.gets() == []
 
     async def test_cache_fill_stops_with_the_last_file(self, tmp_path: Path) -> None:
         payloads = images(40 * MiB)
@@ -243,4 +250,5 @@ class TestRandomReads:
             await wait_until(lambda: len(m.gets()) == 2)
             await m.readers.release(reader)
             await wait_until(lambda: m.client.images.open_streams[m.records[0]["id"]] == 0)
-            assert len(m.gets()) == 2 and not (m.entry_dir() / "verified").exists()
+            assert len(m.gets()) == 2
+            assert not (m.entry_dir() / "verified").exists()
