@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.data import GIB, random_file
+from bench.data import GIB, random_file, sparse_file
 from bench.harness import (
     MB,
     Metric,
@@ -129,9 +130,9 @@ class Bench:
         drop_page_cache()
         warm(self.glance.store_dir / self.image_id)
 
-    def curl_upload(self, image_id: str) -> float:
+    def curl_upload(self, image_id: str, source: Path | None = None) -> float:
         seconds, _ = timed(
-            "curl", "-sS", "-f", "-T", str(self.source),
+            "curl", "-sS", "-f", "-T", str(source or self.source),
             "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
         )  # fmt: skip
         return seconds
@@ -144,33 +145,59 @@ class Bench:
 
     def upload(self) -> None:
         log("upload: curl -T, then cp into new/")
-        curl = Series("curl -T")
-        for index in range(self.runs):
-            image_id = self.api.create(f"curl-up-{index}.raw")["id"]
-            warm(self.source)
-            curl.values.append(GIB / self.curl_upload(image_id) / MB)
-            self.api.delete(image_id)
-        ours = Series("cp into new/")
-        hwm = Series("VmHWM")
-        with self.mount("upload") as mount:
-            for index in range(self.runs):
-                name = f"cp-up-{index}.raw"
-                warm(self.source)
-                with self.cpu(mount) as upload_cpu:
-                    seconds, _ = timed("cp", str(self.source), str(mount.path / "new" / name))
-                ours.values.append(GIB / seconds / MB)
-                hwm.values.append(mount.status("VmHWM") / MB)
-                (image,) = self.api.list(name=name)
-                assert image["status"] == "active", image
-                assert image["size"] == GIB, image
-                self.api.delete(image["id"])
-        self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, upload_cpu.text))
+        curl, ours, hwm, cpu = self.compare_uploads(self.source, "up.raw")
+        self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, cpu))
         self.add(
             Metric(
                 "peak RSS, uploads", "MB", False, hwm, None, 200,
                 "VmHWM after each of the uploads",
             )
         )  # fmt: skip
+
+    def sparse_uploads(self) -> None:
+        """A sparse 1 GiB raw (256 MiB of data in 16 runs) and the qcow2 qemu-img makes of it:
+        cp seeks over the holes and ends with ftruncate; glancefs sends the zeros."""
+        log("sparse uploads: a 1 GiB raw with 256 MiB of data, and its qcow2")
+        raw = sparse_file(self.work / "sparse.raw")
+        qcow2 = self.work / "sparse.qcow2"
+        run("qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2))
+        for source, name, label in (
+            (raw, "sparse.raw", "upload sparse 1 GiB raw (256 MiB data)"),
+            (qcow2, "sparse.qcow2", "upload qcow2 of it (qemu-img convert)"),
+        ):
+            curl, ours, _, cpu = self.compare_uploads(source, name)
+            size_mb = source.stat().st_size / MB
+            self.add(Metric(label, "MB/s", True, ours, curl, 0.9, f"{size_mb:.0f} MB; {cpu}"))
+        raw.unlink()
+        qcow2.unlink()
+
+    def compare_uploads(self, source: Path, name: str) -> tuple[Series, Series, Series, str]:
+        """``curl -T`` of ``source`` to a new image, then ``cp`` into new/: MB/s of the file's
+        size (holes included) for each, VmHWM of the mount, and the last cp's CPU use. Each
+        upload is checked (active, size, sha512) and deleted."""
+        size = source.stat().st_size
+        sha512 = _sha512(source)
+        curl = Series("curl -T")
+        for index in range(self.runs):
+            image_id = self.api.create(f"curl-{index}-{name}")["id"]
+            warm(source)
+            curl.values.append(size / self.curl_upload(image_id, source) / MB)
+            self.api.delete(image_id)
+        ours, hwm = Series("cp into new/"), Series("VmHWM")
+        with self.mount("upload") as mount:
+            for index in range(self.runs):
+                target = f"cp-{index}-{name}"
+                warm(source)
+                with self.cpu(mount) as upload_cpu:
+                    seconds, _ = timed("cp", str(source), str(mount.path / "new" / target))
+                ours.values.append(size / seconds / MB)
+                hwm.values.append(mount.status("VmHWM") / MB)
+                (image,) = self.api.list(name=target)
+                assert image["status"] == "active", image
+                assert image["size"] == size, image
+                assert image["os_hash_value"] == sha512, image
+                self.api.delete(image["id"])
+        return curl, ours, hwm, upload_cpu.text
 
     def reads(self) -> None:
         log("first reads: glance image-download, dd through the mount (verified)")
@@ -556,6 +583,7 @@ class Bench:
 
 GROUPS: dict[str, Callable[[Bench], None]] = {
     "upload": Bench.upload,
+    "sparse": Bench.sparse_uploads,
     "read": Bench.reads,
     "shared": Bench.shared_reads,
     "ls": Bench.listing,
@@ -564,6 +592,14 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "rss": Bench.memory,
     "cache": Bench.cache,
 }
+
+
+def _sha512(path: Path) -> str:
+    digest = hashlib.sha512()
+    with path.open("rb") as f:
+        while block := f.read(16 * MB):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def machine() -> str:
@@ -592,7 +628,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown --only {unknown}")
     if os.geteuid() != 0:
         parser.error("needs root: it mounts and drops the page cache")
-    for tool in ("curl", "fio", "fusermount3", "dd"):
+    for tool in ("curl", "fio", "fusermount3", "dd", "qemu-img"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is missing: `make deps` installs it")
     work = Path(tempfile.mkdtemp(prefix="glancefs-bench-", dir="/var/tmp"))

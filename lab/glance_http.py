@@ -95,6 +95,12 @@ class GlanceAPI:
             query = None  # the next link carries it
         return images
 
+    def only(self, name: str) -> dict[str, Any]:
+        """The one image called ``name`` (fails the test if there are none or several)."""
+        images = self.list(name=name)
+        assert len(images) == 1, images
+        return images[0]
+
     def delete(self, image_id: str) -> None:
         """Delete the image, protected or not; an image already gone is fine."""
         self.http.patch(

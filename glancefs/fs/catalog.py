@@ -18,10 +18,12 @@ bounded cache.
 
 from __future__ import annotations
 
+import calendar
 import logging
 import sys
 from collections import OrderedDict
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import trio
 
@@ -32,20 +34,52 @@ from .config import MountConfig
 from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for
 from .naming import NameStream, assign_names
 
-__all__ = ["Catalog", "Entry", "Listing"]
+__all__ = ["MTIME_PROPERTY", "Catalog", "Entry", "Listing", "file_mtime_ns", "mtime_text"]
 
 log = logging.getLogger("glancefs.catalog")
+
+#: The image property that holds the modification time a tool set (``utime``: rsync, cp -p,
+#: tar), as RFC 3339 text in UTC; ``st_mtime`` shows it instead of ``updated_at``. Glance takes any
+#: property name up to 255 characters outside its reserved ``os_glance_`` prefix.
+MTIME_PROPERTY = "glancefs_mtime"
 
 _NEGATIVE_ENTRIES = 4096
 #: Full image records kept (xattrs, open); listings never fill this cache.
 _RECORDS = 4096
 
 
+def mtime_text(ns: int) -> str:
+    """``ns`` (since the epoch) as the text of :data:`MTIME_PROPERTY`: RFC 3339 in UTC with all
+    nine digits of nanoseconds (rsync compares them), as rclone stores times on object stores."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    stamp = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    return f"{stamp}.{fraction:09d}Z"
+
+
+def _recorded_mtime(text: str) -> int | None:
+    whole, dot, fraction = text.removesuffix("Z").partition(".")
+    if not text.endswith("Z") or not (dot and fraction.isdigit() and len(fraction) == 9):
+        return None
+    try:
+        moment = datetime.strptime(whole, "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+    except ValueError:
+        return None
+    return calendar.timegm(moment.timetuple()) * 1_000_000_000 + int(fraction)
+
+
+def file_mtime_ns(record: Image) -> int:
+    """``st_mtime`` of an image: the time a tool recorded (:data:`MTIME_PROPERTY`), else
+    ``updated_at``. A recorded value that is not :func:`mtime_text`'s form counts as absent."""
+    recorded = record.get(MTIME_PROPERTY)
+    ns = _recorded_mtime(recorded) if isinstance(recorded, str) else None
+    return ns if ns is not None else parse_time(record.get("updated_at"))
+
+
 class Entry:
     """What the mount keeps of one image for listings and attributes: a few fields, no dict.
 
     ``seen`` is when Glance said so (the clock of the catalog); attributes older than the metadata
-    TTL are fetched again.
+    TTL are fetched again. ``updated_ns`` is the file's mtime (see :func:`file_mtime_ns`).
     """
 
     __slots__ = ("id", "name", "protected", "seen", "size", "status", "tags", "updated_ns")
@@ -79,7 +113,7 @@ class Entry:
             get("name"),
             sys.intern(str(get("status", ""))),
             get("size"),
-            parse_time(get("updated_at")),
+            file_mtime_ns(image),
             tuple(tags) if tags else (),
             bool(get("protected")),
             seen,
@@ -345,6 +379,30 @@ class Catalog:
         self._created[image.id] = self._clock()
         self._remember(image, self._clock())
         self.invalidate()
+
+    def was_created_here(self, image_id: str) -> bool:
+        """Whether this mount created the image in new/ less than ``keep_new`` seconds ago."""
+        created = self._created.get(image_id)
+        return created is not None and self._clock() - created <= self._config.keep_new
+
+    async def named(self, name: str) -> Entry | None:
+        """Any visible image called exactly ``name`` (asked of Glance), the newest if several.
+
+        new/ lists only queued images, so after a remount an uploaded ``f`` is no longer there;
+        a lookup of ``new/f`` still finds it, so that a repeated ``rsync -a`` sees what it
+        uploaded before and a ``cp`` cannot silently make a second image of the same name.
+        """
+        found: Entry | None = None
+        async for image in self._client.images.list(
+            filters={"name": [name]}, sort="created_at:desc", limit=20
+        ):
+            if image.status in HIDDEN_STATUSES or image.id in self._hidden:
+                continue
+            if image.get("name") == name:
+                found = Entry.of(image, self._clock())
+                self._attrs[found.id] = found
+                break
+        return found
 
     async def _recently_created(self, listed: set[str], now: float) -> list[Image]:
         for image_id, created in list(self._created.items()):

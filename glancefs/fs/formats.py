@@ -21,7 +21,14 @@ import re
 
 from oslo_utils.imageutils import format_inspector
 
-__all__ = ["EXTENSIONS", "Formats", "choose_formats", "detect_disk_format", "upload_name"]
+__all__ = [
+    "EXTENSIONS",
+    "Formats",
+    "choose_formats",
+    "detect_disk_format",
+    "formats_of_name",
+    "upload_name",
+]
 
 #: ``(disk_format, container_format)``
 Formats = tuple[str, str]
@@ -74,9 +81,15 @@ def detect_disk_format(head: bytes) -> str | None:
     return inspector.NAME if inspector is not None else None
 
 
+def formats_of_name(name: str) -> Formats | None:
+    """The formats ``name``'s extension implies (rsync's temporary names count as the final
+    one), None when it implies none."""
+    return EXTENSIONS.get(_extension(upload_name(name)))
+
+
 def choose_formats(name: str, head: bytes, default: Formats = ("raw", "bare")) -> Formats:
     """The formats for an upload named ``name`` whose data starts with ``head``."""
-    by_name = EXTENSIONS.get(_extension(upload_name(name)))
+    by_name = formats_of_name(name)
     detected = detect_disk_format(head)
     if detected in INSPECTED_FORMATS:
         container = by_name[1] if by_name and by_name[0] == detected else "bare"

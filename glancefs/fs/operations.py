@@ -30,12 +30,13 @@ from glancefs import (
     NotFound,
     OverLimit,
     Unauthorized,
-    parse_time,
 )
 
 from .cache import DataCache
-from .catalog import Catalog, Entry, Listing
+from .catalog import MTIME_PROPERTY, Catalog, Entry, Listing, file_mtime_ns, mtime_text
+from .changes import Changes
 from .config import MountConfig
+from .formats import formats_of_name, upload_name
 from .inodes import ImageKey, InodeTable, Key
 from .namespace import (
     BY_TAG,
@@ -52,19 +53,18 @@ from .naming import sanitize
 from .reader import ImageReader, Readers
 from .refusals import (
     AccessDenied,
-    CrossDevice,
     Exists,
     InvalidArgument,
     NoAttribute,
     NoEntry,
     NotPermitted,
-    OutOfSpace,
     ReadOnly,
     Refusal,
     Unsupported,
 )
-from .uploader import ImageUpload, SpooledUpload, Upload
-from .xattrs import image_xattrs, remove_patch, set_patch, tag_operation
+from .uploader import MetadataChange, UploadPolicy, Uploads, UploadSession
+from .writers import Writer
+from .xattrs import FORMAT_FIELDS, field_of, image_xattrs, remove_patch, set_patch, tag_operation
 
 __all__ = ["GlanceFS", "statvfs_of"]
 
@@ -121,9 +121,7 @@ class _OpenFile:
     inode: InodeT
     image: Image
     reader: ImageReader | None = None
-    upload: Upload | None = None
-    #: The image was created by this open (creat in new/): a failed upload deletes it.
-    created: bool = False
+    upload: UploadSession | None = None
 
 
 _BLOCK = 4096
@@ -170,6 +168,12 @@ class GlanceFS(pyfuse3.Operations):
         self._config = config
         self._nursery = nursery
         self.catalog = catalog
+        self._changes = Changes(client, catalog)
+        self._uploads = Uploads(
+            self._changes,
+            nursery,
+            UploadPolicy(config.default_formats, config.spool_dir, config.keep_failed),
+        )
         self._inodes = InodeTable(FIXED_INODES)
         self._readers = Readers(
             client,
@@ -214,6 +218,8 @@ class GlanceFS(pyfuse3.Operations):
                 raise NoEntry(name)
             return Directory(DirKind.TAG, name), None
         found = await listing.find(name)
+        if found is None and directory == NEW:
+            found = await self.catalog.named(name)
         if found is None:
             raise NoEntry(name)
         return ImageKey(found.id), found
@@ -265,17 +271,27 @@ class GlanceFS(pyfuse3.Operations):
             attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = self._mounted_ns
             return attrs
         attrs.st_mode = file_mode(image.status, read_only=self._config.read_only)
-        attrs.st_nlink = 1
+        attrs.st_nlink = self._link_count(image)
         size = (image.size or 0) if has_readable_size(image.status) else 0
         attrs.st_size = size
         attrs.st_blocks = (size + 511) // 512
-        if isinstance(image, Entry):
-            updated = image.updated_ns
-        else:
-            updated = parse_time(image.get("updated_at"))
-        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = updated
+        mtime = image.updated_ns if isinstance(image, Entry) else file_mtime_ns(image)
+        attrs.st_atime_ns = attrs.st_mtime_ns = attrs.st_ctime_ns = mtime
         return attrs
 
+    def _link_count(self, image: Entry | Image) -> int:
+        """How many paths show the image, so that du and find -links count it once: by-id/,
+        one by-tag/T/ per tag, the root unless the view's --tag leaves it out (other --filter
+        and --limit views are not evaluated: the root counts), and new/ while it lists it."""
+        tags = set(image.tags)
+        links = 1 + len(tags)
+        if tags.issuperset(self._config.view.tags):
+            links += 1
+        if image.status == "queued" or self._changes.created_here(image.id):
+            links += 1
+        return links
+
+    @_boundary
     async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for inode, count in inode_list:
             self._inodes.forget(inode, count)
@@ -335,6 +351,7 @@ class GlanceFS(pyfuse3.Operations):
             if replied or not await listing.names_beyond(position):
                 return
 
+    @_boundary
     async def releasedir(self, fh: FileHandleT) -> None:
         self._open_dirs.pop(fh, None)
 
@@ -348,7 +365,7 @@ class GlanceFS(pyfuse3.Operations):
         if image is None:
             raise NoEntry(f"inode {inode} is a directory")
         if flags & _WRITE_FLAGS:
-            return self._open_for_upload(inode, image, created=False)
+            return self._open_for_upload(inode, image, ctx, created=False)
         open_file = _OpenFile(inode, image)
         keep_cache = False
         if image.status == "active":
@@ -361,25 +378,17 @@ class GlanceFS(pyfuse3.Operations):
         self._open_files[handle] = open_file
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
-    def _open_for_upload(self, inode: InodeT, image: Image, *, created: bool) -> pyfuse3.FileInfo:
+    def _open_for_upload(
+        self, inode: InodeT, image: Image, ctx: pyfuse3.RequestContext, *, created: bool
+    ) -> pyfuse3.FileInfo:
         self._refuse_if_read_only(f"write {image.id}")
         if image.status != "queued":
             raise AccessDenied(
                 f"write {image.id}: image is {image.status}; only queued images take data"
             )
-        name = image.name or image.id
-        upload: Upload
-        if self._config.spool_dir is not None:
-            upload = SpooledUpload(
-                self._client, image, name, self._nursery, self._config.default_formats,
-                self._config.spool_dir,
-            )  # fmt: skip
-        else:
-            upload = ImageUpload(
-                self._client, image, name, self._nursery, self._config.default_formats
-            )
+        session = self._uploads.open(image, created=created, writer=Writer.of(ctx.pid, inode))
         handle = self._new_handle()
-        self._open_files[handle] = _OpenFile(inode, image, upload=upload, created=created)
+        self._open_files[handle] = _OpenFile(inode, image, upload=session)
         return pyfuse3.FileInfo(fh=handle, direct_io=True)
 
     @_boundary
@@ -392,12 +401,13 @@ class GlanceFS(pyfuse3.Operations):
             raise NotPermitted(f"create {text}: images are created in new/")
         if text != sanitize(text):
             raise InvalidArgument(f"create {text!r}: not a name Glance can store")
-        image = await self._client.images.create(name=text)
-        log.info("created image %s (%s) in new/", image.id, text)
-        self.catalog.created_here(image)
+        # Formats from the name at once, so that the image can take data from any client; the
+        # first MiB written through this file may still correct them.
+        formats = formats_of_name(text) or self._config.default_formats
+        image = await self._changes.create(text, formats)
         key = ImageKey(image.id)
         inode = self._inodes.remember(key)
-        return self._open_for_upload(inode, image, created=True), self._attributes(key, image)
+        return self._open_for_upload(inode, image, ctx, created=True), self._attributes(key, image)
 
     @_boundary
     async def read(self, fh: FileHandleT, off: int, size: int) -> bytes:
@@ -429,86 +439,38 @@ class GlanceFS(pyfuse3.Operations):
         open_file = self._open_files[fh]
         if open_file.upload is None:
             raise AccessDenied(f"write {open_file.image.id}: file is open for reading")
-        try:
-            return await open_file.upload.write(off, buf)
-        except (Refusal, GlanceError) as error:
-            await self._fail_upload(open_file, str(error))
-            raise
+        return await open_file.upload.write(off, buf)
 
     @_boundary
     async def flush(self, fh: FileHandleT) -> None:
         open_file = self._open_files.get(fh)
         if open_file is not None and open_file.upload is not None:
-            await self._finish_upload(open_file)
+            try:
+                await open_file.upload.close()
+            finally:
+                self._nursery.start_soon(self._drop_cached_attributes, open_file.inode)
 
     @_boundary
     async def fsync(self, fh: FileHandleT, datasync: bool) -> None:
         await self.flush(fh)
 
-    async def _finish_upload(self, open_file: _OpenFile) -> None:
-        """Wait for Glance's verdict on the upload; a failure deletes what we created."""
-        upload = open_file.upload
-        assert upload is not None
-        try:
-            image = await upload.finish()
-        except GlanceError as error:
-            await self._fail_upload(open_file, str(error))
-            if isinstance(error, OverLimit):
-                raise OutOfSpace(f"upload {upload.image.id}: {error}") from None
-            raise
-        finally:
-            self.catalog.invalidate(upload.image.id)
-            self._nursery.start_soon(self._drop_cached_attributes, open_file.inode)
-        if upload.written:
-            log.info("image %s: %d bytes uploaded and verified", image.id, upload.written)
-
-    async def _fail_upload(self, open_file: _OpenFile, reason: str) -> None:
-        upload = open_file.upload
-        assert upload is not None
-        await upload.abort(reason)
-        if open_file.created and not self._config.keep_failed:
-            open_file.created = False  # delete once, however often the failure is reported
-            self.catalog.hide(upload.image.id)
-            try:
-                await self._client.images.delete(upload.image.id)
-                log.warning("image %s: deleted after its failed upload", upload.image.id)
-            except GlanceError as error:
-                log.warning(
-                    "image %s: cannot delete it yet (%s); will retry", upload.image.id, error
-                )
-                self._nursery.start_soon(self._delete_when_possible, upload.image.id)
-        self.catalog.invalidate(upload.image.id)
-
-    async def _delete_when_possible(self, image_id: str) -> None:
-        """Delete a failed upload's image once Glance answers again (it may be down now)."""
-        delay = 1.0
-        for _ in range(30):
-            await trio.sleep(delay)
-            delay = min(delay * 2, 30.0)
-            try:
-                await self._client.images.delete(image_id)
-            except NotFound:
-                return
-            except GlanceError:
-                continue
-            log.warning("image %s: deleted after its failed upload", image_id)
-            return
-        log.error("image %s: gave up deleting the image of a failed upload", image_id)
-
     async def _drop_cached_attributes(self, inode: InodeT) -> None:
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        """Make the kernel ask for the size again after an upload (runs in the nursery: must
+        not raise; the kernel may have forgotten the inode already, which is fine)."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, inode, True)
+        except OSError as error:
+            log.debug("inode %d: attributes not invalidated: %s", inode, error)
 
+    @_boundary
     async def release(self, fh: FileHandleT) -> None:
         open_file = self._open_files.pop(fh, None)
         if open_file is None:
             return
         if open_file.reader is not None:
             await self._readers.release(open_file.reader)
-        if open_file.upload is not None and not open_file.upload.finished:
-            try:
-                await self._finish_upload(open_file)
-            except (GlanceError, Refusal) as error:
-                log.error("upload of image %s failed: %s", open_file.image.id, error)
+        if open_file.upload is not None:
+            await self._uploads.release(open_file.upload)
 
     # -- changing the catalog ---------------------------------------------------------------
 
@@ -523,15 +485,68 @@ class GlanceFS(pyfuse3.Operations):
     ) -> pyfuse3.EntryAttributes:
         key = self._key(inode)
         image = await self._image_of(inode)
+        session = self._upload_of(fh, image)
         if fields.update_size:
             what = image.id if image else "a directory"
             self._refuse_if_read_only(f"truncate {what}")
-            if image is None or image.status != "queued" or attr.st_size != 0:
+            if session is not None:
+                await session.truncate(attr.st_size)
+            elif image is None or image.status != "queued" or attr.st_size != 0:
                 raise AccessDenied(
-                    f"truncate {what}: only an empty queued image can be truncated (to 0)"
+                    f"truncate {what}: only a queued image can be truncated: one open for "
+                    "writing, or an empty one (to 0)"
                 )
-        # chmod, chown and utime are accepted and ignored, so cp -p, rsync -a and tar x work.
-        return self._attributes(key, image)
+        if fields.update_mtime and image is not None:
+            await self._record_mtime(image, attr.st_mtime_ns, session)
+        # chmod and chown are accepted and ignored, so cp -p, rsync -a and tar x work.
+        if image is not None and fields.update_mtime:
+            image = await self._image_of(inode)
+        attrs = self._attributes(key, image)
+        if session is not None and not session.finished:
+            attrs.st_size = session.written
+        return attrs
+
+    def _upload_of(self, fh: FileHandleT | None, image: Image | None) -> UploadSession | None:
+        """The upload in flight for this setattr: the file's (ftruncate), else the image's."""
+        open_file = self._open_files.get(fh) if fh is not None else None
+        session = open_file.upload if open_file is not None else None
+        if session is None and image is not None:
+            session = self._uploads.of(image.id)
+        return session if session is not None and not session.finished else None
+
+    async def _record_mtime(
+        self, image: Image, mtime_ns: int, session: UploadSession | None
+    ) -> None:
+        """utime: the time given becomes the image's :data:`MTIME_PROPERTY` (st_mtime)."""
+        name = f"user.{MTIME_PROPERTY}"
+        value = mtime_text(mtime_ns).encode()
+        if image.get(MTIME_PROPERTY) == value.decode():
+            return
+
+        async def apply(record: Image) -> Image:
+            return await self._changes.patch(image.id, set_patch(record, name, value), "utime")
+
+        await self._change(image, "utime", apply, session=session)
+
+    async def _change(
+        self,
+        image: Image,
+        what: str,
+        apply: MetadataChange,
+        *,
+        session: UploadSession | None = None,
+        formats: bool = False,
+    ) -> None:
+        """Apply a metadata change now, or through the upload in flight (which applies it once
+        the data is in: Glance would lose a change made while it receives the data)."""
+        session = session or self._uploads.of(image.id)
+        if session is not None and not session.finished:
+            if await session.change(what, apply, formats=formats):
+                log.info("image %s: %s once its upload is in", image.id, what)
+                return
+        else:
+            await apply(image)
+        log.info("image %s: %s", image.id, what)
 
     @_boundary
     async def unlink(self, parent_inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -544,9 +559,7 @@ class GlanceFS(pyfuse3.Operations):
             raise NotPermitted(f"rm {text}: deleting images needs --allow-delete")
         if image.protected:
             raise NotPermitted(f"rm {text}: image {image.id} is protected")
-        await self._client.images.delete(image.id)
-        log.info("deleted image %s (%s)", image.id, text)
-        self.catalog.invalidate(image.id)
+        await self._changes.delete(image.id, text)
 
     @_boundary
     async def rename(
@@ -560,33 +573,63 @@ class GlanceFS(pyfuse3.Operations):
     ) -> None:
         old, new = os.fsdecode(name_old), os.fsdecode(name_new)
         self._refuse_if_read_only(f"mv {old} {new}")
-        if parent_inode_old != parent_inode_new:
-            raise CrossDevice(f"mv {old} {new}: images are renamed within one directory")
-        directory = self._directory(parent_inode_old)
-        if directory.kind in (DirKind.BY_ID, DirKind.BY_TAG):
-            raise NotPermitted(f"mv {old} {new}: names in {directory.kind.value}/ are fixed")
-        _, image = await self._resolve(directory, old)
+        source = self._directory(parent_inode_old)
+        target = self._directory(parent_inode_new)
+        what = f"mv {_path(source, old)} {_path(target, new)}"
+        for directory in (source, target):
+            if directory.kind in (DirKind.BY_ID, DirKind.BY_TAG):
+                raise NotPermitted(f"{what}: names in {directory.kind.value}/ are fixed")
+        _, image = await self._resolve(source, old)
         if image is None:
-            raise NotPermitted(f"mv {old}: directories cannot be renamed")
-        if new != sanitize(new) or (directory == ROOT and new in ROOT_ENTRIES):
-            raise InvalidArgument(f"mv {old} {new!r}: not a name Glance can store")
+            raise NotPermitted(f"{what}: directories cannot be renamed")
+        if DirKind.TAG in (source.kind, target.kind):
+            await self._move_tag(image, source, target, old, new, what)
+            return
+        if new != sanitize(new) or (target == ROOT and new in ROOT_ENTRIES):
+            raise InvalidArgument(f"{what}: not a name Glance can store")
         try:
-            _, target = await self._resolve(directory, new)
+            _, replaced = await self._resolve(target, new)
         except NoEntry:
-            target = None
-        if target is not None and target.id != image.id:
-            if flags & pyfuse3.RENAME_NOREPLACE:
-                raise Exists(f"mv {old} {new}: {new} exists")
-            if not self._config.allow_delete:
-                raise NotPermitted(
-                    f"mv {old} {new}: replacing image {target.id} needs --allow-delete"
-                )
-            await self._client.images.delete(target.id)
-            log.info("deleted image %s (%s), replaced by %s", target.id, new, image.id)
-            self.catalog.invalidate(target.id)
-        await self._client.images.update(image.id, name=new)
-        log.info("renamed image %s: %s -> %s", image.id, old, new)
-        self.catalog.invalidate(image.id)
+            replaced = None
+        if replaced is not None and replaced.id != image.id:
+            await self._replace(image, replaced, old, new, flags, what)
+        await self._changes.rename(image.id, old, new)
+
+    async def _replace(
+        self, image: Entry, replaced: Entry, old: str, new: str, flags: int, what: str
+    ) -> None:
+        """mv over another image: that image is deleted first (with --allow-delete)."""
+        refusal: Refusal | None = None
+        if flags & pyfuse3.RENAME_NOREPLACE:
+            refusal = Exists(f"{what}: {new} exists")
+        elif not self._config.allow_delete:
+            refusal = NotPermitted(f"{what}: replacing image {replaced.id} needs --allow-delete")
+        if refusal is not None:
+            if upload_name(old) != old and self._changes.created_here(image.id):
+                # rsync's temporary upload: its final rename is refused, so it is no one's file.
+                await self._changes.discard(image.id, f"its final rename to {new} was refused")
+            raise refusal
+        await self._changes.delete(replaced.id, f"{new}, replaced by {image.id}")
+
+    async def _move_tag(
+        self, image: Entry, source: Directory, target: Directory, old: str, new: str, what: str
+    ) -> None:
+        """mv into, out of or between by-tag/T/ directories changes tags, never the name."""
+        if old != new:
+            raise NotPermitted(f"{what}: a move to or from by-tag/ keeps the name")
+        if source == target:
+            return
+        try:
+            _, there = await self._resolve(target, new)
+        except NoEntry:
+            there = None
+        if there is not None and there.id != image.id:
+            raise Exists(f"{what}: {new} there is another image ({there.id})")
+        if target.kind is DirKind.TAG:
+            await self._changes.tag(image.id, "add", target.tag)
+        if source.kind is DirKind.TAG:
+            await self._changes.tag(image.id, "remove", source.tag)
+        log.info("image %s: %s", image.id, what)
 
     @_boundary
     async def mkdir(
@@ -655,31 +698,36 @@ class GlanceFS(pyfuse3.Operations):
         self._refuse_if_read_only(f"setfattr {text}")
         image = await self._image_for_change(inode, text)
         single_tag = tag_operation(text, value)
-        try:
-            if single_tag is not None:
-                operation, tag = single_tag
-                if operation == "add":
-                    await self._client.image_tags.update(image.id, tag)
-                else:
-                    await self._client.image_tags.delete(image.id, tag)
-            else:
-                await self._client.images.patch(image.id, set_patch(image, text, value))
-        except OverLimit as error:
-            raise OutOfSpace(f"setfattr {text} on {image.id}: {error}") from None
-        finally:
-            self.catalog.invalidate(image.id)
-        log.info("image %s: set %s", image.id, text)
+        apply: MetadataChange
+        if single_tag is not None:
+            operation, tag = single_tag
+
+            async def apply(record: Image) -> None:
+                await self._changes.tag(record.id, operation, tag)
+
+        else:
+            set_patch(image, text, value)  # refuse a bad change now, whenever it is applied
+
+            async def apply(record: Image) -> Image:
+                patch = set_patch(record, text, value)
+                return await self._changes.patch(record.id, patch, f"setfattr {text}")
+
+        formats = field_of(text) in FORMAT_FIELDS
+        await self._change(image, f"setfattr {text}", apply, formats=formats)
 
     @_boundary
     async def removexattr(self, inode: InodeT, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         text = os.fsdecode(name)
         self._refuse_if_read_only(f"setfattr -x {text}")
         image = await self._image_for_change(inode, text)
-        try:
-            await self._client.images.patch(image.id, remove_patch(image, text))
-        finally:
-            self.catalog.invalidate(image.id)
-        log.info("image %s: removed %s", image.id, text)
+        remove_patch(image, text)  # refuse a bad change now, whenever it is applied
+
+        async def apply(record: Image) -> Image:
+            return await self._changes.patch(
+                record.id, remove_patch(record, text), f"setfattr -x {text}"
+            )
+
+        await self._change(image, f"setfattr -x {text}", apply)
 
     async def _image_for_change(self, inode: InodeT, what: str) -> Image:
         image = await self._image_of(inode, fresh=True)
@@ -702,3 +750,12 @@ class GlanceFS(pyfuse3.Operations):
         """Forget cached metadata and verification failures and verdicts (SIGHUP)."""
         self.catalog.drop_all()
         self._readers.reset()
+
+
+def _path(directory: Directory, name: str) -> str:
+    """``name`` as the user sees it in ``directory`` (for log lines)."""
+    if directory == ROOT:
+        return name
+    if directory.kind is DirKind.TAG:
+        return f"by-tag/{directory.tag}/{name}"
+    return f"{directory.kind.value}/{name}"

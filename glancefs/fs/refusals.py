@@ -11,9 +11,11 @@ import errno
 
 __all__ = [
     "AccessDenied",
+    "Busy",
     "CrossDevice",
     "Exists",
     "InvalidArgument",
+    "LocalFailure",
     "NoAttribute",
     "NoEntry",
     "NotPermitted",
@@ -68,6 +70,18 @@ class CrossDevice(Refusal):
 
 class Exists(Refusal):
     errno = errno.EEXIST
+
+
+class Busy(Refusal):
+    errno = errno.EBUSY
+
+
+class LocalFailure(Refusal):
+    """A local resource failed (the spool's filesystem: ENOSPC, EIO); the errno is the system's."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code
 
 
 class OutOfSpace(Refusal):

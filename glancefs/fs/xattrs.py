@@ -18,7 +18,15 @@ from typing import Any
 
 from .refusals import InvalidArgument, NoAttribute, NotPermitted, Unsupported
 
-__all__ = ["PREFIX", "image_xattrs", "remove_patch", "set_patch", "tag_operation"]
+__all__ = [
+    "FORMAT_FIELDS",
+    "PREFIX",
+    "field_of",
+    "image_xattrs",
+    "remove_patch",
+    "set_patch",
+    "tag_operation",
+]
 
 PREFIX = "user."
 
@@ -56,6 +64,8 @@ READ_ONLY_FIELDS = frozenset(
 DISK_FORMATS = frozenset(
     {"ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop"}
 )
+#: The fields that declare how the data is to be read: fixed once data is sent.
+FORMAT_FIELDS = frozenset({"disk_format", "container_format"})
 CONTAINER_FORMATS = frozenset({"ami", "ari", "aki", "bare", "ovf", "ova", "docker", "compressed"})
 VISIBILITIES = frozenset({"public", "private", "shared", "community"})
 #: Write-only names that add or remove a single tag: ``setfattr -n user.tags.add -v TAG``.
@@ -65,13 +75,32 @@ TAG_REMOVE = "tags.remove"
 Patch = list[dict[str, Any]]
 
 
-def _field_name(name: str) -> str:
+def field_of(name: str) -> str:
+    """The image field an xattr name stands for (``user.os_distro``: ``os_distro``).
+
+    Refused (EINVAL) when Glance would store the field under another key than the one given
+    (it strips surrounding whitespace) or could not show it back: empty, surrounding whitespace,
+    control characters. ENOTSUP outside ``user.``.
+    """
     if not name.startswith(PREFIX):
         raise Unsupported(f"{name}: only the user. namespace holds image fields")
     key = name[len(PREFIX) :]
     if not key:
         raise InvalidArgument(f"{name}: empty field name")
+    if key != key.strip() or any(ord(c) < 0x20 or ord(c) == 0x7F for c in key):
+        raise InvalidArgument(
+            f"{name!r}: field names may not have surrounding spaces or control characters"
+        )
+    try:
+        key.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept as surrogates by fsdecode
+        raise InvalidArgument(f"{name!r}: field names must be UTF-8 text") from None
     return key
+
+
+def _pointer(key: str) -> str:
+    """The JSON-pointer path of field ``key`` (RFC 6901: ``~`` is ``~0``, ``/`` is ``~1``)."""
+    return "/" + key.replace("~", "~0").replace("/", "~1")
 
 
 def _text_value(name: str, value: bytes) -> str:
@@ -108,7 +137,7 @@ def set_patch(record: Mapping[str, Any], name: str, value: bytes) -> Patch:
     ``user.tags`` replaces the whole tag list; ``user.tags.add``/``user.tags.remove`` are handled
     by the caller (single-tag calls of their own).
     """
-    key = _field_name(name)
+    key = field_of(name)
     text = _text_value(name, value)
     if key in READ_ONLY_FIELDS:
         raise NotPermitted(f"{name}: {key} is read-only")
@@ -129,7 +158,7 @@ def set_patch(record: Mapping[str, Any], name: str, value: bytes) -> Patch:
     elif key == "name" and not text:
         raise InvalidArgument(f"{name}: an image name cannot be empty here")
     op = "replace" if record.get(key) is not None or key in CORE_WRITABLE else "add"
-    return [{"op": op, "path": f"/{key}", "value": converted}]
+    return [{"op": op, "path": _pointer(key), "value": converted}]
 
 
 #: Core fields that always exist in a record, so they are replaced rather than added.
@@ -141,19 +170,19 @@ CORE_WRITABLE = frozenset(
 
 def remove_patch(record: Mapping[str, Any], name: str) -> Patch:
     """The JSON-patch that removes xattr ``name`` (a custom property, or every tag)."""
-    key = _field_name(name)
+    key = field_of(name)
     if key == "tags":
         return [{"op": "replace", "path": "/tags", "value": []}]
     if key in READ_ONLY_FIELDS or key in CORE_WRITABLE:
         raise NotPermitted(f"{name}: {key} is a core field and cannot be removed")
     if key not in record:
         raise NoAttribute(name)
-    return [{"op": "remove", "path": f"/{key}"}]
+    return [{"op": "remove", "path": _pointer(key)}]
 
 
 def tag_operation(name: str, value: bytes) -> tuple[str, str] | None:
     """``("add"|"remove", tag)`` for the single-tag names, None for any other name."""
-    key = _field_name(name)
+    key = field_of(name)
     if key not in (TAG_ADD, TAG_REMOVE):
         return None
     tag = _text_value(name, value).strip()
