@@ -113,6 +113,8 @@ class CachedImage:
         self._verifying = False  # a background hash of the entry runs or ran
         self._filling: trio.CancelScope | None = None
         self._closed = False
+        #: Bumped when the image is found corrupt: blocks queued before are not written.
+        self._epoch = 0
 
     @property
     def trusted(self) -> bool:
@@ -257,13 +259,15 @@ class CachedImage:
             return
         await self._writes.acquire()
         self._pending[index] = block
-        self._nursery.start_soon(self._write, index, block)
+        self._nursery.start_soon(self._write, index, block, self._epoch)
 
-    async def _write(self, index: int, block: bytes) -> None:
+    async def _write(self, index: int, block: bytes, epoch: int) -> None:
         """Runs in the mount's nursery: never raises (the cache's own failures are not errors,
         anything else is a bug, logged by :func:`failure_of`)."""
 
         async def write() -> None:
+            if epoch != self._epoch:
+                return  # queued before the image was found corrupt: maybe that very data
             if await self.entry.write_block(index, block) and self.entry.complete:
                 self._start_verification()
 
@@ -288,6 +292,7 @@ class CachedImage:
 
     def corrupt(self) -> None:
         """The feed found the image corrupt: an unverified entry may hold that data; drop it."""
+        self._epoch += 1
         if not self.entry.verified:
             self._nursery.start_soon(self.entry.drop)
 

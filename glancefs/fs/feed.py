@@ -251,12 +251,14 @@ class ImageFeed:
 
     async def _read(self, offset: int, end: int, sequential: bool) -> bytes:
         cached = self._cached
-        if cached is not None:
+        stream = self._stream
+        # A stream that has the bytes serves them, from memory and hashed where they are; the
+        # cache serves the rest (and everything, once trusted: then no stream runs).
+        if cached is not None and (stream is None or not self._reaches(stream, offset)):
             data = await self._read_cached(cached, offset, end)
             if data is not None:
                 self._account(offset, end, data, None)
                 return data
-        stream = self._stream
         data = None
         if stream is not None and self._reaches(stream, offset):
             data = await self._read_stream(stream, offset, end)
