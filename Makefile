@@ -1,4 +1,5 @@
-# glancefs: `make demo` to try it, `make test` to check it. Each target installs what it needs.
+# glancefs: `make demo` to try it, `make test` to check it, `make install` to use it. Each target
+# installs what it needs.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +8,26 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoi
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
-.PHONY: all deps venv lab lab-glance lint types unit integration test demo demo-stop bench clean
+# make install: as root, a virtualenv in /opt/glancefs, `glancefs` linked into /usr/local/bin, the
+# man page, bash completion and the systemd unit; PREFIX=$HOME/.local for a user install.
+PREFIX ?= /usr/local
+ifeq ($(PREFIX),/usr/local)
+LIBDIR ?= /opt/glancefs
+COMPLETIONDIR ?= /usr/share/bash-completion/completions
+UNITDIR ?= /usr/local/lib/systemd/system
+else
+LIBDIR ?= $(PREFIX)/lib/glancefs
+COMPLETIONDIR ?= $(PREFIX)/share/bash-completion/completions
+# A system unit with a user's PREFIX would run a binary only that user may own: none then.
+UNITDIR ?=
+endif
+BINDIR ?= $(PREFIX)/bin
+MANDIR ?= $(PREFIX)/share/man/man1
+#: What glancefs itself needs: libfuse3 to mount (and to build pyfuse3), venv to install into.
+RUNTIME_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv
+
+.PHONY: all deps venv lab lab-glance lint types unit integration test demo demo-stop bench clean \
+	install uninstall soak
 
 all: test
 
@@ -62,8 +82,39 @@ demo: lab-glance
 demo-stop: venv
 	@$(PY) -m lab.demo stop --dir $(DEMO_DIR) --mountpoint mnt
 
+install: APT_PACKAGES := $(RUNTIME_PACKAGES)
+install: deps
+	$(PYTHON) -m venv $(LIBDIR)
+	$(LIBDIR)/bin/pip install -q --upgrade pip
+	$(LIBDIR)/bin/pip install -q --upgrade .
+	install -d $(BINDIR) $(MANDIR) $(COMPLETIONDIR)
+	ln -sfn $(LIBDIR)/bin/glancefs $(BINDIR)/glancefs
+	$(LIBDIR)/bin/python -m glancefs.manpage > $(MANDIR)/glancefs.1
+	_GLANCEFS_COMPLETE=bash_source $(LIBDIR)/bin/glancefs > $(COMPLETIONDIR)/glancefs
+	@if [ -n "$(UNITDIR)" ]; then \
+	  install -d $(UNITDIR) && \
+	  sed 's|/usr/local/bin/glancefs|$(BINDIR)/glancefs|' contrib/systemd/glancefs@.service \
+	    > $(UNITDIR)/glancefs@.service; \
+	  if [ -d /run/systemd/system ]; then systemctl daemon-reload; fi; \
+	fi
+	@echo "glancefs $$($(BINDIR)/glancefs --version | cut -d' ' -f3) installed: $(BINDIR)/glancefs" \
+	  "(man glancefs; glancefs status)"
+
+uninstall:
+	rm -f $(MANDIR)/glancefs.1 $(COMPLETIONDIR)/glancefs
+	@if [ -n "$(UNITDIR)" ]; then rm -f $(UNITDIR)/glancefs@.service; fi
+	@# Only what make install made: the link into LIBDIR and a virtualenv.
+	@if [ "$$(readlink $(BINDIR)/glancefs)" = "$(LIBDIR)/bin/glancefs" ]; then \
+	  rm -f $(BINDIR)/glancefs; fi
+	@if [ -f $(LIBDIR)/pyvenv.cfg ]; then rm -rf $(LIBDIR); fi
+
 bench: lab
 	$(PY) -m bench
+
+# Ten minutes of mixed load on the production lab through 5 % faults; figures into RELIABILITY.md.
+SOAK_ARGS ?=
+soak: lab
+	$(PY) -m bench.soak $(SOAK_ARGS)
 
 clean:
 	@if [ -x $(PY) ]; then $(PY) -m lab.demo stop --dir $(DEMO_DIR) --mountpoint mnt; fi

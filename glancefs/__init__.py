@@ -7,7 +7,7 @@ leading underscore are implementation.
 
 from ._auth import Auth, SessionAuth, TokenAuth
 from ._budget import ConnectionBudget
-from ._client import Client, tls_context
+from ._client import Client, RequestEvent, tls_context
 from ._exceptions import (
     AuthError,
     BadRequest,
@@ -63,6 +63,7 @@ __all__ = [
     "OverLimit",
     "RangeNotSatisfiable",
     "Record",
+    "RequestEvent",
     "ResourceType",
     "Schema",
     "ServerError",

@@ -188,6 +188,20 @@ class SessionAuth:
             names = auth.get_access(self._session).role_names
         return frozenset(names) if names else None
 
+    async def project(self) -> str | None:
+        """``name (id)`` of the project the token is scoped to; None when unknown."""
+        return await trio.to_thread.run_sync(self._project)
+
+    def _project(self) -> str | None:
+        auth = self._session.auth
+        if auth is None or not hasattr(auth, "get_access"):
+            return None
+        with _keystone_errors(self.secrets()):
+            access = auth.get_access(self._session)
+        if not access.project_id:
+            return None
+        return f"{access.project_name} ({access.project_id})"
+
 
 @contextlib.contextmanager
 def _keystone_errors(secrets: list[str]) -> Iterator[None]:

@@ -24,6 +24,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
@@ -59,12 +60,27 @@ from ._tags import ImageTagsManager
 from ._tasks import TasksManager
 from ._transport import Transport
 
-__all__ = ["Client"]
+__all__ = ["Client", "RequestEvent"]
 
 log = logging.getLogger("glancefs.http")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "OPTIONS"})
 Body = bytes | AsyncIterable[bytes] | None
+
+
+@dataclass(frozen=True)
+class RequestEvent:
+    """One HTTP exchange with Glance, as ``Client(on_request=...)`` reports it.
+
+    ``status`` is None when no answer came (connection refused, timeout: ``reason`` says which);
+    ``attempt`` counts from 1, so an event with ``attempt > 1`` is a retry.
+    """
+
+    method: str
+    path: str
+    status: int | None
+    attempt: int
+    reason: str | None = None
 
 
 def tls_context(
@@ -113,7 +129,9 @@ class Client:
     ``verify`` is True, False, the path of a CA bundle or an ``ssl.SSLContext``; ``cert`` a client
     certificate file or a ``(cert, key)`` pair. ``max_connections`` bounds the requests in flight
     at once, streamed responses included (:attr:`connections`); more than Glance has request
-    threads only queue inside Glance.
+    threads only queue inside Glance. ``on_request`` is called (synchronously, on the trio
+    thread: keep it cheap, never raise) with a :class:`RequestEvent` after every exchange,
+    retries included, to count requests without wrapping the client.
     """
 
     def __init__(
@@ -128,6 +146,7 @@ class Client:
         verify: bool | str | ssl.SSLContext = True,
         cert: str | tuple[str, str | None] | None = None,
         max_connections: int = 8,
+        on_request: Callable[[RequestEvent], None] | None = None,
     ) -> None:
         if auth is None:
             if session is not None:
@@ -141,6 +160,7 @@ class Client:
         self.retries = retries
         #: The slots every request holds while in flight.
         self.connections = ConnectionBudget(max_connections)
+        self._on_request = on_request or (lambda event: None)
         # Our own transport (1 MiB socket reads); with it httpx no longer reads HTTP(S)_PROXY
         # from the environment: Glance is reached directly.
         self._transport = Transport(
@@ -227,11 +247,13 @@ class Client:
                         method, path, params, json, content, headers, stream, timeout
                     ),
                 )
-            except TransportError:
+            except TransportError as failure:
+                self._on_request(RequestEvent(method, path, None, attempt, str(failure)))
                 if attempt >= attempts:
                     raise
                 await trio.sleep(_backoff(attempt))
                 continue
+            self._on_request(RequestEvent(method, path, response.status_code, attempt))
             if response.is_success:
                 return response
             error = await self._error_from(response)

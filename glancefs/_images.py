@@ -28,7 +28,7 @@ from ._exceptions import (
     transport_reason,
 )
 from ._integrity import Verifier
-from ._records import Record, paginate
+from ._records import Record, api_path, paginate
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -252,7 +252,7 @@ class ImagesManager:
 
     async def get(self, image_id: str) -> Image:
         """The image record; :class:`~glancefs.NotFound` when it does not exist (or is hidden)."""
-        return Image((await self._client.request("GET", f"/v2/images/{image_id}")).json())
+        return Image((await self._client.request("GET", api_path("/v2/images", image_id))).json())
 
     async def create(self, **fields: Any) -> Image:
         """Create a queued image with these core fields and custom properties."""
@@ -275,7 +275,7 @@ class ImagesManager:
         """Send raw JSON-patch ``operations`` (``op``, ``path``, ``value``) to the image."""
         response = await self._client.request(
             "PATCH",
-            f"/v2/images/{image_id}",
+            api_path("/v2/images", image_id),
             content=jsonlib.dumps(list(operations)).encode(),
             headers={"Content-Type": JSON_PATCH},
         )
@@ -283,14 +283,18 @@ class ImagesManager:
 
     async def delete(self, image_id: str) -> None:
         """Delete the image (:class:`~glancefs.Forbidden` when it is protected)."""
-        await self._client.request("DELETE", f"/v2/images/{image_id}")
+        await self._client.request("DELETE", api_path("/v2/images", image_id))
 
     async def deactivate(self, image_id: str) -> None:
         """Make the image's data unreadable to non-admins until :meth:`reactivate`."""
-        await self._client.request("POST", f"/v2/images/{image_id}/actions/deactivate")
+        await self._client.request(
+            "POST", api_path("/v2/images", image_id, "actions", "deactivate")
+        )
 
     async def reactivate(self, image_id: str) -> None:
-        await self._client.request("POST", f"/v2/images/{image_id}/actions/reactivate")
+        await self._client.request(
+            "POST", api_path("/v2/images", image_id, "actions", "reactivate")
+        )
 
     async def upload(
         self,
@@ -309,7 +313,7 @@ class ImagesManager:
         iterable is sent once.
         """
         headers = {"X-Image-Meta-Store": backend} if backend else {}
-        await self._put_data(f"/v2/images/{image_id}/file", data, size, headers)
+        await self._put_data(api_path("/v2/images", image_id, "file"), data, size, headers)
 
     async def stage(self, image_id: str, data: UploadData, size: int | None = None) -> None:
         """Upload data to the staging area for a later ``glance-direct`` :meth:`image_import`.
@@ -317,7 +321,7 @@ class ImagesManager:
         ``data`` and ``size`` are as for :meth:`upload`; the image goes from ``queued`` to
         ``uploading``.
         """
-        await self._put_data(f"/v2/images/{image_id}/stage", data, size, {})
+        await self._put_data(api_path("/v2/images", image_id, "stage"), data, size, {})
 
     async def _put_data(
         self, path: str, data: UploadData, size: int | None, extra: Mapping[str, str]
@@ -381,19 +385,19 @@ class ImagesManager:
             body["all_stores_must_succeed"] = not allow_failure
         headers = {"X-Image-Meta-Store": backend} if backend else None
         await self._client.request(
-            "POST", f"/v2/images/{image_id}/import", json=body, headers=headers
+            "POST", api_path("/v2/images", image_id, "import"), json=body, headers=headers
         )
 
     async def delete_from_store(self, store_id: str, image_id: str) -> None:
         """Delete the image's data from one store only (it must remain in another)."""
-        await self._client.request("DELETE", f"/v2/stores/{store_id}/{image_id}")
+        await self._client.request("DELETE", api_path("/v2/stores", store_id, image_id))
 
     async def get_associated_image_tasks(self, image_id: str) -> builtins.list[Task]:
         """The import tasks that ran for this image, with their ``input``, ``result`` and
         ``message`` (admin, or the image's owner)."""
         from ._tasks import Task
 
-        body = (await self._client.request("GET", f"/v2/images/{image_id}/tasks")).json()
+        body = (await self._client.request("GET", api_path("/v2/images", image_id, "tasks"))).json()
         return [Task(record) for record in body.get("tasks") or []]
 
     async def open_data(
@@ -418,7 +422,11 @@ class ImagesManager:
             headers["Range"] = f"bytes={offset}-{last}"
         try:
             response = await self._client.request(
-                "GET", f"/v2/images/{image_id}/file", headers=headers, stream=True, retries=retries
+                "GET",
+                api_path("/v2/images", image_id, "file"),
+                headers=headers,
+                stream=True,
+                retries=retries,
             )
         except RangeNotSatisfiable:
             return ImageData(None, offset, offset, None)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from ._records import Record, segment
+from ._records import Record, api_path
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -48,8 +48,9 @@ class ImageMembersManager:
         self._client = client
 
     def _path(self, image_id: str, member_id: str | None = None) -> str:
-        path = f"/v2/images/{segment(image_id)}/members"
-        return path if member_id is None else f"{path}/{segment(member_id)}"
+        if member_id is None:
+            return api_path("/v2/images", image_id, "members")
+        return api_path("/v2/images", image_id, "members", member_id)
 
     async def list(self, image_id: str) -> AsyncIterator[Member]:
         """The image's members (as its owner), or this project's own membership (as a member)."""

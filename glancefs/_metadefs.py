@@ -22,7 +22,7 @@ import builtins
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._records import Record, paginate, segment
+from ._records import Record, api_path, paginate
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -45,7 +45,8 @@ _READ_ONLY = frozenset({"created_at", "updated_at", "self", "schema"})
 
 
 def _ns_path(namespace: str, *rest: str) -> str:
-    return "/".join(["/v2/metadefs/namespaces", segment(namespace), *rest])
+    """The path of ``namespace`` or of something in it; every part is caller text, encoded."""
+    return api_path("/v2/metadefs/namespaces", namespace, *rest)
 
 
 def _writable(record: Mapping[str, Any], drop: Iterable[str] = ()) -> dict[str, Any]:
@@ -203,7 +204,7 @@ class ObjectsManager:
             yield MetadefObject(record)
 
     async def get(self, namespace: str, object_name: str) -> MetadefObject:
-        path = _ns_path(namespace, "objects", segment(object_name))
+        path = _ns_path(namespace, "objects", object_name)
         return MetadefObject((await self._client.request("GET", path)).json())
 
     async def create(self, namespace: str, name: str, **fields: Any) -> MetadefObject:
@@ -216,13 +217,13 @@ class ObjectsManager:
 
     async def update(self, namespace: str, object_name: str, **changes: Any) -> MetadefObject:
         """Change fields of the object (``name=`` renames it); the others are kept."""
-        path = _ns_path(namespace, "objects", segment(object_name))
+        path = _ns_path(namespace, "objects", object_name)
         body = _writable((await self._client.request("GET", path)).json())
         body.update(changes)
         return MetadefObject((await self._client.request("PUT", path, json=body)).json())
 
     async def delete(self, namespace: str, object_name: str) -> None:
-        await self._client.request("DELETE", _ns_path(namespace, "objects", segment(object_name)))
+        await self._client.request("DELETE", _ns_path(namespace, "objects", object_name))
 
     async def delete_all(self, namespace: str) -> None:
         """Delete every object of the namespace."""
@@ -242,7 +243,7 @@ class PropertiesManager:
             yield MetadefProperty({"name": name, **definition})
 
     async def get(self, namespace: str, prop_name: str) -> MetadefProperty:
-        path = _ns_path(namespace, "properties", segment(prop_name))
+        path = _ns_path(namespace, "properties", prop_name)
         return MetadefProperty((await self._client.request("GET", path)).json())
 
     async def create(
@@ -257,14 +258,14 @@ class PropertiesManager:
 
     async def update(self, namespace: str, prop_name: str, **changes: Any) -> MetadefProperty:
         """Change keywords of the property (``name=`` renames it); the others are kept."""
-        path = _ns_path(namespace, "properties", segment(prop_name))
+        path = _ns_path(namespace, "properties", prop_name)
         body = _writable((await self._client.request("GET", path)).json())
         body.setdefault("name", prop_name)
         body.update(changes)
         return MetadefProperty((await self._client.request("PUT", path, json=body)).json())
 
     async def delete(self, namespace: str, prop_name: str) -> None:
-        await self._client.request("DELETE", _ns_path(namespace, "properties", segment(prop_name)))
+        await self._client.request("DELETE", _ns_path(namespace, "properties", prop_name))
 
     async def delete_all(self, namespace: str) -> None:
         """Delete every property of the namespace."""
@@ -298,12 +299,12 @@ class TagsManager:
             yield MetadefTag(record)
 
     async def get(self, namespace: str, tag_name: str) -> MetadefTag:
-        path = _ns_path(namespace, "tags", segment(tag_name))
+        path = _ns_path(namespace, "tags", tag_name)
         return MetadefTag((await self._client.request("GET", path)).json())
 
     async def create(self, namespace: str, tag_name: str) -> MetadefTag:
         """Add one tag (:class:`~glancefs.Conflict` when it exists)."""
-        path = _ns_path(namespace, "tags", segment(tag_name))
+        path = _ns_path(namespace, "tags", tag_name)
         return MetadefTag((await self._client.request("POST", path)).json())
 
     async def create_multiple(
@@ -321,11 +322,11 @@ class TagsManager:
 
     async def update(self, namespace: str, tag_name: str, *, name: str) -> MetadefTag:
         """Rename a tag."""
-        path = _ns_path(namespace, "tags", segment(tag_name))
+        path = _ns_path(namespace, "tags", tag_name)
         return MetadefTag((await self._client.request("PUT", path, json={"name": name})).json())
 
     async def delete(self, namespace: str, tag_name: str) -> None:
-        await self._client.request("DELETE", _ns_path(namespace, "tags", segment(tag_name)))
+        await self._client.request("DELETE", _ns_path(namespace, "tags", tag_name))
 
     async def delete_all(self, namespace: str) -> None:
         """Delete every tag of the namespace."""
@@ -371,6 +372,4 @@ class ResourceTypesManager:
         return ResourceType(response.json())
 
     async def deassociate(self, namespace: str, resource: str) -> None:
-        await self._client.request(
-            "DELETE", _ns_path(namespace, "resource_types", segment(resource))
-        )
+        await self._client.request("DELETE", _ns_path(namespace, "resource_types", resource))

@@ -4,8 +4,10 @@ Every record is the JSON object Glance sent, readable both as attributes (``task
 read-only mapping (``task["status"]``, ``dict(task)``), like :class:`~glancefs.Image`. A few common
 fields are typed properties; any other key is reachable as an attribute too.
 
-Pitfall: Glance path segments (tags, member ids, metadef names such as ``OS::Compute::Quota``) are
-user text: :func:`segment` percent-encodes them, so a space or ``?`` cannot change the request.
+Pitfall: Glance path segments (image ids, tags, member ids, metadef names such as
+``OS::Compute::Quota``) are user text: every path the client builds from them comes from
+:func:`api_path`, which percent-encodes each one, so a space, ``/`` or ``?`` cannot change the
+request (``by-id/x?y`` must not become ``GET /v2/images/x`` with a query).
 """
 
 from __future__ import annotations
@@ -17,12 +19,23 @@ from urllib.parse import quote
 if TYPE_CHECKING:
     from ._client import Client
 
-__all__ = ["Record", "paginate", "segment"]
+__all__ = ["Record", "api_path", "paginate"]
 
 
-def segment(value: str) -> str:
-    """``value`` as one percent-encoded URL path segment."""
-    return quote(str(value), safe="")
+def api_path(base: str, *segments: str) -> str:
+    """The request path ``base`` (a literal such as ``/v2/images``) then ``segments``, each
+    percent-encoded as one URL path segment: the one place caller text enters a URL path.
+
+    Literal segments (``file``, ``tags``) come out unchanged. ``.`` and ``..`` are encoded too
+    (``%2E``): as they are, URL normalisation would drop them or climb a level.
+    """
+    return "/".join([base, *(_segment(str(s)) for s in segments)])
+
+
+def _segment(text: str) -> str:
+    if text in (".", ".."):
+        return text.replace(".", "%2E")
+    return quote(text, safe="")
 
 
 class Record(Mapping[str, Any]):

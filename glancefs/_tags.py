@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ._records import segment
+from ._records import api_path
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -27,12 +27,8 @@ class ImageTagsManager:
 
     async def update(self, image_id: str, tag_value: str) -> None:
         """Add ``tag_value`` to the image's tags (nothing changes when it is already there)."""
-        await self._client.request(
-            "PUT", f"/v2/images/{segment(image_id)}/tags/{segment(tag_value)}"
-        )
+        await self._client.request("PUT", api_path("/v2/images", image_id, "tags", tag_value))
 
     async def delete(self, image_id: str, tag_value: str) -> None:
         """Remove ``tag_value`` from the image's tags; :class:`~glancefs.NotFound` if absent."""
-        await self._client.request(
-            "DELETE", f"/v2/images/{segment(image_id)}/tags/{segment(tag_value)}"
-        )
+        await self._client.request("DELETE", api_path("/v2/images", image_id, "tags", tag_value))

@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._records import Record, paginate, segment
+from ._records import Record, api_path, paginate
 
 if TYPE_CHECKING:
     from ._client import Client
@@ -80,7 +80,7 @@ class TasksManager:
 
     async def get(self, task_id: str) -> Task:
         """The task with its ``input``, ``result`` and ``message``."""
-        return Task((await self._client.request("GET", f"/v2/tasks/{segment(task_id)}")).json())
+        return Task((await self._client.request("GET", api_path("/v2/tasks", task_id))).json())
 
     async def create(self, *, type: str, input: Mapping[str, Any]) -> Task:
         """Start a task, e.g. ``type="import"`` with ``input={"import_from": URL,

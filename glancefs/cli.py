@@ -8,11 +8,14 @@ exit; Ctrl-C exits 130.
 from __future__ import annotations
 
 import contextlib
+import errno
+import json
 import logging
 import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ import trio
 from . import AuthError, CertificateError, Client, GlanceError, __version__
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
+from .fs import control
 from .fs.cache import CacheError, DataCache
 from .fs.config import (
     ConfigError,
@@ -35,6 +39,7 @@ from .fs.config import (
 )
 from .fs.daemon import run_in_background
 from .fs.fstab import mount_argv
+from .fs.metrics import parse_address
 from .fs.mount import (
     MountError,
     check_mountpoint,
@@ -44,6 +49,7 @@ from .fs.mount import (
     notify_systemd,
     serve,
 )
+from .fs.status import STATUS
 from .fs.xattrs import CONTAINER_FORMATS, DISK_FORMATS
 
 log = logging.getLogger("glancefs")
@@ -246,6 +252,11 @@ def run() -> None:
     show_default=True,
     help="Container format of such uploads.",
 )
+@click.option(
+    "--metrics-addr",
+    metavar="HOST:PORT",
+    help="Serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464).",
+)
 @click.pass_context
 def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     """Mount Glance at MOUNTPOINT (in the background unless -f)."""
@@ -257,6 +268,8 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
             mountpoint.resolve()
         ):
             raise ConfigError(f"--cache-dir: {config.cache.directory} is inside the mount")
+        if params["metrics_addr"] is not None:
+            params["metrics_addr"] = parse_address(params["metrics_addr"])
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
     options = fuse_options(allow_other=params["allow_other"])
@@ -281,15 +294,65 @@ def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
 
 
 @main.command()
-@click.argument("mountpoint", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("mountpoint", type=click.Path(file_okay=False, path_type=Path))
 def umount(mountpoint: Path) -> None:
-    """Unmount a glancefs mount (the mount process then exits)."""
-    command = ["fusermount3", "-u", str(mountpoint)]
+    """Unmount a glancefs mount (the mount process then exits).
+
+    A dead mount (its process was killed: the mountpoint answers ENOTCONN) is lazily unmounted
+    (fusermount3 -uz), and glancefs says so.
+    """
+    path = os.path.abspath(mountpoint)
+    dead = control.mountpoint_errno(path) == errno.ENOTCONN
+    if not dead and not mountpoint.is_dir():
+        raise click.ClickException(f"{mountpoint}: no such directory")
+    command = ["fusermount3", "-uz" if dead else "-u", path]
     if shutil.which("fusermount3") is None:
-        command = ["umount", str(mountpoint)]
+        command = ["umount", *(["-l"] if dead else []), path]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
         raise click.ClickException(result.stderr.strip() or f"cannot unmount {mountpoint}")
+    control.remove_stale_socket(path)
+    if dead:
+        click.echo(
+            f"glancefs: {mountpoint} was dead (transport endpoint is not connected: its process "
+            "is gone); lazily unmounted",
+            err=True,
+        )
+
+
+@main.command()
+@click.argument("mountpoints", nargs=-1, type=click.Path(path_type=Path), metavar="[MOUNTPOINT]...")
+@click.option("--json", "as_json", is_flag=True, help="One JSON list of the mounts, for scripts.")
+@click.option("--watch", is_flag=True, help="Redraw every --interval seconds, with progress bars.")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=0.1),
+    default=1.0,
+    show_default=True,
+    help="Seconds between redraws of --watch.",
+)
+def status(mountpoints: tuple[Path, ...], as_json: bool, watch: bool, interval: float) -> None:
+    """Show what glancefs mounts are doing: endpoint, options, transfers, errors.
+
+    Without MOUNTPOINT: every glancefs mount of this user. Exits 0 when every mount answers and
+    is healthy, 1 when one is dead (ENOTCONN), unhealthy (Glance failing) or unreachable.
+    """
+    try:
+        while True:
+            probes = control.probe_mounts([str(m) for m in mountpoints])
+            if as_json:
+                text = json.dumps([p.as_dict() for p in probes], indent=2)
+            else:
+                text = "\n\n".join(p.text(bars=watch) for p in probes) or "no glancefs mounts"
+            if watch:
+                click.clear()
+            click.echo(text)
+            if not watch:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        sys.exit(EXIT_INTERRUPTED)
+    sys.exit(0 if all(p.ok for p in probes) else 1)
 
 
 def _apply_mount_options(ctx: click.Context, params: dict[str, Any]) -> None:
@@ -384,6 +447,7 @@ def build_client(credentials: Credentials, params: dict[str, Any]) -> Client:
         retries=params["retries"],
         verify=verify,
         max_connections=params["max_connections"],
+        on_request=STATUS.request,
     )
 
 
@@ -415,7 +479,15 @@ async def _mount_and_serve(
                 config = await limit_to_credentials(client, config)
             except GlanceError as error:
                 raise MountError(await _explain(client, credentials, error)) from None
-            return await serve(client, config, mountpoint, options, ready, cache)
+            return await serve(
+                client,
+                config,
+                mountpoint,
+                options,
+                ready,
+                cache,
+                metrics_addr=params["metrics_addr"],
+            )
     finally:
         if cache is not None:
             log.info("cache %s at unmount: %s", cache.directory, cache.stats())

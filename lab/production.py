@@ -244,6 +244,14 @@ class HAProxyServer(ProcessGroup):
 
     def states(self) -> dict[str, str]:
         """Each backend's health as HAProxy sees it: UP, DOWN, "UP 1/2" (failing), MAINT..."""
+        return {name: row["status"] for name, row in self._server_stats().items()}
+
+    def sessions(self) -> dict[str, int]:
+        """Requests each backend is serving right now (HAProxy's ``scur``; checks not counted)."""
+        return {name: int(row["scur"] or 0) for name, row in self._server_stats().items()}
+
+    def _server_stats(self) -> dict[str, dict[str, str]]:
+        """``show stat`` on the stats socket: each backend server's row of the CSV."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(5)
             sock.connect(str(self.stats_socket))
@@ -253,7 +261,7 @@ class HAProxyServer(ProcessGroup):
                 chunks.append(chunk)
         rows = csv.DictReader(io.StringIO(b"".join(chunks).decode().lstrip("# ")))
         return {
-            row["svname"]: row["status"]
+            row["svname"]: row
             for row in rows
             if row.get("svname") not in (None, "FRONTEND", "BACKEND")
         }
@@ -327,6 +335,24 @@ class ProductionLab:
     def states(self) -> dict[str, str]:
         """HAProxy's view of each node: {"node0": "UP", "node1": "DOWN", ...}."""
         return self.haproxy.states()
+
+    def sessions(self) -> dict[str, int]:
+        """Requests each node is serving through HAProxy now: {"node0": 1, "node1": 0}."""
+        return self.haproxy.sessions()
+
+    def wait_for_busy_node(self, timeout: float = 10.0) -> int:
+        """The index of the first node seen serving a request (polled every millisecond).
+
+        For faults "mid-request": a test starts a request that stays open (a paused reader, a
+        slowly fed upload), and this tells which node to kill or freeze.
+        """
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for name, current in self.sessions().items():
+                if current:
+                    return int(name.removeprefix("node"))
+            time.sleep(0.001)
+        raise TimeoutError(f"lab: no node served a request within {timeout} s")
 
     def wait_for_states(self, expected: dict[str, str], timeout: float = 30.0) -> float:
         """Wait until HAProxy reports ``expected`` for those nodes; return the seconds it took."""

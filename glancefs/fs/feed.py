@@ -57,6 +57,7 @@ from glancefs import (
 from .background import failure_of
 from .cached import CachedImage
 from .extents import Extents
+from .status import STATUS
 
 __all__ = ["ImageFeed", "PrefetchBudget", "ReadTuning"]
 
@@ -214,6 +215,8 @@ class ImageFeed:
         #: read decided if the entry alone can serve verified data.
         self._cached = cached
         self._trust_decided = False
+        #: What `glancefs status` shows of this image's downloads (from the first byte on).
+        self._transfer = STATUS.started_transfer(image.id, image.name, "read", self.size)
         self._start_verification(verified_cache)
 
     def _start_verification(self, verified_cache: bool) -> None:
@@ -399,6 +402,7 @@ class ImageFeed:
         stream = _Stream(offset, self._tuning.initial_window, hash_from)
         self._stream = stream
         self._budget.open_streams += 1
+        STATUS.stream_opened()
         self._nursery.start_soon(self._pump, stream)
         return stream
 
@@ -408,6 +412,7 @@ class ImageFeed:
             return
         self._stream = None
         self._budget.open_streams -= 1
+        STATUS.stream_opened(-1)
         stream.cancel_scope.cancel()
         current = self._pass
         if current is not None and stream.hash_from is not None and not current.complete:
@@ -502,6 +507,7 @@ class ImageFeed:
                     async for chunk in data.chunks():
                         stream.chunks.append(chunk)
                         stream.end += len(chunk)
+                        self._transfer.progress(len(chunk))
                         if self._cached is not None:
                             await self._store_streamed(self._cached, stream)
                         failures = 0
@@ -653,6 +659,7 @@ class ImageFeed:
 
     async def aclose(self) -> None:
         self._stop_stream()
+        self._transfer.finished("closed")
         self._blocks.clear()
         if self._pass is not None:
             self._pass.cancel_scope.cancel()
@@ -686,6 +693,7 @@ class ImageFeed:
         async with await self._client.images.open_data(self.image.id, start, length) as data:
             async for chunk in data.chunks():
                 parts.append(chunk)
+                self._transfer.progress(len(chunk))
         body = b"".join(parts)
         if len(body) != length:
             raise GlanceError(

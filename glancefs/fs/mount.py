@@ -5,7 +5,8 @@ on the trio loop, and ``pyfuse3.close`` unmounts. :func:`serve` reports readines
 callback, so that the CLI can daemonize only once the mount works and report why it could not.
 
 Signals: SIGINT and SIGTERM unmount cleanly (the CLI exits 130 after Ctrl-C); SIGHUP drops every
-cache.
+cache. While mounted, the control socket answers ``glancefs status`` and, with ``metrics_addr``,
+an HTTP server answers Prometheus (:mod:`.control`, :mod:`.metrics`).
 """
 
 from __future__ import annotations
@@ -21,12 +22,15 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from glancefs import Client
+from glancefs import Client, GlanceError, SessionAuth
 
 from .cache import DataCache
 from .catalog import Catalog
 from .config import MountConfig
+from .control import serve_control
+from .metrics import MetricsServer
 from .operations import GlanceFS
+from .status import STATUS, ErrorLog, options_of
 
 __all__ = [
     "MountError",
@@ -60,8 +64,10 @@ def tune_kernel(mountpoint: str) -> None:
     """Raise the mount's readahead and FUSE queue limits through sysfs (root only; best effort)."""
     try:
         device = os.stat(mountpoint).st_dev
-    except OSError as error:  # unmounted already (ECONNABORTED once the session ends)
+    except OSError as error:  # unmounted already (a SIGTERM right after the mount)
         log.debug("not tuning %s: %s", mountpoint, error.strerror)
+        return
+    if os.major(device) != 0:  # FUSE devices are anonymous (0:N): this is the directory below
         return
     minor = os.minor(device)
     paths = {
@@ -138,11 +144,13 @@ async def serve(
     fuse_options: set[str],
     ready: Callable[[], None] = lambda: None,
     cache: DataCache | None = None,
+    metrics_addr: tuple[str, int] | None = None,
 ) -> bool:
     """Mount at ``mountpoint`` and serve until unmounted or signalled; reads go through
     ``cache`` (``--cache-dir``, opened by the caller) when given.
 
-    Returns True when a SIGINT ended it (the CLI then exits 130).
+    Returns True when a SIGINT ended it (the CLI then exits 130). ``metrics_addr``: where to
+    serve Prometheus metrics; a port that cannot be bound fails before the mount is made.
     """
     interrupted = False
 
@@ -163,8 +171,13 @@ async def serve(
         # The kernel then refuses every change with EROFS for every user, root included, before
         # it reaches glancefs, and mount(8)/findmnt show the mount as ro.
         fuse_options = fuse_options | {"ro"}
+    # Resolved before the mount: once mounted, stat of the mountpoint waits for this very loop.
+    resolved = os.path.realpath(mountpoint)  # noqa: ASYNC240 (before the mount: nothing waits)
+    await _describe(client, config, resolved, fuse_options, metrics_addr)
+    metrics = _start_metrics(metrics_addr)
     refused: str | None = None
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(_keep_status, metrics)
         operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery), cache)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options)
@@ -178,6 +191,7 @@ async def serve(
                 # Before ready(): a SIGTERM sent as soon as the mount is reported ready unmounts.
                 await nursery.start(watch_signals)
                 nursery.start_soon(_tune_when_served, mountpoint)
+                await nursery.start(serve_control, STATUS, resolved)
                 ready()
                 log.info("mounted %s", mountpoint)
                 # Returns after terminate() or when the mount was removed from outside (umount).
@@ -194,3 +208,48 @@ async def serve(
 async def _tune_when_served(mountpoint: str) -> None:
     # stat() of the mountpoint is answered by this very process, so it must run off the loop.
     await trio.to_thread.run_sync(tune_kernel, mountpoint)
+
+
+def _start_metrics(address: tuple[str, int] | None) -> MetricsServer | None:
+    if address is None:
+        return None
+    try:
+        return MetricsServer(address, STATUS)
+    except OSError as error:
+        host, port = address
+        raise MountError(f"--metrics-addr {host}:{port}: {error.strerror or error}") from None
+
+
+async def _describe(
+    client: Client,
+    config: MountConfig,
+    mountpoint: str,
+    fuse_options: set[str],
+    metrics_addr: tuple[str, int] | None,
+) -> None:
+    """Tell the status registry what ``glancefs status`` shows about this mount."""
+    project = None
+    if isinstance(client.auth, SessionAuth):
+        try:
+            project = await client.auth.project()
+        except GlanceError as error:
+            log.debug("project of the token unknown: %s", error)
+    STATUS.describe(
+        mountpoint=mountpoint,
+        endpoint=await client.auth.endpoint(),
+        project=project,
+        options=options_of(config, fuse_options, metrics_addr),
+    )
+
+
+async def _keep_status(metrics: MetricsServer | None) -> None:
+    """While the mount runs: the last warnings go to the registry, metrics are served; both
+    stop when the nursery ends, whichever way."""
+    errors = ErrorLog(STATUS)
+    logging.getLogger("glancefs").addHandler(errors)
+    try:
+        await trio.sleep_forever()
+    finally:
+        logging.getLogger("glancefs").removeHandler(errors)
+        if metrics is not None:
+            metrics.stop()

@@ -45,7 +45,7 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Collection, Iterable
 
-__all__ = ["NAME_MAX", "NameStream", "assign_names", "id_suffix", "sanitize"]
+__all__ = ["NAME_MAX", "NameStream", "assign_names", "id_suffix", "is_id_shaped", "sanitize"]
 
 #: The longest file name, in UTF-8 bytes, that Linux file systems accept.
 NAME_MAX = 255
@@ -181,11 +181,20 @@ def _is_plain(base: str, reserved: Collection[str]) -> bool:
     """
     if base in reserved or len(base.encode()) > NAME_MAX or not _REPLACEMENT_MARKS.isdisjoint(base):
         return False
+    return not is_id_shaped(base)
+
+
+def is_id_shaped(text: str) -> bool:
+    """Whether ``text`` could be an image id (a UUID in any of the spellings Python parses).
+
+    Deliberately loose: a name it accepts may still be no image's id, but one it rejects is
+    certainly none, so ``by-id/`` answers ENOENT for it without asking Glance.
+    """
     try:
-        uuid.UUID(base)
+        uuid.UUID(text)
     except ValueError:
-        return True
-    return False
+        return False
+    return True
 
 
 class NameStream:

@@ -49,7 +49,7 @@ from .namespace import (
     file_mode,
     has_readable_size,
 )
-from .naming import sanitize
+from .naming import is_id_shaped, sanitize
 from .reader import ImageReader, Readers
 from .refusals import (
     AccessDenied,
@@ -62,6 +62,7 @@ from .refusals import (
     Refusal,
     Unsupported,
 )
+from .status import STATUS
 from .uploader import MetadataChange, UploadPolicy, Uploads, UploadSession
 from .writers import Writer
 from .xattrs import FORMAT_FIELDS, field_of, image_xattrs, remove_patch, set_patch, tag_operation
@@ -103,14 +104,17 @@ def _boundary(
         except Refusal as refusal:
             if not refusal.quiet:
                 log.warning("%s: %s", method.__name__, refusal)
+            STATUS.refused(refusal.errno)
             raise pyfuse3.FUSEError(refusal.errno) from None
         except GlanceError as error:
             code = _errno_of(error)
             if code != errno.ENOENT:
                 log.error("%s: %s: %s", method.__name__, errno.errorcode[code], error)
+            STATUS.refused(code)
             raise pyfuse3.FUSEError(code) from None
         except Exception:
             log.exception("%s: internal error", method.__name__)
+            STATUS.refused(errno.EIO)
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return handler
@@ -206,6 +210,8 @@ class GlanceFS(pyfuse3.Operations):
         if directory == ROOT and name in ROOT_ENTRIES:
             return ROOT_ENTRIES[name], None
         if directory.kind is DirKind.BY_ID:
+            if not is_id_shaped(name):
+                raise NoEntry(name)  # no request: such text is no image's id
             try:
                 entry = await self.catalog.attributes(name)
             except NotFound:
@@ -415,7 +421,7 @@ class GlanceFS(pyfuse3.Operations):
         if open_file.reader is None:
             return b""
         try:
-            return await open_file.reader.read(off, size)
+            return STATUS.served(await open_file.reader.read(off, size))
         except IntegrityError:
             # Logged once, when found (_image_corrupt): every later read fails quietly.
             raise pyfuse3.FUSEError(errno.EIO) from None

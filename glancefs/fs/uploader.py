@@ -43,6 +43,7 @@ from .background import failure_of
 from .changes import Changes
 from .formats import DETECTION_BYTES, Formats, choose_formats, formats_of_name
 from .refusals import Busy, InvalidArgument, LocalFailure, OutOfSpace, Refusal
+from .status import STATUS
 from .writers import Writer
 
 __all__ = ["ImageUpload", "SpooledUpload", "UploadFailed", "UploadSession", "Uploads"]
@@ -94,6 +95,8 @@ class _DataPath:
         self._sha512 = hashlib.sha512()
         self._md5 = hashlib.md5()
         self.finished = False
+        #: What `glancefs status` shows of this upload (from its first byte sent on).
+        self.transfer = STATUS.started_transfer(image.id, image.name or image.id, "upload")
 
     @property
     def _name(self) -> str:
@@ -102,6 +105,7 @@ class _DataPath:
     async def abort(self, reason: str) -> None:
         """Stop the upload without finishing it; Glance puts the image back to queued."""
         self.finished = True
+        self.transfer.finished("aborted")
         if self._error is None:
             self._error = UploadFailed(f"image {self.image.id}: upload aborted: {reason}")
 
@@ -150,6 +154,7 @@ class _DataPath:
         if problems:
             raise UploadFailed(f"image {image.id}: upload not accepted: " + "; ".join(problems))
         self.image = image
+        self.transfer.finished("uploaded")
         return image
 
 
@@ -243,6 +248,7 @@ class ImageUpload(_DataPath):
             return await self._verify()
         except GlanceError as error:
             self._error = error
+            self.transfer.finished("failed")
             raise
 
     async def abort(self, reason: str) -> None:
@@ -262,6 +268,7 @@ class ImageUpload(_DataPath):
 
         async def body() -> AsyncIterator[bytes]:
             async for chunk in receive:
+                self.transfer.progress(len(chunk))
                 yield chunk
 
         async def upload() -> None:
@@ -350,6 +357,7 @@ class SpooledUpload(_DataPath):
             return await self._verify()
         except GlanceError as error:
             self._error = error
+            self.transfer.finished("failed")
             raise
         finally:
             self._spool.close()
@@ -365,6 +373,7 @@ class SpooledUpload(_DataPath):
             if len(chunk) != size:
                 raise UploadFailed(f"image {self.image.id}: the spool file is shorter than written")
             await self._hash(chunk)
+            self.transfer.progress(len(chunk))
             yield chunk
 
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+from glancefs import Image
+
 from .refusals import InvalidArgument, NoAttribute, NotPermitted, Unsupported
 
 __all__ = [
@@ -55,11 +57,7 @@ def image_xattrs(record: Mapping[str, Any]) -> dict[str, bytes]:
 
 
 #: Fields Glance computes or owns: setting or removing them is refused (EPERM).
-READ_ONLY_FIELDS = frozenset(
-    {"id", "status", "checksum", "os_hash_algo", "os_hash_value", "size", "virtual_size",
-     "created_at", "updated_at", "owner", "self", "file", "schema", "direct_url", "locations",
-     "stores"}
-)  # fmt: skip
+READ_ONLY_FIELDS = Image.READ_ONLY_FIELDS
 #: Formats Glance accepts (its defaults); they may change only while the image is queued.
 DISK_FORMATS = frozenset(
     {"ami", "ari", "aki", "vhd", "vhdx", "vmdk", "raw", "qcow2", "vdi", "iso", "ploop"}
@@ -162,10 +160,7 @@ def set_patch(record: Mapping[str, Any], name: str, value: bytes) -> Patch:
 
 
 #: Core fields that always exist in a record, so they are replaced rather than added.
-CORE_WRITABLE = frozenset(
-    {"name", "visibility", "protected", "min_ram", "min_disk", "os_hidden", "tags",
-     "disk_format", "container_format"}
-)  # fmt: skip
+CORE_WRITABLE = Image.WRITABLE_FIELDS
 
 
 def remove_patch(record: Mapping[str, Any], name: str) -> Patch:

@@ -35,6 +35,7 @@ from keystoneauth1.identity import v3
 from support import GLANCEFS, GlanceAPI, Mount
 
 import glancefs
+from lab.faults import IMAGE_DATA, FaultProxy, Request
 from lab.servers import USERS, GlanceServer, KeystoneServer
 
 pytestmark = pytest.mark.keystone
@@ -477,6 +478,47 @@ def test_mounted_upload_outlives_invalidated_tokens(
     assert "token refused (401): re-authenticating once" in log
     assert log.count("authenticated with Keystone") >= 2
     assert not secrets_in(log, [USERS["demo"]])
+
+
+def test_mounted_upload_outlives_its_revoked_token(
+    keystone: KeystoneServer,
+    glance_ks: GlanceServer,
+    mount_glancefs: MountFactory,
+    tmp_path: Path,
+) -> None:
+    """The very token of an upload in flight is revoked: the upload ends active and verified.
+
+    A rule-less fault proxy in front of Glance sees the PUT's token (the test has no other way
+    to know the mount's token) so that exactly that one can be revoked half-way.
+    """
+    put_tokens: list[str] = []
+
+    def note_token(request: Request) -> bool:
+        put_tokens.append(request.header("X-Auth-Token") or "")
+        return False  # no fault: only looking
+
+    with FaultProxy(glance_ks.url) as proxy:
+        proxy.fail(method="PUT", path=IMAGE_DATA, where=note_token)
+        mount = mount_glancefs(proxy.url, "--debug", env=demo_env(keystone, tmp_path))
+        pieces = [random.randbytes(MiB) for _ in range(6)]
+        name = f"revoked-{uuid.uuid4().hex[:6]}.raw"
+
+        def revoke_the_uploads_token() -> None:
+            [token] = put_tokens  # the PUT is under way
+            revoke(keystone, token)
+            assert _status_with(glance_ks, token) == 401
+
+        result = _feed_slowly(mount.path / "new" / name, pieces, 0.5, {3: revoke_the_uploads_token})
+        assert result.returncode == 0, result.stderr
+    api = api_as(keystone, glance_ks, "demo")
+    [image] = api.list(name=name)
+    api.close()
+    assert image["status"] == "active"
+    assert image["size"] == 6 * MiB
+    assert image["os_hash_value"] == hashlib.sha512(b"".join(pieces)).hexdigest()
+    log = mount.log()
+    assert "token refused (401): re-authenticating once" in log  # the verification after it
+    assert not secrets_in(log, [USERS["demo"], *put_tokens])
 
 
 def test_mounted_upload_longer_than_token_lifetime(

@@ -229,7 +229,8 @@ async def test_a_reader_that_reads_twice_is_verified_twice() -> None:
         m.client.images.faults.append(DataFault("flip", at=2 * MiB))
         with pytest.raises(IntegrityError):
             await read_all(reader)
-        assert [get[1] for get in m.gets()] == [0, 0], m.gets()
+        # One download from 0 per read; under load a paused one may also resume further on.
+        assert [get[1] for get in m.gets()].count(0) == 2, m.gets()
 
 
 @pytest.mark.parametrize("flip_in", [None, "served", "hashed"])
