@@ -309,7 +309,17 @@ class Bench:
 
     def random_reads(self) -> None:
         log("random 4 KiB reads: fio randread on the mount, ranged curl GETs")
-        rng = random.Random(6)
+        curl = self.ranged_curls(random.Random(6))
+        ours = Series("fio randread 4k")
+        with self.mount("random") as mount:
+            path = mount.path / "by-id" / self.image_id
+            for index in range(self.runs):
+                drop_page_cache()
+                ours.values.append(self.fio_median_ms(path, index))
+        self.add(Metric("random 4 KiB read, median latency", "ms", False, ours, curl, 1.5))
+
+    def ranged_curls(self, rng: random.Random) -> Series:
+        """Per run, the median ms of ``CURL_RANGES`` ranged GETs of 4 KiB at random offsets."""
         curl = Series("curl -r (4 KiB)")
         for _ in range(self.runs):
             samples = []
@@ -321,21 +331,19 @@ class Bench:
                 )  # fmt: skip
                 samples.append(float(output) * 1000)
             curl.values.append(statistics.median(samples))
-        ours = Series("fio randread 4k")
-        with self.mount("random") as mount:
-            path = mount.path / "by-id" / self.image_id
-            for index in range(self.runs):
-                drop_page_cache()
-                command = [
-                    "fio", "--name=randread", f"--filename={path}", "--readonly",
-                    "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
-                    f"--number_ios={RANDOM_READS}", f"--randseed={index + 1}",
-                    "--output-format=json",
-                ]  # fmt: skip
-                result = json.loads(run(*command))
-                percentiles = result["jobs"][0]["read"]["clat_ns"]["percentile"]
-                ours.values.append(percentiles["50.000000"] / 1e6)
-        self.add(Metric("random 4 KiB read, median latency", "ms", False, ours, curl, 1.5))
+        return curl
+
+    @staticmethod
+    def fio_median_ms(path: Path, seed: int) -> float:
+        """Median ms of ``RANDOM_READS`` O_DIRECT 4 KiB reads of ``path`` by fio."""
+        command = [
+            "fio", "--name=randread", f"--filename={path}", "--readonly",
+            "--rw=randread", "--bs=4k", "--direct=1", "--ioengine=psync",
+            f"--number_ios={RANDOM_READS}", f"--randseed={seed + 1}",
+            "--output-format=json",
+        ]  # fmt: skip
+        result = json.loads(run(*command))
+        return float(result["jobs"][0]["read"]["clat_ns"]["percentile"]["50.000000"]) / 1e6
 
     def first_byte(self) -> None:
         log("time to first byte: head -c 1 on the mount, curl -r 0-0")
@@ -479,6 +487,99 @@ class Bench:
             )
         )  # fmt: skip
 
+    # -- the data cache (--cache-dir) ---------------------------------------------------------
+
+    @staticmethod
+    def wait_verified(cache_dir: Path, count: int, timeout: float = 300) -> None:
+        """Until the cache holds ``count`` verified entries (their manifests); polled, since the
+        mount verifies an entry in the background once it is complete."""
+        deadline = time.monotonic() + timeout
+        while len(list((cache_dir / "v1").glob("*/verified"))) < count:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"fewer than {count} verified entries in {cache_dir}")
+            time.sleep(0.1)
+
+    def cache(self) -> None:
+        """The same Glance, the same run: a cold read from the cache after a remount against
+        curl, random 4 KiB reads from it against one ranged curl GET, and qemu-img convert of a
+        cached qcow2 against glance image-download followed by a local convert."""
+        log("cache: fill it (dd through a --cache-dir mount), remount, cold dd; curl alongside")
+        cache_dir = self.work / "cache"
+        cached_mount = ["--cache-dir", str(cache_dir)]
+        with self.mount("cache-fill", *cached_mount) as mount:
+            self.dd(mount.path / "by-id" / self.image_id)
+            self.wait_verified(cache_dir, 1)
+        curl, cached = Series("curl"), Series("dd bs=1M, cached")
+        for _ in range(self.runs):
+            self.cold()
+            seconds, _ = timed("curl", "-sS", "-f", "-o", "/dev/null", self.data_url(self.image_id))
+            curl.values.append(GIB / seconds / MB)
+        with self.mount("cache-read", *cached_mount) as mount:
+            path = mount.path / "by-id" / self.image_id
+            for _ in range(self.runs):
+                self.cold()  # the page cache holds neither the cache's files nor the mount's
+                with self.cpu(mount) as cached_cpu:
+                    cached.values.append(GIB / self.dd(path) / MB)
+            log("cache: random 4 KiB reads (fio, O_DIRECT) from the cache")
+            random_cached = Series("fio randread 4k, cached")
+            for index in range(self.runs):
+                drop_page_cache()
+                random_cached.values.append(self.fio_median_ms(path, index))
+        ranged = self.ranged_curls(random.Random(15))
+        drop_page_cache()  # what the disk itself gives: cat of the entry's block files, cold
+        blocks = sorted(str(path) for path in (cache_dir / "v1").glob("*/*.blk"))
+        seconds, _ = timed("sh", "-c", 'cat "$@" >/dev/null', "cat", *blocks)
+        self.add(
+            Metric(
+                "cold read from the cache", "MB/s", True, cached, curl, 1.5,
+                f"page cache dropped; the disk: cat of the block files cold "
+                f"{GIB / seconds / MB:.0f} MB/s; {cached_cpu.text}",
+            )
+        )  # fmt: skip
+        self.add(
+            Metric("random 4 KiB read from the cache", "ms", False, random_cached, ranged, 0.1)
+        )
+        self.convert(cached_mount, cache_dir)
+
+    def convert(self, cached_mount: list[str], cache_dir: Path) -> None:
+        log("cache: qemu-img convert -O raw of a cached qcow2 vs image-download + convert")
+        qcow2 = self.work / "source.qcow2"
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(qcow2))
+        image_id = self.api.create("bench-1g.qcow2", disk_format="qcow2")["id"]
+        timed(
+            "curl", "-sS", "-f", "-T", str(qcow2),
+            "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
+        )  # fmt: skip
+        output = self.work / "converted.raw"
+        downloaded = self.work / "downloaded.qcow2"
+        peer, ours = Series("image-download + convert"), Series("convert, cached")
+        for _ in range(self.runs):
+            self.cold()
+            warm(self.glance.store_dir / image_id)
+            started = time.perf_counter()
+            run(
+                str(self.glanceclient), "--os-image-url", self.glance.url,
+                "--os-auth-token", "bench", "image-download", "--file", str(downloaded), image_id,
+            )  # fmt: skip
+            run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(downloaded), str(output))
+            peer.values.append(time.perf_counter() - started)
+            downloaded.unlink()
+            output.unlink()
+        with self.mount("convert-fill", *cached_mount) as mount:
+            run("dd", f"if={mount.path / 'by-id' / image_id}", "of=/dev/null", "bs=1M")
+            self.wait_verified(cache_dir, 2)
+        with self.mount("convert", *cached_mount) as mount:
+            path = mount.path / "by-id" / image_id
+            for _ in range(self.runs):
+                self.cold()
+                seconds, _ = timed(
+                    "qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(path), str(output)
+                )
+                ours.values.append(seconds)
+                output.unlink()
+        self.api.delete(image_id)
+        self.add(Metric("qemu-img convert of a cached qcow2", "s", False, ours, peer, 0.5))
+
 
 GROUPS: dict[str, Callable[[Bench], None]] = {
     "upload": Bench.upload,
@@ -489,6 +590,7 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "random": Bench.random_reads,
     "ttfb": Bench.first_byte,
     "rss": Bench.memory,
+    "cache": Bench.cache,
 }
 
 

@@ -27,7 +27,16 @@ from . import AuthError, CertificateError, Client, GlanceError, __version__
 from .credentials import Credentials, CredentialsError, hide_from_ps
 from .credentials import load as load_credentials
 from .fs import control
-from .fs.config import ConfigError, MountConfig, View, parse_filter, parse_mount_options, parse_sort
+from .fs.cache import CacheError, DataCache
+from .fs.config import (
+    ConfigError,
+    MountConfig,
+    View,
+    parse_cache_options,
+    parse_filter,
+    parse_mount_options,
+    parse_sort,
+)
 from .fs.daemon import run_in_background
 from .fs.fstab import mount_argv
 from .fs.metrics import parse_address
@@ -57,6 +66,7 @@ _OPTION_FLAGS = {
     "foreground": ("foreground", True),
     "no_verify": ("no_verify", True),
     "insecure": ("insecure", True),
+    "cache_dir": ("cache_dir", ""),  # -o cache_dir: the default directory
 }
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 #: Parameters that can repeat (``-o tag=a,tag=b``).
@@ -209,6 +219,26 @@ def run() -> None:
     help="Accept writes at any offset: spool uploads here, send them on close.",
 )
 @click.option(
+    "--cache-dir",
+    is_flag=False,
+    flag_value="",
+    metavar="[DIR]",
+    help="Keep image data in a persistent cache in DIR (0700), keyed by the image hash "
+    "[DIR default: $XDG_CACHE_HOME/glancefs, /var/cache/glancefs for root]. Put it after "
+    "MOUNTPOINT, or give DIR: a bare --cache-dir takes the next word as DIR.",
+)
+@click.option(
+    "--cache-size",
+    metavar="SIZE",
+    help="Bound of the cache: 500M, 10G (powers of 1024); least recently used out "
+    "[default: 10% of the free space, with what the cache holds, at mount].",
+)
+@click.option(
+    "--cache-fill",
+    is_flag=True,
+    help="Fetch an image read at random completely into the cache, then verify it.",
+)
+@click.option(
     "--disk-format",
     type=click.Choice(sorted(DISK_FORMATS)),
     default="raw",
@@ -230,14 +260,18 @@ def run() -> None:
 @click.pass_context
 def mount(ctx: click.Context, /, mountpoint: Path, **params: Any) -> None:
     """Mount Glance at MOUNTPOINT (in the background unless -f)."""
+    mountpoint = mountpoint.absolute()
     try:
         _apply_mount_options(ctx, params)
         config = _config_from(params)
+        if config.cache is not None and config.cache.directory.resolve().is_relative_to(
+            mountpoint.resolve()
+        ):
+            raise ConfigError(f"--cache-dir: {config.cache.directory} is inside the mount")
         if params["metrics_addr"] is not None:
             params["metrics_addr"] = parse_address(params["metrics_addr"])
     except ConfigError as error:
         raise click.UsageError(str(error)) from None
-    mountpoint = mountpoint.absolute()
     options = fuse_options(allow_other=params["allow_other"])
     credentials = _credentials(params)
 
@@ -368,6 +402,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
         max_connections=params["max_connections"],
+        cache=parse_cache_options(params["cache_dir"], params["cache_size"], params["cache_fill"]),
     )
 
 
@@ -436,15 +471,40 @@ async def _mount_and_serve(
     options: set[str],
     ready: Callable[[], None],
 ) -> bool:
-    async with build_client(credentials, params) as client:
-        try:
-            await check_reachable(client)
-            config = await limit_to_credentials(client, config)
-        except GlanceError as error:
-            raise MountError(await _explain(client, credentials, error)) from None
-        return await serve(
-            client, config, mountpoint, options, ready, metrics_addr=params["metrics_addr"]
+    cache = await _open_cache(config)
+    try:
+        async with build_client(credentials, params) as client:
+            try:
+                await check_reachable(client)
+                config = await limit_to_credentials(client, config)
+            except GlanceError as error:
+                raise MountError(await _explain(client, credentials, error)) from None
+            return await serve(
+                client,
+                config,
+                mountpoint,
+                options,
+                ready,
+                cache,
+                metrics_addr=params["metrics_addr"],
+            )
+    finally:
+        if cache is not None:
+            log.info("cache %s at unmount: %s", cache.directory, cache.stats())
+            cache.close()
+
+
+async def _open_cache(config: MountConfig) -> DataCache | None:
+    """Lock and index ``--cache-dir`` before anything else: a directory another mount uses, or
+    one open to other users, fails the mount with one line (the cache must not be shared)."""
+    if config.cache is None:
+        return None
+    try:
+        return await trio.to_thread.run_sync(
+            DataCache.open, config.cache.directory, config.cache.max_bytes
         )
+    except CacheError as error:
+        raise MountError(str(error)) from None
 
 
 def _run_foreground(run: Callable[[Callable[[], None]], bool]) -> int:

@@ -8,16 +8,22 @@ sees at mount time.
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "MIN_CACHE_SIZE",
     "SORT_KEYS",
+    "CacheOptions",
     "ConfigError",
     "MountConfig",
     "View",
+    "default_cache_dir",
+    "parse_cache_options",
     "parse_filter",
     "parse_mount_options",
+    "parse_size",
     "parse_sort",
 ]
 
@@ -65,6 +71,66 @@ class View:
     limit: int | None = None
 
 
+#: The least ``--cache-size`` may be: a few 1 MiB blocks.
+MIN_CACHE_SIZE = 8 * 1024 * 1024
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgt]?)(ib)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(text: str, option: str) -> int:
+    """``10G``, ``500M``, ``1.5GiB``, ``4096``: bytes; K, M, G, T are powers of 1024."""
+    match = _SIZE.fullmatch(text.strip())
+    if match is None or (match.group(3) and not match.group(2)):
+        raise ConfigError(
+            f"{option}: expected a size like 500M or 10G (K, M, G, T: powers of 1024), got {text!r}"
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def default_cache_dir() -> Path:
+    """Where ``--cache-dir`` without a value puts the cache.
+
+    ``/var/cache/glancefs`` for root, else ``$XDG_CACHE_HOME/glancefs`` (``~/.cache/glancefs``
+    when the variable is unset or, against the XDG spec, not absolute).
+    """
+    if os.geteuid() == 0:
+        return Path("/var/cache/glancefs")
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(base):
+        base = os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "glancefs"
+
+
+@dataclass(frozen=True)
+class CacheOptions:
+    """The persistent data cache of a mount (glancefs/fs/cache.py): where, how big, how eager."""
+
+    #: Absolute: a background mount changes its working directory to /.
+    directory: Path
+    #: Bytes the cache may hold; None: a tenth of the free space of its filesystem, taken when
+    #: the mount starts (see :data:`glancefs.fs.cache.DEFAULT_FREE_SPACE_FRACTION`).
+    max_bytes: int | None = None
+    #: Fetch an image read at random completely in the background, then verify it.
+    fill: bool = False
+
+
+def parse_cache_options(directory: str | None, size: str | None, fill: bool) -> CacheOptions | None:
+    """``--cache-dir [DIR]`` (``""``: given without a value), ``--cache-size``, ``--cache-fill``.
+
+    None when the cache is off (no ``--cache-dir``); the other two options need it.
+    """
+    if directory is None:
+        if size is not None or fill:
+            given = "--cache-size" if size is not None else "--cache-fill"
+            raise ConfigError(f"{given}: the cache is off; turn it on with --cache-dir [DIR]")
+        return None
+    max_bytes = None if size is None else parse_size(size, "--cache-size")
+    if max_bytes is not None and max_bytes < MIN_CACHE_SIZE:
+        raise ConfigError(f"--cache-size: at least {MIN_CACHE_SIZE // 1024**2}M, not {size!r}")
+    path = Path(directory).expanduser() if directory else default_cache_dir()
+    return CacheOptions(path.absolute(), max_bytes, fill)
+
+
 @dataclass(frozen=True)
 class MountConfig:
     """Everything the filesystem needs to know besides the client it talks through."""
@@ -90,6 +156,8 @@ class MountConfig:
     keep_new: float = 300.0
     #: Bytes all prefetch windows together may hold.
     prefetch_memory: int = 128 * 1024 * 1024
+    #: The persistent data cache (``--cache-dir``); None: off.
+    cache: CacheOptions | None = None
     #: Requests to Glance in flight at once, downloads and uploads included (the client's
     #: connection budget): 8 is one worker of a small API node with its default threads.
     max_connections: int = 8
@@ -97,7 +165,8 @@ class MountConfig:
 
 _FLAG_OPTIONS = frozenset(
     {"ro", "rw", "allow_other", "default_permissions", "debug", "foreground", "no_verify",
-     "insecure", "allow_delete", "keep_failed", "read_only", "_netdev", "nofail", "auto",
+     "insecure", "allow_delete", "keep_failed", "read_only", "cache_dir", "cache_fill",
+     "_netdev", "nofail", "auto",
      "noauto", "user", "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
      "defaults"}
 )  # fmt: skip

@@ -55,6 +55,7 @@ from glancefs import (
 )
 
 from .background import failure_of, raise_again
+from .cached import CachedImage
 from .extents import Extents
 from .status import STATUS
 
@@ -116,6 +117,8 @@ class _Stream:
         self.readers_waiting = 0
         self.wants_more = trio.Event()  # set when a read or the hash made room in the window
         self.cancel_scope = trio.CancelScope()
+        #: Bytes before this were handed to the cache, in whole blocks.
+        self.stored = origin
 
     def pieces(self, offset: int, end: int) -> list[bytes | memoryview]:
         """Buffered bytes ``[offset, end)`` without copying; the caller checked they are here."""
@@ -184,6 +187,7 @@ class ImageFeed:
         *,
         verify: bool = True,
         verified_cache: bool = False,
+        cached: CachedImage | None = None,
         tuning: ReadTuning | None = None,
     ) -> None:
         self._client = client
@@ -207,6 +211,10 @@ class ImageFeed:
         self._unverified = False
         #: When a read last failed because Glance did not answer or broke, and how.
         self._last_failure: tuple[float, GlanceError] | None = None
+        #: The persistent cache's entry of the image (None: not cached), and whether the first
+        #: read decided if the entry alone can serve verified data.
+        self._cached = cached
+        self._trust_decided = False
         #: What `glancefs status` shows of this image's downloads (from the first byte on).
         self._transfer = STATUS.started_transfer(image.id, image.name, "read", self.size)
         self._start_verification(verified_cache)
@@ -245,8 +253,16 @@ class ImageFeed:
             raise
 
     async def _read(self, offset: int, end: int, sequential: bool) -> bytes:
+        cached = self._cached
         stream = self._stream
-        data: bytes | None = None
+        # A stream that has the bytes serves them, from memory and hashed where they are; the
+        # cache serves the rest (and everything, once trusted: then no stream runs).
+        if cached is not None and (stream is None or not self._reaches(stream, offset)):
+            data = await self._read_cached(cached, offset, end)
+            if data is not None:
+                self._account(offset, end, data, None)
+                return data
+        data = None
         if stream is not None and self._reaches(stream, offset):
             data = await self._read_stream(stream, offset, end)
         elif sequential and self._may_move_stream(stream):
@@ -254,9 +270,31 @@ class ImageFeed:
             data = await self._read_stream(stream, offset, end)
         if data is None:
             stream = None
-            data = await self._read_blocks(offset, end)
+            if cached is not None:  # whole cache blocks, stored for the next reads
+                data = await cached.fetch(offset, end)
+            else:
+                data = await self._read_blocks(offset, end)
         self._raise_if_corrupt()
         self._account(offset, end, data, stream)
+        return data
+
+    async def _read_cached(self, cached: CachedImage, offset: int, end: int) -> bytes | None:
+        """The bytes from the persistent cache, or None. The first read decides: an entry that
+        alone serves verified data (see :mod:`glancefs.fs.cached`) turns this feed's own hash
+        off; nothing was served before, so nothing is left unverified."""
+        try:
+            data = await cached.read(offset, end)
+        except IntegrityError as error:
+            self._fail(error)
+            raise
+        if not self._trust_decided:
+            self._trust_decided = True
+            if cached.trusted and self._verify:
+                self._verify = False
+                if self._pass is not None:
+                    self._pass.cancel_scope.cancel()
+                    self._pass = None
+        self._raise_if_corrupt()
         return data
 
     async def verdict(self) -> None:
@@ -473,6 +511,8 @@ class ImageFeed:
                         stream.chunks.append(chunk)
                         stream.end += len(chunk)
                         self._transfer.progress(len(chunk))
+                        if self._cached is not None:
+                            await self._store_streamed(self._cached, stream)
                         failures = 0
                         self._notify()
                         if self._stream_waits(stream):
@@ -500,6 +540,18 @@ class ImageFeed:
                     stream.end,
                     error,
                 )
+
+    async def _store_streamed(self, cached: CachedImage, stream: _Stream) -> None:
+        """Hand the cache every whole block the stream now holds (waits while the disk lags)."""
+        size = cached.block_size
+        stream.stored = -(-stream.stored // size) * size  # a stream may start inside a block
+        while stream.stored < self.size:
+            end = min(stream.stored + size, self.size)
+            if stream.end < end:
+                return
+            if stream.start <= stream.stored:  # else readers trimmed it already: not stored
+                await cached.store(stream.stored // size, stream.slice(stream.stored, end))
+            stream.stored = end
 
     async def _room_or_give_back(self, stream: _Stream) -> bool:
         """Wait for room in the window while holding the connection; False when the stream
@@ -589,6 +641,8 @@ class ImageFeed:
         self.corrupt = error
         self._stop_stream()
         self._blocks.clear()
+        if self._cached is not None:
+            self._cached.corrupt()
         self._on_corrupt(error)
         self._notify()
 
@@ -612,6 +666,8 @@ class ImageFeed:
         self._blocks.clear()
         if self._pass is not None:
             self._pass.cancel_scope.cancel()
+        if self._cached is not None:
+            await self._cached.aclose()
         self._notify()
 
     # -- the random path ------------------------------------------------------------------------

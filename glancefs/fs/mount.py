@@ -24,6 +24,7 @@ import trio
 
 from glancefs import Client, GlanceError, SessionAuth
 
+from .cache import DataCache
 from .catalog import Catalog
 from .config import MountConfig
 from .control import serve_control
@@ -142,9 +143,11 @@ async def serve(
     mountpoint: str,
     fuse_options: set[str],
     ready: Callable[[], None] = lambda: None,
+    cache: DataCache | None = None,
     metrics_addr: tuple[str, int] | None = None,
 ) -> bool:
-    """Mount at ``mountpoint`` and serve until unmounted or signalled.
+    """Mount at ``mountpoint`` and serve until unmounted or signalled; reads go through
+    ``cache`` (``--cache-dir``, opened by the caller) when given.
 
     Returns True when a SIGINT ended it (the CLI then exits 130). ``metrics_addr``: where to
     serve Prometheus metrics; a port that cannot be bound fails before the mount is made.
@@ -175,7 +178,7 @@ async def serve(
     refused: str | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_keep_status, metrics)
-        operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery))
+        operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery), cache)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options)
         except RuntimeError as error:  # /dev/fuse, permissions, options

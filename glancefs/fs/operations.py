@@ -32,6 +32,7 @@ from glancefs import (
     Unauthorized,
 )
 
+from .cache import DataCache
 from .catalog import MTIME_PROPERTY, Catalog, Entry, Listing, file_mtime_ns, mtime_text
 from .changes import Changes
 from .config import MountConfig
@@ -159,7 +160,12 @@ class GlanceFS(pyfuse3.Operations):
     """Glance's image catalog as a directory tree (see :mod:`glancefs.namespace`)."""
 
     def __init__(
-        self, client: Client, config: MountConfig, nursery: trio.Nursery, catalog: Catalog
+        self,
+        client: Client,
+        config: MountConfig,
+        nursery: trio.Nursery,
+        catalog: Catalog,
+        cache: DataCache | None = None,
     ) -> None:
         super().__init__()
         self._client = client
@@ -179,6 +185,8 @@ class GlanceFS(pyfuse3.Operations):
             self._image_corrupt,
             verify=config.verify,
             prefetch_memory=config.prefetch_memory,
+            cache=cache,
+            cache_fill=config.cache is not None and config.cache.fill,
         )
         self._open_files: dict[int, _OpenFile] = {}
         #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.

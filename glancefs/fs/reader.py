@@ -36,6 +36,8 @@ import trio
 
 from glancefs import Client, Image, IntegrityError
 
+from .cache import DataCache
+from .cached import cached_image
 from .feed import ImageFeed, PrefetchBudget, ReadTuning
 
 __all__ = ["ImageReader", "PrefetchBudget", "ReadTuning", "Readers"]
@@ -75,7 +77,9 @@ class Readers:
     """The open files' readers of one mount, and the image feeds they share.
 
     ``on_corrupt(image_id, error)`` is called once per mismatch found (it logs and drops the
-    image's cached pages).
+    image's cached pages). With a ``cache`` (``--cache-dir``), each feed of an image that can be
+    cached reads and stores through its entry (:mod:`glancefs.fs.cached`); ``cache_fill``
+    completes the entries of images read at random in the background.
     """
 
     def __init__(
@@ -87,8 +91,12 @@ class Readers:
         verify: bool = True,
         prefetch_memory: int = 128 * 1024 * 1024,
         tuning: ReadTuning | None = None,
+        cache: DataCache | None = None,
+        cache_fill: bool = False,
     ) -> None:
         self._client = client
+        self._cache = cache
+        self._cache_fill = cache_fill
         self._nursery = nursery
         self._on_corrupt = on_corrupt
         self._verify = verify
@@ -118,6 +126,14 @@ class Readers:
                 lambda error: self._found_corrupt(image.id, error),
                 verify=self._verify,
                 verified_cache=image.id in self._clean,
+                cached=cached_image(
+                    self._cache,
+                    self._client,
+                    image,
+                    self._nursery,
+                    verify=self._verify,
+                    fill=self._cache_fill,
+                ),
                 tuning=self._tuning,
             )
             self._feeds[image.id] = feed

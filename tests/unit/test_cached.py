@@ -1,0 +1,254 @@
+"""The read path through the persistent cache, below FUSE (glancefs/fs/cached.py and the feed).
+
+A real cache directory, the fake client's ``open_data`` (tests/fakes.py) with its faults, and
+"remounts" made of a new cache and a new ``Readers`` on the same directory.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from fakes import DataFault, FakeClient, data_record
+
+from glancefs import Image, IntegrityError
+from glancefs.fs.cache import DataCache
+from glancefs.fs.reader import ImageReader, Readers, ReadTuning
+
+MiB = 1024 * 1024
+READ = 128 * 1024
+FAST = ReadTuning(idle_release=0.05, slot_slice=0.05, stream_idle=0.05)
+
+
+@dataclass
+class Mount:
+    readers: Readers
+    cache: DataCache
+    client: FakeClient
+    records: list[dict[str, Any]]
+    data: list[bytes]
+    corrupt: list[tuple[str, IntegrityError]] = field(default_factory=list)
+
+    def open(self, index: int = 0) -> ImageReader:
+        return self.readers.open(Image(self.records[index]))
+
+    def gets(self) -> list[tuple[str, int, int | None]]:
+        return self.client.images.data_gets
+
+    def entry_dir(self, index: int = 0) -> Path:
+        return self.cache.directory / "v1" / f"sha512-{self.records[index]['os_hash_value']}"
+
+
+def images(*sizes: int, seed: int = 1) -> list[bytes]:
+    rng = random.Random(seed)
+    return [rng.randbytes(size) for size in sizes]
+
+
+@asynccontextmanager
+async def mount(
+    directory: Path, payloads: list[bytes], *, max_bytes: int = 64 * MiB, **options: Any
+) -> AsyncIterator[Mount]:
+    records = [data_record(n + 1, payload) for n, payload in enumerate(payloads)]
+    data = {r["id"]: payload for r, payload in zip(records, payloads, strict=True)}
+    client = FakeClient(records, data=data)
+    with DataCache.open(directory, max_bytes) as cache:
+        async with trio.open_nursery() as nursery:
+            state: Mount
+            readers = Readers(
+                client,  # type: ignore[arg-type]
+                nursery,
+                lambda image_id, error: state.corrupt.append((image_id, error)),
+                tuning=FAST,
+                cache=cache,
+                **options,
+            )
+            state = Mount(readers, cache, client, records, payloads)
+            with trio.fail_after(60):
+                yield state
+            nursery.cancel_scope.cancel()
+
+
+async def read_all(reader: ImageReader) -> bytes:
+    parts, offset = [], 0
+    while data := await reader.read(offset, READ):
+        parts.append(data)
+        offset += len(data)
+    return b"".join(parts)
+
+
+async def wait_until(condition: Callable[[], bool]) -> None:
+    """Background work (storing, hashing in worker threads) has no event to wait on from
+    outside: poll it (``wait_all_tasks_blocked`` does not wait for threads)."""
+    while not condition():  # noqa: ASYNC110
+        await trio.sleep(0.01)
+
+
+async def read_and_close(m: Mount, index: int = 0) -> bytes:
+    reader = m.open(index)
+    try:
+        return await read_all(reader)
+    finally:
+        await m.readers.release(reader)
+
+
+class TestWholeReads:
+    async def test_a_remount_reads_from_the_cache_alone(self, tmp_path: Path) -> None:
+        payloads = images(5 * MiB + 17)
+        async with mount(tmp_path, payloads) as m:
+            assert await read_and_close(m) == payloads[0]
+            assert len(m.gets()) == 1
+            await wait_until(lambda: (m.entry_dir() / "verified").exists())
+        async with mount(tmp_path, payloads) as m:
+            reader = m.open()
+            assert await read_all(reader) == payloads[0]
+            assert m.gets() == []
+            assert reader.feed.clean
+            assert not m.corrupt
+            await m.readers.release(reader)
+            assert m.readers.keeps_cache(m.records[0]["id"])
+            stats = m.cache.stats()  # one disk read per block, read ahead of the reader
+            assert (stats.hits, stats.hit_bytes, stats.misses) == (6, len(payloads[0]), 0)
+
+    async def test_images_with_the_same_data_share_one_entry(self, tmp_path: Path) -> None:
+        payload = images(3 * MiB)[0]
+        async with mount(tmp_path, [payload, payload]) as m:
+            assert await read_and_close(m, 0) == payload
+            await wait_until(lambda: (m.entry_dir(0) / "verified").exists())
+            assert await read_and_close(m, 1) == payload
+            assert [get[0] for get in m.gets()] == [m.records[0]["id"]]
+
+    async def test_a_corrupt_download_is_not_kept(self, tmp_path: Path) -> None:
+        payloads = images(4 * MiB)
+        async with mount(tmp_path, payloads) as m:
+            m.client.images.faults.append(DataFault("flip", at=2 * MiB + 3))
+            reader = m.open()
+            with pytest.raises(IntegrityError):
+                await read_all(reader)
+            await m.readers.release(reader)
+            await wait_until(lambda: not list(m.entry_dir().glob("*.blk")))
+            assert m.cache.stats().bytes == 0
+            assert len(m.corrupt) == 1
+            m.readers.reset()  # SIGHUP
+            assert await read_and_close(m) == payloads[0]
+            await wait_until(lambda: (m.entry_dir() / "verified").exists())
+
+    async def test_a_complete_entry_is_hashed_by_the_first_verifying_read(
+        self, tmp_path: Path
+    ) -> None:
+        payloads = images(3 * MiB + 1)
+        async with mount(tmp_path, payloads, verify=False) as m:
+            assert await read_and_close(m) == payloads[0]
+            await wait_until(lambda: len(list(m.entry_dir().glob("*.blk"))) == 4)
+            assert not (m.entry_dir() / "verified").exists()  # --no-verify hashes nothing
+        async with mount(tmp_path, payloads) as m:
+            reader = m.open()
+            assert await reader.read(MiB, 10) == payloads[0][MiB : MiB + 10]
+            assert (m.entry_dir() / "verified").exists()
+            assert m.gets() == []
+            assert await read_all(reader) == payloads[0]
+            assert reader.feed.clean
+            await m.readers.release(reader)
+
+    async def test_what_is_not_cached(self, tmp_path: Path) -> None:
+        payloads = images(2 * MiB, 2 * MiB, 70 * MiB)
+        async with mount(tmp_path, payloads) as m:
+            del m.records[0]["os_hash_algo"]
+            m.records[1]["status"] = "deactivated"
+            for index in range(3):  # no multihash, not active, larger than the cache
+                assert await read_and_close(m, index) == payloads[index]
+            assert list((tmp_path / "v1").iterdir()) == []
+
+
+class TestVerifiedEntries:
+    async def fill(self, directory: Path, payloads: list[bytes]) -> None:
+        async with mount(directory, payloads) as m:
+            assert await read_and_close(m) == payloads[0]
+            await wait_until(lambda: (m.entry_dir() / "verified").exists())
+
+    async def test_a_damaged_block_is_fetched_alone_and_checked(self, tmp_path: Path) -> None:
+        payloads = images(4 * MiB + 5)
+        await self.fill(tmp_path, payloads)
+        async with mount(tmp_path, payloads) as m:
+            block = m.entry_dir() / "2.blk"
+            raw = bytearray(block.read_bytes())
+            raw[5000] ^= 1
+            block.write_bytes(raw)
+            reader = m.open()
+            assert await read_all(reader) == payloads[0]
+            assert m.gets() == [(m.records[0]["id"], 2 * MiB, MiB)]
+            assert reader.feed.clean
+            await m.readers.release(reader)
+
+    async def test_a_block_glance_sends_otherwise_than_verified_is_corrupt(
+        self, tmp_path: Path
+    ) -> None:
+        payloads = images(4 * MiB + 5)
+        await self.fill(tmp_path, payloads)
+        async with mount(tmp_path, payloads) as m:
+            (m.entry_dir() / "1.blk").unlink()
+            m.client.images.faults.append(DataFault("flip", at=MiB + 77))
+            reader = m.open()
+            assert await reader.read(0, READ) == payloads[0][:READ]
+            with pytest.raises(IntegrityError, match="block 1 from Glance differs"):
+                await reader.read(MiB, READ)
+            with pytest.raises(IntegrityError):  # sticky
+                await reader.read(0, READ)
+            assert len(m.corrupt) == 1
+            await m.readers.release(reader)
+            assert (m.entry_dir() / "verified").exists()  # the entry was right all along
+            m.readers.reset()
+            assert await read_and_close(m) == payloads[0]
+            assert m.cache.stats().mismatched_blocks == 0  # the flipped block was not offered
+
+
+class TestRandomReads:
+    async def test_random_reads_fetch_and_keep_whole_blocks(self, tmp_path: Path) -> None:
+        payloads = images(8 * MiB)
+        async with mount(tmp_path, payloads) as m:
+            reader = m.open()
+            offset = 5 * MiB + MiB // 2
+            assert await reader.read(offset, 4096) == payloads[0][offset : offset + 4096]
+            assert m.gets() == [(m.records[0]["id"], 5 * MiB, MiB)]
+            await wait_until(lambda: (m.entry_dir() / "5.blk").exists())
+            assert await reader.read(offset - 4096, 4096) == payloads[0][offset - 4096 : offset]
+            assert len(m.gets()) == 1
+            await m.readers.release(reader)
+        async with mount(tmp_path, payloads) as m:
+            reader = m.open()
+            assert await reader.read(offset, 4096) == payloads[0][offset : offset + 4096]
+            assert m.gets() == []
+            await m.readers.release(reader)
+
+    async def test_cache_fill_completes_and_verifies_the_image(self, tmp_path: Path) -> None:
+        payloads = images(40 * MiB + 3)
+        async with mount(tmp_path, payloads, cache_fill=True) as m:
+            reader = m.open()
+            assert await reader.read(30 * MiB, 4096) == payloads[0][30 * MiB : 30 * MiB + 4096]
+            await wait_until(lambda: (m.entry_dir() / "verified").exists())
+            image_id = m.records[0]["id"]
+            assert m.gets()[0] == (image_id, 30 * MiB, MiB)
+            # Then runs of missing blocks, 16 MiB at most per request.
+            assert m.gets()[1:] == [(image_id, 0, 16 * MiB), (image_id, 16 * MiB, 14 * MiB),
+                                    (image_id, 31 * MiB, 9 * MiB + 3)]  # fmt: skip
+            await m.readers.release(reader)
+        async with mount(tmp_path, payloads) as m:
+            assert await read_and_close(m) == payloads[0]
+            assert m.gets() == []
+
+    async def test_cache_fill_stops_with_the_last_file(self, tmp_path: Path) -> None:
+        payloads = images(40 * MiB)
+        async with mount(tmp_path, payloads, cache_fill=True) as m:
+            m.client.images.chunk_delay = 0.001
+            reader = m.open()
+            await reader.read(20 * MiB, 4096)
+            await wait_until(lambda: len(m.gets()) == 2)
+            await m.readers.release(reader)
+            await wait_until(lambda: m.client.images.open_streams[m.records[0]["id"]] == 0)
+            assert len(m.gets()) == 2
+            assert not (m.entry_dir() / "verified").exists()
