@@ -224,6 +224,10 @@ class Catalog:
         #: Images being deleted after a failed upload: never shown again.
         self._hidden: set[str] = set()
         self._usage: tuple[float, dict[str, dict[str, int]]] | None = None
+        #: Counts the invalidations: a record fetched while one happened may predate the change
+        #: (a GET that started before a setfattr's PATCH and ended after it), so it is returned
+        #: to its caller but not kept.
+        self._invalidations = 0
 
     async def usage(self) -> dict[str, dict[str, int]]:
         """Glance's quota usage (``/v2/info/usage``), reused for ``listing_ttl`` seconds.
@@ -254,6 +258,7 @@ class Catalog:
             missing_since = self._missing.get(image_id)
             if missing_since is not None and now - missing_since < self._config.metadata_ttl:
                 raise NotFound(404, f"no image {image_id}")
+        invalidations = self._invalidations
         try:
             image = await self._client.images.get(image_id)
         except NotFound:
@@ -265,7 +270,8 @@ class Catalog:
             self._remember_missing(image_id, now)
             raise NotFound(404, f"image {image_id} is {image.status}")
         self._missing.pop(image_id, None)
-        self._remember(image, now)
+        if invalidations == self._invalidations:
+            self._remember(image, now)
         return image
 
     async def attributes(self, image_id: str) -> Entry:
@@ -426,6 +432,7 @@ class Catalog:
 
     def invalidate(self, image_id: str | None = None) -> None:
         """Forget listings, and the record of ``image_id``, after glancefs changed something."""
+        self._invalidations += 1
         self._listings.clear()
         if image_id is not None:
             self._images.pop(image_id, None)
@@ -434,6 +441,7 @@ class Catalog:
 
     def drop_all(self) -> None:
         """Forget everything (SIGHUP)."""
+        self._invalidations += 1
         self._listings.clear()
         self._images.clear()
         self._attrs.clear()

@@ -8,9 +8,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from fakes import FakeClient, record
 
-from glancefs import ServiceUnavailable
+from glancefs import Image, ServiceUnavailable
 from glancefs.fs.catalog import Catalog, Entry
 from glancefs.fs.config import MountConfig, View
 from glancefs.fs.namespace import BY_ID, ROOT
@@ -136,3 +137,28 @@ def test_statfs_from_quota_usage() -> None:
     assert (stats.f_files, stats.f_ffree) == (100, 93)
     over = statvfs_of({"image_size_total": {"limit": 10, "usage": 20}})
     assert over.f_bfree == 0
+
+
+async def test_a_record_fetched_across_a_change_is_not_kept() -> None:
+    """A GET that started before glancefs changed the image (setfattr) and ended after it
+    carries the old record: its caller gets it, the cache does not keep it."""
+    records = [record(1, os_distro="old")]
+    async with catalog(records) as (cat, client, _):
+        image_id = records[0]["id"]
+        answered = trio.Event()
+        real_get = client.images.get
+
+        async def slow_get(wanted: str) -> Image:
+            image = await real_get(wanted)
+            await answered.wait()
+            return image
+
+        client.images.get = slow_get  # type: ignore[assignment]
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cat.image, image_id)
+            await trio.testing.wait_all_tasks_blocked()
+            records[0]["os_distro"] = "new"  # the change, made by another request
+            cat.invalidate(image_id)
+            answered.set()
+        client.images.get = real_get  # type: ignore[method-assign]
+        assert (await cat.image(image_id))["os_distro"] == "new"
