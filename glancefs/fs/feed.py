@@ -234,15 +234,6 @@ class ImageFeed:
         the image is not verified at all (``--no-verify``, no recorded hash)."""
         return self.corrupt is None and not self._unverified
 
-    @property
-    def settled(self) -> bool:
-        """Nothing this feed has served or will serve can still turn out wrong: the image is not
-        verified at all, or a pass over the whole of it matched and every byte served was
-        checked. Until then, pages it put in the page cache may hold bytes no verdict covers."""
-        if not self.clean:
-            return False
-        return not self._verify or (self._pass is not None and self._pass.complete)
-
     # -- reads ----------------------------------------------------------------------------
 
     async def read(self, offset: int, end: int, *, sequential: bool) -> bytes:

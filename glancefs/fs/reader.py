@@ -28,11 +28,10 @@ verified (:meth:`Readers.keeps_cache`); otherwise the kernel drops them. So cach
 always either verified or served by the feed that is verifying them.
 
 Pitfall: the kernel serves cached pages, and the end of file, without asking glancefs. A second
-reader opened while the feed has not settled (even before it served anything) could read every
-page the first one pulled in and get its end of file before the verdict (the soak saw a flipped
-byte reach such a reader). Such an open reads with ``direct_io``
-(:meth:`Readers.bypasses_cache`): each of its reads comes to the feed, and its end-of-file read
-waits for the verdict like the first one's.
+reader opened while the feed still has unverified bytes could read every page the first one
+pulled in and get its end of file before the verdict (the soak saw a flipped byte reach such a
+reader). Such an open reads with ``direct_io`` (:meth:`Readers.bypasses_cache`): each of its
+reads comes to the feed, and its end-of-file read waits for the verdict like the first one's.
 """
 
 from __future__ import annotations
@@ -124,11 +123,9 @@ class Readers:
 
     def bypasses_cache(self, image_id: str) -> bool:
         """Whether an open of the image must read past the page cache (``direct_io``): a feed
-        of it lives and has not settled (what it serves may still be found wrong; also when it
-        has served nothing yet: the other reader may fill the cache after this open). Ask before
-        :meth:`open`."""
+        of it lives and some of what it served is not verified yet. Ask before :meth:`open`."""
         feed = self._feeds.get(image_id)
-        return self._verify and feed is not None and not feed.settled
+        return self._verify and feed is not None and not feed.clean
 
     def open(self, image: Image) -> ImageReader:
         feed = self._feeds.get(image.id)
