@@ -373,17 +373,16 @@ class GlanceFS(pyfuse3.Operations):
         if flags & _WRITE_FLAGS:
             return self._open_for_upload(inode, image, ctx, created=False)
         open_file = _OpenFile(inode, image)
-        keep_cache = direct_io = False
+        keep_cache = False
         if image.status == "active":
             # Active image data never changes, so cached pages stay valid, once verified.
             keep_cache = self._readers.keeps_cache(image.id)
-            direct_io = self._readers.bypasses_cache(image.id)
             open_file.reader = self._readers.open(image)
         elif image.status != "queued":
             raise AccessDenied(f"open {image.id}: image is {image.status}, its data is unreadable")
         handle = self._new_handle()
         self._open_files[handle] = open_file
-        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache, direct_io=direct_io)
+        return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     def _open_for_upload(
         self, inode: InodeT, image: Image, ctx: pyfuse3.RequestContext, *, created: bool

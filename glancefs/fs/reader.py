@@ -26,12 +26,6 @@ The page cache: an open keeps the kernel's cached pages of the image while other
 open (the feed served all of them and tracks them), or when everything the last feed served was
 verified (:meth:`Readers.keeps_cache`); otherwise the kernel drops them. So cached pages are
 always either verified or served by the feed that is verifying them.
-
-Pitfall: the kernel serves cached pages, and the end of file, without asking glancefs. A second
-reader opened while the feed still has unverified bytes could read every page the first one
-pulled in and get its end of file before the verdict (the soak saw a flipped byte reach such a
-reader). Such an open reads with ``direct_io`` (:meth:`Readers.bypasses_cache`): each of its
-reads comes to the feed, and its end-of-file read waits for the verdict like the first one's.
 """
 
 from __future__ import annotations
@@ -120,12 +114,6 @@ class Readers:
         # While a feed lives, the cache holds only what it served (the open that created it
         # dropped the rest) and it tracks all of that; a mismatch drops the pages.
         return not self._verify or image_id in self._feeds or image_id in self._clean
-
-    def bypasses_cache(self, image_id: str) -> bool:
-        """Whether an open of the image must read past the page cache (``direct_io``): a feed
-        of it lives and some of what it served is not verified yet. Ask before :meth:`open`."""
-        feed = self._feeds.get(image_id)
-        return self._verify and feed is not None and not feed.clean
 
     def open(self, image: Image) -> ImageReader:
         feed = self._feeds.get(image.id)
