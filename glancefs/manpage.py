@@ -155,7 +155,8 @@ def manpage() -> str:
             "in a 0700 directory. With --metrics-addr HOST:PORT a mount serves Prometheus "
             "metrics at http://HOST:PORT/metrics, every series prefixed glancefs_: requests by "
             "method and status, retries, bytes read from Glance, served and uploaded, uploads by "
-            "outcome, errors by errno, open files, streams, cache hits and misses."
+            "outcome, errors by errno, open files, streams, and the data cache's hits, misses, "
+            "bytes stored, evictions, damaged blocks and size."
         ),
         ".SH ERRORS",
         _roff("What a refused operation returns (SEMANTICS.md in the source has every case):"),

@@ -26,8 +26,11 @@ whether the fault hit the bytes served or the bytes hashed.
 
 The verdict: once the bytes served (to every open file together; the page cache of an image that
 is not verified is dropped when it is opened, so the page cache holds only bytes served here)
-cover the whole image, the read that reaches its end waits until a pass has hashed all of it and
-every check is settled, restarting the stream at ``hashed`` if nothing feeds the hash. A
+cover the whole image, the read that served the last bytes not served before, and every read
+that reaches the image's end, wait until a pass has hashed all of it and every check is
+settled, restarting the stream at ``hashed`` if nothing feeds the hash. (The read of the end
+alone would not do: reads complete out of order, and the kernel answers end of file from its
+cache once the end's page is there.) A
 mismatch (hash or crc32) makes the feed *corrupt*: every read of it fails with
 :class:`~glancefs.IntegrityError` until :meth:`ImageFeed.reset` (SIGHUP), and ``on_corrupt`` is
 called once. A reader that only seeks around never covers the image and gets no verdict.
@@ -246,13 +249,22 @@ class ImageFeed:
                 raise_again(error)
             self._last_failure = None
         try:
-            return await self._read(offset, end, sequential)
+            data, covered_last = await self._read(offset, end, sequential)
+            if covered_last:
+                # No byte of the image is left that no read was served: this is the last read
+                # any reader of the whole image needs from here. Its end of file may come from
+                # the kernel (the end's pages may be cached by an earlier read, of this file or
+                # another one, which returned before the image was covered), so the verdict
+                # must come now.
+                await self.verdict()
+            return data
         except GlanceError as error:
             if is_retryable(error):
                 self._last_failure = (trio.current_time(), error)
             raise
 
-    async def _read(self, offset: int, end: int, sequential: bool) -> bytes:
+    async def _read(self, offset: int, end: int, sequential: bool) -> tuple[bytes, bool]:
+        """The bytes, and whether they were the last of the image no read had been served."""
         cached = self._cached
         stream = self._stream
         # A stream that has the bytes serves them, from memory and hashed where they are; the
@@ -260,8 +272,7 @@ class ImageFeed:
         if cached is not None and (stream is None or not self._reaches(stream, offset)):
             data = await self._read_cached(cached, offset, end)
             if data is not None:
-                self._account(offset, end, data, None)
-                return data
+                return data, self._account(offset, end, data, None)
         data = None
         if stream is not None and self._reaches(stream, offset):
             data = await self._read_stream(stream, offset, end)
@@ -275,8 +286,7 @@ class ImageFeed:
             else:
                 data = await self._read_blocks(offset, end)
         self._raise_if_corrupt()
-        self._account(offset, end, data, stream)
-        return data
+        return data, self._account(offset, end, data, stream)
 
     async def _read_cached(self, cached: CachedImage, offset: int, end: int) -> bytes | None:
         """The bytes from the persistent cache, or None. The first read decides: an entry that
@@ -331,13 +341,15 @@ class ImageFeed:
     async def _wait_changed(self) -> None:
         await self._changed.wait()
 
-    def _account(self, offset: int, end: int, data: bytes, stream: _Stream | None) -> None:
+    def _account(self, offset: int, end: int, data: bytes, stream: _Stream | None) -> bool:
         """Record what was served: which bytes, and a check for those the hash will not see
-        (or did not see) in this very buffer."""
+        (or did not see) in this very buffer. True when these bytes completed the served set."""
+        was_covered = self._served.covers(0, self.size)
         self._served.add(offset, end)
+        covered_last = not was_covered and self._served.covers(0, self.size)
         current = self._pass
         if current is None:
-            return
+            return covered_last
         if not current.complete:
             self._unverified = True  # verified when the pass completes
         covered_from = end
@@ -356,6 +368,7 @@ class ImageFeed:
             low = max(offset, hashed)
             crc = zlib.crc32(view[low - offset : covered_from - offset])
             current.checks.append(_Check(low, covered_from, crc))
+        return covered_last
 
     # -- the stream -------------------------------------------------------------------------
 

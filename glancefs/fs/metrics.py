@@ -17,7 +17,15 @@ glancefs_uploads_total{outcome}           uploads ended: uploaded, failed, abort
 glancefs_errors_total{errno}              FUSE requests refused, by errno name
 glancefs_open_files                       image files open for reading or uploading
 glancefs_streams                          prefetching downloads running
-glancefs_cache_hits_total, ..._misses     the data cache's hits and misses (0 without a cache)
+glancefs_cache_hits_total                 reads answered from the data cache (``--cache-dir``)
+glancefs_cache_hit_bytes_total            their bytes
+glancefs_cache_misses_total               reads that found a cache block missing
+glancefs_cache_stored_bytes_total         data stored in the cache
+glancefs_cache_evictions_total            entries evicted to stay within ``--cache-size``
+glancefs_cache_damaged_blocks_total       blocks dropped because they failed their check
+glancefs_cache_rejected_entries_total     whole entries that failed the image's hash
+glancefs_cache_bytes, ..._max_bytes       what the cache holds on disk, and its bound
+glancefs_cache_entries                    images with data in the cache
 glancefs_uptime_seconds                   since the mount started
 ========================================  ==========================================
 """
@@ -44,6 +52,23 @@ def parse_address(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(f"--metrics-addr {text!r}: expected HOST:PORT, e.g. 127.0.0.1:9464")
     return host.strip("[]"), int(port)
+
+
+#: The data cache's figures (``CacheStats`` fields); all 0 without a cache.
+_CACHE_COUNTERS = (
+    ("glancefs_cache_hits", "hits", "Reads answered from the data cache."),
+    ("glancefs_cache_hit_bytes", "hit_bytes", "Bytes answered from the data cache."),
+    ("glancefs_cache_misses", "misses", "Reads that found a cache block missing."),
+    ("glancefs_cache_stored_bytes", "written_bytes", "Data bytes stored in the cache."),
+    ("glancefs_cache_evictions", "evictions", "Cache entries evicted to stay within the size."),
+    ("glancefs_cache_damaged_blocks", "damaged_blocks", "Cache blocks dropped on a failed check."),
+    ("glancefs_cache_rejected_entries", "rejected_entries", "Entries that failed the image hash."),
+)
+_CACHE_GAUGES = (
+    ("glancefs_cache_bytes", "bytes", "Bytes the data cache holds on disk."),
+    ("glancefs_cache_max_bytes", "max_bytes", "The data cache's size bound."),
+    ("glancefs_cache_entries", "entries", "Images with data in the cache."),
+)
 
 
 class _RegistryCollector(Collector):
@@ -81,8 +106,10 @@ class _RegistryCollector(Collector):
         )
         yield GaugeMetricFamily("glancefs_streams", "Prefetching downloads.", counters["streams"])
         cache = counters["cache"] or {}
-        yield CounterMetricFamily("glancefs_cache_hits", "Cache hits.", cache.get("hits", 0))
-        yield CounterMetricFamily("glancefs_cache_misses", "Cache misses.", cache.get("misses", 0))
+        for name, key, text in _CACHE_COUNTERS:
+            yield CounterMetricFamily(name, text, value=cache.get(key, 0))
+        for name, key, text in _CACHE_GAUGES:
+            yield GaugeMetricFamily(name, text, value=cache.get(key, 0))
         yield GaugeMetricFamily("glancefs_uptime_seconds", "Since the mount.", counters["uptime"])
 
 

@@ -44,6 +44,8 @@ __all__ = [
 ]
 
 log = logging.getLogger("glancefs.mount")
+#: Seconds between copies of the data cache's counters into the status registry.
+CACHE_FIGURES_EVERY = 0.5
 
 
 class MountError(Exception):
@@ -177,7 +179,7 @@ async def serve(
     metrics = _start_metrics(metrics_addr)
     refused: str | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_keep_status, metrics)
+        nursery.start_soon(_keep_status, metrics, cache)
         operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery), cache)
         try:
             pyfuse3.init(operations, mountpoint, fuse_options)
@@ -242,13 +244,18 @@ async def _describe(
     )
 
 
-async def _keep_status(metrics: MetricsServer | None) -> None:
-    """While the mount runs: the last warnings go to the registry, metrics are served; both
-    stop when the nursery ends, whichever way."""
+async def _keep_status(metrics: MetricsServer | None, cache: DataCache | None) -> None:
+    """While the mount runs: the last warnings go to the registry, metrics are served, the
+    cache's counters are copied in every half second (here, in the loop that changes the
+    cache: the metrics thread reads only the copy); all stop when the nursery ends."""
     errors = ErrorLog(STATUS)
     logging.getLogger("glancefs").addHandler(errors)
     try:
-        await trio.sleep_forever()
+        if cache is None:
+            await trio.sleep_forever()
+        while True:
+            STATUS.cache = dataclasses.asdict(cache.stats())
+            await trio.sleep(CACHE_FIGURES_EVERY)
     finally:
         logging.getLogger("glancefs").removeHandler(errors)
         if metrics is not None:

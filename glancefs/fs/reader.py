@@ -14,8 +14,10 @@ What is verified (the contract; the feed's docstring says how):
   hash in the very buffer it was served from, or recorded with its crc32 and compared with the
   bytes the hash sees at that place.
 * Once the bytes served cover the whole image (a sequential read, several readers together, or
-  a re-read), the read that reaches the image's end returns only after every served byte was
-  verified: a reader that was served every byte gets its end-of-file only for verified data.
+  a re-read), the read that served the last bytes not served before, and the read that reaches
+  the image's end, return only after every served byte was verified: a reader that was served
+  every byte gets its end-of-file only for verified data, whichever order its reads complete
+  in and whether the kernel served some of them from the page cache.
 * A mismatch is sticky for the image in this mount: every open file of it fails its next read
   with EIO, its cached pages are dropped, one line is logged; SIGHUP (:meth:`Readers.reset`)
   or a remount clears it.

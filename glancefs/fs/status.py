@@ -23,7 +23,6 @@ import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from glancefs import RequestEvent, __version__
@@ -32,7 +31,6 @@ from .config import MountConfig
 
 __all__ = [
     "STATUS",
-    "CacheFigures",
     "ErrorLog",
     "MountStatus",
     "Transfer",
@@ -47,18 +45,6 @@ RECENT_ERRORS = 10
 #: Seconds of progress the rate of a transfer is measured over.
 RATE_WINDOW = 5.0
 _SAMPLE_EVERY = 0.5
-
-
-@dataclass
-class CacheFigures:
-    """The data cache's counters, when a cache is on (another part of glancefs fills them)."""
-
-    hits: int = 0
-    misses: int = 0
-    hit_bytes: int = 0
-    miss_bytes: int = 0
-    used_bytes: int = 0
-    capacity_bytes: int = 0
 
 
 class Transfer:
@@ -159,8 +145,9 @@ class MountStatus:
         self.uploads: Counter[str] = Counter()
         self.errnos: Counter[str] = Counter()
         self.streams = 0
-        #: None while no cache is on.
-        self.cache: CacheFigures | None = None
+        #: The data cache's counters (``CacheStats`` as a dict, refreshed by the mount while it
+        #: runs: the metrics thread must not walk the cache's own tables); None: no cache.
+        self.cache: Mapping[str, int] | None = None
         self.recent_errors: deque[dict[str, Any]] = deque(maxlen=RECENT_ERRORS)
         self._last_success = 0.0
         self._last_failure: tuple[float, str] | None = None
@@ -243,7 +230,7 @@ class MountStatus:
     def counters(self) -> dict[str, Any]:
         """A consistent copy of every counter (for the metrics)."""
         with self.lock:
-            cache = None if self.cache is None else dict(vars(self.cache))
+            cache = None if self.cache is None else dict(self.cache)
             return {
                 "requests": dict(self.requests),
                 "retries": dict(self.retries),
@@ -372,8 +359,10 @@ def render(mountpoint: str, state: str, snapshot: Mapping[str, Any] | None, *, b
         lines.append("  cache      off")
     else:
         lines.append(
-            f"  cache      {cache['hits']} hits, {cache['misses']} misses, "
-            f"{format_bytes(cache['used_bytes'])} of {format_bytes(cache['capacity_bytes'])}"
+            f"  cache      {format_bytes(cache['bytes'])} of {format_bytes(cache['max_bytes'])}, "
+            f"{cache['entries']} images ({cache['verified_entries']} verified); "
+            f"{cache['hits']} hits ({format_bytes(cache['hit_bytes'])}), {cache['misses']} misses, "
+            f"{cache['evictions']} evicted, {cache['damaged_blocks']} damaged blocks dropped"
         )
     transfers = snapshot["transfers"]
     lines.append(f"  transfers  {len(transfers) or 'none'}")

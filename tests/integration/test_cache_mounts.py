@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import mmap
 import os
 import random
@@ -102,6 +103,14 @@ def read_file(path: Path) -> bytes:
         return file.read()
 
 
+def _status_cache(mountpoint: Path) -> dict[str, int]:
+    result = tool(GLANCEFS, "status", "--json", str(mountpoint), timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    (entry,) = json.loads(result.stdout)
+    cache: dict[str, int] = entry["status"]["cache"]
+    return cache
+
+
 def test_a_remount_reads_from_the_cache_alone(
     proxy: FaultProxy, api: GlanceAPI, mount_glancefs: MountFactory, tmp_path: Path
 ) -> None:
@@ -121,6 +130,13 @@ def test_a_remount_reads_from_the_cache_alone(
     assert read_file(second.path / "by-id" / image["id"]) == data
     assert read_file(second.path / "by-id" / twin["id"]) == data
     assert proxy.data_gets() == []
+    # `glancefs status` shows it (the mount copies the cache's figures in every half second)
+    deadline = time.monotonic() + 10
+    while (cache := _status_cache(second.path))["hit_bytes"] < 2 * len(data):
+        assert time.monotonic() < deadline, cache
+        time.sleep(0.1)
+    assert cache["misses"] == 0
+    assert cache["entries"] == cache["verified_entries"] == 1  # one entry serves both
     for each in (image, twin):
         record = api.get(each["id"])
         assert record["status"] == "active"

@@ -116,6 +116,13 @@ sys.exit(1)
 """
 
 
+READ_WHOLE = """
+import sys
+with open(sys.argv[1], "rb") as f:
+    sys.stdout.buffer.write(f.read())  # one read(2) of the whole file: readahead out of order
+"""
+
+
 def _readers(case: str, path: Path) -> list[subprocess.CompletedProcess[bytes]]:
     """Run the readers of one case to the end; each result's stdout is what it read."""
     if case == "in step":
@@ -124,9 +131,12 @@ def _readers(case: str, path: Path) -> list[subprocess.CompletedProcess[bytes]]:
         return [_run(sys.executable, "-c", READ_PAUSING, str(path))]
     if case == "twice":
         return [_run(sys.executable, "-c", READ_TWICE, str(path))]
+    command, count = (
+        (["cat"], 4) if case == "four at once" else ([sys.executable, "-c", READ_WHOLE], 2)
+    )
     commands = [
-        subprocess.Popen(["cat", str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        for _ in range(4)
+        subprocess.Popen([*command, str(path)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(count)
     ]
     results = []
     for process in commands:
@@ -135,7 +145,7 @@ def _readers(case: str, path: Path) -> list[subprocess.CompletedProcess[bytes]]:
     return results
 
 
-@pytest.mark.parametrize("case", ["in step", "pausing", "four at once", "twice"])
+@pytest.mark.parametrize("case", ["in step", "pausing", "four at once", "twice", "two whole"])
 def test_a_flipped_byte_fails_every_reader_until_sighup(
     case: str, api: GlanceAPI, proxy: CountingProxy, mount_glancefs: MountFactory
 ) -> None:

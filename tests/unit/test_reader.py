@@ -241,7 +241,9 @@ async def test_a_stream_ahead_of_the_hash_leaves_a_gap_that_is_filled(
     flip_in: str | None,
 ) -> None:
     """The tail is read first (a stream starting ahead of the hash, checked by crc32), then the
-    head: the read of the end then waits while the hash fills the gap and passes the tail."""
+    head: the read that serves the head's last bytes completes the image, so it waits while the
+    hash fills the gap and passes the tail (the tail's pages are in the page cache by then, so
+    no read of the end would ask)."""
     async with mount(4 * MiB) as m:
         image_id, half = m.images[0]["id"], 2 * MiB
         if flip_in == "served":  # the first response that covers 3 MiB: the tail's stream
@@ -251,18 +253,44 @@ async def test_a_stream_ahead_of_the_hash_leaves_a_gap_that_is_filled(
         tail_reader, head_reader = m.open(), m.open()
         tail = await read_all(tail_reader, half)  # no verdict: the head was never served
         assert len(tail) == half
-        head = b""
-        while len(head) < half:
-            head += await head_reader.read(len(head), READ)
+
+        async def read_head() -> bytes:
+            head = b""
+            while len(head) < half:
+                head += await head_reader.read(len(head), READ)
+            return head
+
         if flip_in is None:
-            assert head + tail == m.data[image_id]
-            assert await tail_reader.read(4 * MiB - READ, READ) == m.data[image_id][-READ:]
+            assert await read_head() + tail == m.data[image_id]
             assert tail_reader.feed.clean
             assert not m.corrupt
         else:
             with pytest.raises(IntegrityError, match="crc32"):
-                await tail_reader.read(4 * MiB - READ, READ)
+                await read_head()
             assert len(m.corrupt) == 1
+            with pytest.raises(IntegrityError):
+                await tail_reader.read(4 * MiB - READ, READ)
+
+
+async def test_readahead_out_of_order_cannot_take_the_end_before_the_verdict() -> None:
+    """The kernel reads a file ahead with several reads at once, which may complete in any
+    order: the one that reaches the end may finish while reads before it are still waiting (its
+    page is cached, and the kernel answers end of file itself). The read that serves the last
+    bytes no read had still waits for the verdict, so the reader gets EIO, not the flipped byte.
+    """
+    size = 4 * MiB
+    async with mount(size) as m:
+        m.client.images.faults.append(DataFault("flip", at=size - 3 * READ + 7))
+        reader = m.open()
+        head = size - 4 * READ
+        assert len(await reader.read(0, head)) == head
+        # The end first: not all served yet, so no verdict; its page is cached.
+        assert len(await reader.read(size - READ, READ)) == READ
+        assert len(await reader.read(head, READ)) == READ
+        assert len(await reader.read(head + READ, READ)) == READ
+        with pytest.raises(IntegrityError, match="sha512"):  # the last bytes nobody was served
+            await reader.read(head + 2 * READ, READ)
+        assert len(m.corrupt) == 1
 
 
 async def test_random_reads_are_checked_when_the_hash_passes_them() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -14,6 +15,7 @@ import trio
 
 from glancefs import RequestEvent
 from glancefs.fs import control
+from glancefs.fs.cache import CacheStats
 from glancefs.fs.config import ConfigError
 from glancefs.fs.metrics import MetricsServer, parse_address
 from glancefs.fs.status import ErrorLog, MountStatus, format_bytes, format_duration, render
@@ -126,6 +128,22 @@ def test_render_shows_what_matters(registry: MountStatus) -> None:
     assert "read    cirros (id-3)  [#####...............]  1.0 KiB / 4.0 KiB 25%" in text
     assert "cache      off" in text
     assert render("/mnt/x", "dead: gone", None, bars=False) == "/mnt/x: dead: gone"
+    registry.cache = _CACHE_FIGURES
+    text = render("/mnt/g", "ok", registry.snapshot(), bars=True)
+    assert (
+        "cache      3.0 MiB of 1.0 GiB, 2 images (1 verified); 12 hits (3.0 MiB), 4 misses, "
+        "1 evicted, 2 damaged blocks dropped"
+    ) in text
+
+
+#: What ``dataclasses.asdict(DataCache.stats())`` gives, as the mount copies it in.
+_CACHE_FIGURES = dataclasses.asdict(
+    CacheStats(
+        hits=12, hit_bytes=3 * 1024 * 1024, misses=4, written_bytes=5 * 1024 * 1024,
+        bytes=3 * 1024 * 1024, max_bytes=1024**3, entries=2, verified_entries=1, evictions=1,
+        damaged_blocks=2, rejected_entries=0, refused_blocks=0, mismatched_blocks=0,
+    )
+)  # fmt: skip
 
 
 def test_formats() -> None:
@@ -178,6 +196,27 @@ def test_metrics_exposition(registry: MountStatus) -> None:
         "glancefs_open_files 1.0",
         "glancefs_streams 0.0",
         "glancefs_cache_hits_total 0.0",
+        "glancefs_cache_bytes 0.0",
+    ):
+        assert line in text.splitlines(), line
+    registry.cache = _CACHE_FIGURES
+    server = MetricsServer(("127.0.0.1", port), registry)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    finally:
+        server.stop()
+    for line in (
+        "glancefs_cache_hits_total 12.0",
+        "glancefs_cache_hit_bytes_total 3.145728e+06",
+        "glancefs_cache_misses_total 4.0",
+        "glancefs_cache_stored_bytes_total 5.24288e+06",
+        "glancefs_cache_evictions_total 1.0",
+        "glancefs_cache_damaged_blocks_total 2.0",
+        "glancefs_cache_rejected_entries_total 0.0",
+        "glancefs_cache_bytes 3.145728e+06",
+        "glancefs_cache_max_bytes 1.073741824e+09",
+        "glancefs_cache_entries 2.0",
     ):
         assert line in text.splitlines(), line
     with pytest.raises(OSError):  # stopped: the port is closed
