@@ -221,13 +221,17 @@ def _query(path: Path) -> dict[str, Any]:
 
 
 def mountpoint_errno(mountpoint: str) -> int | None:
-    """The errno of ``stat(mountpoint)`` (None: it answers), in a thread: a hung mount would
-    block the caller for good; after QUERY_TIMEOUT it counts as ETIMEDOUT."""
+    """The errno of ``statvfs(mountpoint)`` (None: it answers), in a thread: a hung mount would
+    block the caller for good; after QUERY_TIMEOUT it counts as ETIMEDOUT.
+
+    Not ``stat``: the kernel answers that from the attributes it caches (for the mount's
+    ``--metadata-ttl``) even after the mount process died; statfs always asks the process.
+    """
     result: list[int | None] = []
 
     def check() -> None:
         try:
-            os.stat(mountpoint)
+            os.statvfs(mountpoint)
             result.append(None)
         except OSError as error:
             result.append(error.errno)
@@ -267,7 +271,7 @@ def probe(mountpoint: str) -> Probe:
             None,
         )
     if code is not None:
-        return Probe(mountpoint, "dead", f"stat: {os.strerror(code)}", None)
+        return Probe(mountpoint, "dead", f"statfs: {os.strerror(code)}", None)
     return Probe(
         mountpoint,
         "unreachable",

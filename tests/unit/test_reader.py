@@ -220,20 +220,19 @@ async def test_a_mismatch_reaches_every_open_file_until_reset() -> None:
         assert len(m.corrupt) == 1
 
 
-# Seen failing twice in ~60 runs, only inside the whole unit suite on a machine at load 6-10;
-# not reproduced alone (notes of 2026-12-01): retried while that is open.
-@pytest.mark.flaky(reruns=2)
 async def test_a_reader_that_reads_twice_is_verified_twice() -> None:
     async with mount(12 * MiB) as m:
         reader = m.open()
         assert await read_all(reader) == m.data[m.images[0]["id"]]
-        # The second read is served by a new download (no page cache below FUSE): a flip in it
-        # is found by a new pass that runs along.
+        assert [get[1:] for get in m.gets()] == [(0, None)]  # one stream
+        # The second read is served by a new download (no page cache below FUSE), or from what
+        # the first one still buffers: a flip in it is found by a new pass from 0 that runs
+        # along. (How many requests that takes depends on how far the hash lagged the first
+        # read: under load a block may be fetched and a paused download resumed on the way.)
         m.client.images.faults.append(DataFault("flip", at=2 * MiB))
         with pytest.raises(IntegrityError):
             await read_all(reader)
-        # One download from 0 per read; under load a paused one may also resume further on.
-        assert [get[1] for get in m.gets()].count(0) == 2, m.gets()
+        assert (0, None) in [get[1:] for get in m.gets()[1:]], m.gets()
 
 
 @pytest.mark.parametrize("flip_in", [None, "served", "hashed"])
