@@ -380,17 +380,22 @@ class Bench:
             warm(self.glance.store_dir / image_id)
 
     @staticmethod
-    def parallel(commands: list[list[str]]) -> float:
-        """Wall time of running ``commands`` all at once; each must succeed."""
+    def parallel(commands: list[list[str]], may_fail: int = 0) -> tuple[float, list[list[str]]]:
+        """Wall time of running ``commands`` all at once, and those that failed: each must
+        succeed, except any of the last ``may_fail`` ones."""
         started = time.perf_counter()
         processes = [
             subprocess.Popen(c, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in commands
         ]
-        for command, process in zip(commands, processes, strict=True):
+        failed = []
+        for index, (command, process) in enumerate(zip(commands, processes, strict=True)):
             _, err = process.communicate(timeout=600)
-            if process.returncode != 0:
+            if process.returncode == 0:
+                continue
+            if index < len(commands) - may_fail:
                 raise RuntimeError(f"{command} exited {process.returncode}: {err.decode()}")
-        return time.perf_counter() - started
+            failed.append(command)
+        return time.perf_counter() - started, failed
 
     def shared_reads(self) -> None:
         readers = SHARED_IMAGES * READERS_PER_IMAGE
@@ -403,7 +408,7 @@ class Bench:
             commands = [
                 ["curl", "-sS", "-f", "-o", "/dev/null", self.data_url(i)] for i, _ in images
             ]
-            curls.values.append(distinct / self.parallel(commands) / MB)
+            curls.values.append(distinct / self.parallel(commands)[0] / MB)
         for name, options in (("verified", []), ("--no-verify", ["--no-verify"])):
             ours = Series(f"{readers} x cat")
             with self.mount(f"shared-{name.strip('-')}", "--debug", *options) as mount:
@@ -412,7 +417,7 @@ class Bench:
                 for _ in range(self.runs):
                     self.cold_shared(images)
                     with self.cpu(mount) as shared_cpu:
-                        ours.values.append(distinct / self.parallel(commands) / MB)
+                        ours.values.append(distinct / self.parallel(commands)[0] / MB)
                 gets = self.data_requests(mount, images)
                 hwm = mount.status("VmHWM") / MB
             note = (
@@ -433,6 +438,7 @@ class Bench:
         log(f"peak RSS: {SHARED_IMAGES * READERS_PER_IMAGE} readers and {WRITERS} writers")
         sources = [random_file(self.work / f"writer-{n}.raw", WRITER_SIZE) for n in range(WRITERS)]
         hwm = Series("VmHWM")
+        copied_again = 0
         with self.mount("shared-load") as mount:
             for run_index in range(self.runs):
                 self.cold_shared(images)
@@ -446,7 +452,13 @@ class Bench:
                     ["cp", str(source), str(mount.path / "new" / f"w{run_index}-{source.name}")]
                     for source in sources
                 ]
-                self.parallel(commands)
+                # The bench's Glance is on SQLite, which answers "database is locked" (500) to
+                # concurrent uploads now and then (the mount then fails that cp with EIO and
+                # deletes the image, as it must): copied again, and counted.
+                _, failed = self.parallel(commands, may_fail=len(sources))
+                for command in failed:
+                    copied_again += 1
+                    subprocess.run(command, check=True, timeout=600)
                 hwm.values.append(mount.status("VmHWM") / MB)
         for run_index in range(self.runs):
             for source in sources:
@@ -454,8 +466,11 @@ class Bench:
                     assert image["status"] == "active", image
                     assert image["size"] == WRITER_SIZE, image
                     self.api.delete(image["id"])
-        self.add(Metric("peak RSS, 16 readers + 4 writers", "MB", False, hwm, None, 250,
-                        "VmHWM after each run of the whole load"))  # fmt: skip
+        note = (
+            f"VmHWM after each run of the whole load; {copied_again} of "
+            f"{self.runs * len(sources)} uploads refused by SQLite (500) and copied again"
+        )
+        self.add(Metric("peak RSS, 16 readers + 4 writers", "MB", False, hwm, None, 250, note))
 
     @staticmethod
     def data_requests(mount: Mount, images: list[tuple[str, Path]]) -> str:
