@@ -172,6 +172,17 @@ def test_parse_address() -> None:
             parse_address(bad)
 
 
+def _scrape(registry: MountStatus, port: int) -> list[str]:
+    """The lines of one scrape of a metrics server started for it (stopped twice: a no-op)."""
+    server = MetricsServer(("127.0.0.1", port), registry)
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            return answer.read().decode().splitlines()
+    finally:
+        server.stop()
+        server.stop()
+
+
 def test_metrics_exposition(registry: MountStatus) -> None:
     registry.request(RequestEvent("GET", "/v2/images", 200, 1))
     registry.started_transfer("id-4", "x", "read", total=10).progress(10)
@@ -180,13 +191,7 @@ def test_metrics_exposition(registry: MountStatus) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = MetricsServer(("127.0.0.1", port), registry)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-    finally:
-        server.stop()
-        server.stop()
+    lines = _scrape(registry, port)
     for line in (
         'glancefs_requests_total{method="GET",status="200"} 1.0',
         "glancefs_read_bytes_total 10.0",
@@ -198,14 +203,9 @@ def test_metrics_exposition(registry: MountStatus) -> None:
         "glancefs_cache_hits_total 0.0",
         "glancefs_cache_bytes 0.0",
     ):
-        assert line in text.splitlines(), line
+        assert line in lines, line
     registry.cache = _CACHE_FIGURES
-    server = MetricsServer(("127.0.0.1", port), registry)
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            text = answer.read().decode()
-    finally:
-        server.stop()
+    lines = _scrape(registry, port)
     for line in (
         "glancefs_cache_hits_total 12.0",
         "glancefs_cache_hit_bytes_total 3.145728e+06",
@@ -218,7 +218,7 @@ def test_metrics_exposition(registry: MountStatus) -> None:
         "glancefs_cache_max_bytes 1.073741824e+09",
         "glancefs_cache_entries 2.0",
     ):
-        assert line in text.splitlines(), line
+        assert line in lines, line
     with pytest.raises(OSError):  # stopped: the port is closed
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
 
