@@ -177,7 +177,8 @@ def _scrape(registry: MountStatus, port: int) -> list[str]:
     server = MetricsServer(("127.0.0.1", port), registry)
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-            return answer.read().decode().splitlines()
+            text: str = answer.read().decode()
+            return text.splitlines()
     finally:
         server.stop()
         server.stop()
