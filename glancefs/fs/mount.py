@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -46,6 +47,10 @@ __all__ = [
 log = logging.getLogger("glancefs.mount")
 #: Seconds between copies of the data cache's counters into the status registry.
 CACHE_FIGURES_EVERY = 0.5
+#: How long a worker thread that wants the GIL back (after hashing a 1 MiB piece with it
+#: released) waits for the trio thread to yield it. Python's default, 5 ms, costs the hash
+#: most of its speed while the loop is busy: a verified read hashes about 1,000 pieces per GiB.
+GIL_SWITCH_INTERVAL = 0.001
 
 
 class MountError(Exception):
@@ -155,6 +160,7 @@ async def serve(
     serve Prometheus metrics; a port that cannot be bound fails before the mount is made.
     """
     interrupted = False
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL)
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal interrupted
