@@ -194,6 +194,16 @@ class FakeImages:
 
 
 class FakeClient:
+    @classmethod
+    def serving(
+        cls, payloads: list[bytes], **options: Any
+    ) -> tuple[FakeClient, list[dict[str, Any]], dict[str, bytes]]:
+        """A client whose Glance holds one active image per payload, with the records and
+        the data by image id."""
+        records = [data_record(n + 1, payload) for n, payload in enumerate(payloads)]
+        data = {r["id"]: payload for r, payload in zip(records, payloads, strict=True)}
+        return cls(records, data=data, **options), records, data
+
     def __init__(
         self,
         records: list[dict[str, Any]],

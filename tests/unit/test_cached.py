@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from fakes import DataFault, FakeClient, data_record
+from fakes import DataFault, FakeClient
 
 from glancefs import Image, IntegrityError
 from glancefs.fs.cache import DataCache
@@ -54,9 +54,7 @@ def images(*sizes: int, seed: int = 1) -> list[bytes]:
 async def mount(
     directory: Path, payloads: list[bytes], *, max_bytes: int = 64 * MiB, **options: Any
 ) -> AsyncIterator[Mount]:
-    records = [data_record(n + 1, payload) for n, payload in enumerate(payloads)]
-    data = {r["id"]: payload for r, payload in zip(records, payloads, strict=True)}
-    client = FakeClient(records, data=data)
+    client, records, _ = FakeClient.serving(payloads)
     with DataCache.open(directory, max_bytes) as cache:
         async with trio.open_nursery() as nursery:
             state: Mount

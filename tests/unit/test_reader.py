@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fakes import DataFault, FakeClient, data_record
+from fakes import DataFault, FakeClient
 
 from glancefs import ConnectError, ConnectionBudget, IntegrityError
 from glancefs.fs.reader import ImageReader, Readers, ReadTuning
@@ -58,9 +58,9 @@ async def mount(
 ) -> AsyncIterator[Mount]:
     rng = random.Random(sum(sizes))
     payloads = [rng.randbytes(size) for size in sizes]
-    records = [data_record(n + 1, payload) for n, payload in enumerate(payloads)]
-    data = {r["id"]: payload for r, payload in zip(records, payloads, strict=True)}
-    client = FakeClient(records, data=data, max_connections=max_connections, retries=retries)
+    client, records, data = FakeClient.serving(
+        payloads, max_connections=max_connections, retries=retries
+    )
     async with trio.open_nursery() as nursery:
         state: Mount
         readers = Readers(
