@@ -44,6 +44,11 @@ Sharing: one process per directory. A second :meth:`DataCache.open` of a directo
 :class:`CacheError` naming the pid that holds it (flock: the lock goes with the process, also on
 ``kill -9``).
 
+Reads bypass the page cache (``O_DIRECT``, where the filesystem takes it): what a read
+serves lands in the mount's own page cache, and a second copy of the block files there would
+double the memory and cost a copy per byte (measured on a cold 1 GiB read: 1.9-2.0 CPU s in
+the mount against 2.2-2.65 with buffered reads). Writes go through the page cache as usual.
+
 Threads: disk I/O runs in ``trio.to_thread``; the index (which blocks exist, sizes, the LRU
 order) is only touched on the trio thread, so it needs no lock. At most one write per block is in
 flight (a block already stored or being written is not written again).
@@ -52,16 +57,19 @@ flight (a block already stored or being written is not written again).
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
+import mmap
 import os
 import re
 import secrets
 import shutil
 import stat
 import struct
+import threading
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
@@ -878,8 +886,61 @@ def _write_file_atomically(path: Path, buffers: Sequence[bytes | memoryview]) ->
     return inode
 
 
+def _open_block(path: Path) -> tuple[int, bool]:
+    """The block file opened for reading, and whether with ``O_DIRECT``.
+
+    Direct reads where the filesystem allows them (tmpfs does not): the data goes from the disk
+    into one reused buffer per thread instead of through the page cache, which would keep a
+    second copy of what the mount's own page cache holds, and cost a copy and fresh pages.
+    """
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(path, flags | os.O_DIRECT), True
+    except FileNotFoundError:
+        raise
+    except OSError as error:
+        if error.errno != errno.EINVAL:
+            raise
+    return os.open(path, flags), False
+
+
+#: The page-aligned buffer each worker thread reads block files into with O_DIRECT.
+_direct_buffers = threading.local()
+
+
+def _pread(fd: int, direct: bool, offset: int, *lengths: int) -> list[bytes]:
+    """Consecutive pieces of ``lengths`` bytes from ``offset`` on, in one read (shorter or
+    empty at the end of the file); ``offset`` is page-aligned when ``direct``."""
+    total = sum(lengths)
+    source: bytes | mmap.mmap | None = None
+    if direct:
+        size = -(-total // _HEADER_SIZE) * _HEADER_SIZE  # O_DIRECT reads whole pages
+        buffer: mmap.mmap | None = getattr(_direct_buffers, "buffer", None)
+        if buffer is None or len(buffer) < size:
+            buffer = _direct_buffers.buffer = mmap.mmap(-1, max(size, BLOCK_SIZE + _HEADER_SIZE))
+        try:
+            available = min(os.preadv(fd, [memoryview(buffer)[:size]], offset), total)
+            source = buffer
+        except OSError as error:
+            if error.errno != errno.EINVAL:  # a device that wants another alignment
+                raise
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)  # then read it as any file
+    if source is None:
+        source = os.pread(fd, total, offset)
+        available = len(source)
+        if len(lengths) == 1:
+            return [source]
+    pieces: list[bytes] = []
+    at = 0
+    for length in lengths:
+        pieces.append(source[at : max(at, min(at + length, available))])
+        at += length
+    return pieces
+
+
 def _read_checked(
-    fd: int, index: int, tag: bytes, length: int, start: int, stop: int
+    fd: int, direct: bool, index: int, tag: bytes, length: int, start: int, stop: int
 ) -> tuple[bytes, tuple[int, ...]]:
     """Bytes ``[start, stop)`` of the open block file ``fd``, after every check they need, and
     the CRCs of the whole block its (checked) header holds."""
@@ -888,7 +949,13 @@ def _read_checked(
         raise _Damaged(
             index, info.st_ino, f"{info.st_size} bytes, expected {_HEADER_SIZE + length}"
         )
-    header = os.pread(fd, _HEADER_SIZE, 0)
+    first, last = start // CHECKED_PIECE, (stop - 1) // CHECKED_PIECE
+    low, high = first * CHECKED_PIECE, min((last + 1) * CHECKED_PIECE, length)
+    if low == 0:  # the header and the data in one read (a sequential reader's whole block)
+        header, data = _pread(fd, direct, 0, _HEADER_SIZE, high)
+    else:
+        (header,) = _pread(fd, direct, 0, _HEADER_SIZE)
+        (data,) = _pread(fd, direct, _HEADER_SIZE + low, high - low)
     count = -(-length // CHECKED_PIECE)
     if len(header) < _HEADER_SIZE:
         raise _Damaged(index, info.st_ino, "short header")
@@ -901,9 +968,6 @@ def _read_checked(
     ):  # fmt: skip
         raise _Damaged(index, info.st_ino, "header of another block")
     crcs = struct.unpack_from(f"<{count}I", header, _HEADER.size)
-    first, last = start // CHECKED_PIECE, (stop - 1) // CHECKED_PIECE
-    low, high = first * CHECKED_PIECE, min((last + 1) * CHECKED_PIECE, length)
-    data = os.pread(fd, high - low, _HEADER_SIZE + low)
     if len(data) != high - low:
         raise _Damaged(index, info.st_ino, "short data")
     view = memoryview(data)
@@ -923,11 +987,11 @@ def _read_spans(
     for index, start, stop in spans:
         length = min(block_size, size - index * block_size)
         try:
-            fd = os.open(directory / _block_name(index), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd, direct = _open_block(directory / _block_name(index))
         except FileNotFoundError:
             raise _Damaged(index, None, "file missing") from None
         try:
-            parts.append(_read_checked(fd, index, tag, length, start, stop)[0])
+            parts.append(_read_checked(fd, direct, index, tag, length, start, stop)[0])
         finally:
             os.close(fd)
     return parts
@@ -941,11 +1005,11 @@ def _hash_entry(state: _EntryState, block_size: int) -> tuple[str, tuple[int, ..
         length = min(block_size, state.size - index * block_size)
         path = state.directory / _block_name(index)
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd, direct = _open_block(path)
         except FileNotFoundError:
             raise _Damaged(index, None, "file missing") from None
         try:
-            data, crcs = _read_checked(fd, index, state.key.tag, length, 0, length)
+            data, crcs = _read_checked(fd, direct, index, state.key.tag, length, 0, length)
         finally:
             os.close(fd)
         digest.update(data)

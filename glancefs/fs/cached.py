@@ -51,9 +51,10 @@ log = logging.getLogger("glancefs.cache")
 WRITES_IN_FLIGHT = 4
 #: The most one request of ``--cache-fill`` asks for.
 FILL_REQUEST = 16 * 1024 * 1024
-#: Whole blocks a sequential reader gets read from disk ahead of it (each block is a file of
-#: its own: the kernel's readahead does not cross from one to the next).
-READ_AHEAD = 2
+#: Whole blocks a sequential reader gets read from disk ahead of it: block files are read with
+#: O_DIRECT, so no kernel readahead runs for them (and each is a file of its own anyway). 4
+#: measured against 2 and 8 on a cold 1 GiB read: 565-646 MB/s, 491-631 and 487-542.
+READ_AHEAD = 4
 
 
 def cached_image(

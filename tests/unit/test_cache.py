@@ -9,6 +9,7 @@ writing leaves a cache that the next open serves exactly; one process per direct
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
@@ -126,6 +127,39 @@ class TestReadWrite:
         assert stats.misses == 0
         assert stats.written_bytes == SIZE
         assert stats.bytes == disk_bytes(cache.directory)
+
+    @pytest.mark.parametrize("refused", [None, "open", "read"])
+    async def test_block_files_are_read_directly_where_the_filesystem_allows(
+        self, refused: str | None, directory: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """O_DIRECT where the filesystem takes it (no second copy in the page cache); one that
+        refuses it with EINVAL, at open or at the read (an alignment it does not take), gets
+        ordinary reads: the same bytes either way, whole blocks and pieces."""
+        real_open, real_preadv = os.open, os.preadv
+
+        def refusing_open(path: Path, flags: int, *args: int) -> int:
+            if refused == "open" and flags & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_open(path, flags, *args)
+
+        def refusing_preadv(fd: int, buffers: list[memoryview], offset: int) -> int:
+            if refused == "read":
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_preadv(fd, buffers, offset)
+
+        monkeypatch.setattr(os, "open", refusing_open)
+        monkeypatch.setattr(os, "preadv", refusing_preadv)
+        data = image_data(3)
+        with open_cache(directory) as cache:
+            entry = entry_of(cache, data)
+            await fill(entry, data)
+            fd, direct = cache_module._open_block(block_files(directory)[0])
+            os.close(fd)
+            assert direct == (refused != "open")
+            for offset, length in [(0, SIZE), (BLOCK + CHECKED_PIECE, 10), (SIZE - 7, 7)]:
+                assert await entry.read(offset, length) == data[offset : offset + length]
+            assert await entry.verify()
+            assert cache.stats().damaged_blocks == 0
 
     async def test_a_read_needs_every_block_it_touches(self, cache: DataCache) -> None:
         data = image_data(1)
