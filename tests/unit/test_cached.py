@@ -113,6 +113,33 @@ class TestWholeReads:
             stats = m.cache.stats()  # one disk read per block, read ahead of the reader
             assert (stats.hits, stats.hit_bytes, stats.misses) == (6, len(payloads[0]), 0)
 
+    async def test_a_reader_with_reads_out_of_order_reads_each_block_once(
+        self, tmp_path: Path
+    ) -> None:
+        """qemu-img convert (8 reads of 2 MiB in flight) and the kernel's readahead send a
+        sequential reader's 1 MiB reads out of order and across block boundaries: still one
+        whole-block disk read per block, not one read of the pieces per request."""
+        payloads = images(40 * MiB + 5)
+        async with mount(tmp_path, payloads) as m:
+            assert await read_and_close(m) == payloads[0]
+            await wait_until(lambda: (m.entry_dir() / "verified").exists())
+        async with mount(tmp_path, payloads) as m:
+            reader = m.open()
+            head = 320 * 1024  # qcow2's data starts after its metadata: reads straddle blocks
+            offsets = [head + n * MiB for n in range(39)]
+            rng = random.Random(4)
+            for start in range(0, len(offsets), 8):  # scrambled within 8 MiB windows
+                window = offsets[start : start + 8]
+                rng.shuffle(window)
+                for offset in window:
+                    data = await reader.read(offset, MiB)
+                    assert data == payloads[0][offset : offset + MiB]
+            await m.readers.release(reader)
+            stats = m.cache.stats()
+            assert m.gets() == []
+            assert stats.misses == 0
+            assert stats.hits <= 41, stats  # 41 blocks, each read once (plus reads ahead)
+
     async def test_images_with_the_same_data_share_one_entry(self, tmp_path: Path) -> None:
         payload = images(3 * MiB)[0]
         async with mount(tmp_path, [payload, payload]) as m:
