@@ -889,15 +889,14 @@ def _write_file_atomically(path: Path, buffers: Sequence[bytes | memoryview]) ->
 def _open_block(path: Path) -> tuple[int, bool]:
     """The block file opened for reading, and whether with ``O_DIRECT``.
 
-    Direct reads where the filesystem allows them (tmpfs does not): the data goes from the disk
-    into one reused buffer per thread instead of through the page cache, which would keep a
-    second copy of what the mount's own page cache holds, and cost a copy and fresh pages.
+    Direct reads where the filesystem allows them (some refuse with EINVAL: tmpfs before
+    Linux 6.6, many FUSE filesystems): the data goes from the disk into one reused buffer per
+    thread instead of through the page cache, which would keep a second copy of what the mount's
+    own page cache holds, and cost a copy and fresh pages.
     """
     flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW
     try:
         return os.open(path, flags | os.O_DIRECT), True
-    except FileNotFoundError:
-        raise
     except OSError as error:
         if error.errno != errno.EINVAL:
             raise
