@@ -267,12 +267,19 @@ class CachedImage:
     # -- storing ------------------------------------------------------------------------------
 
     async def store(self, index: int, block: bytes) -> None:
-        """Store a whole block in the background; waits while :data:`WRITES_IN_FLIGHT` are."""
-        if self._closed or index in self._pending or index not in self.entry.missing([index]):
+        """Store a whole block in the background; waits while :data:`WRITES_IN_FLIGHT` are.
+        Also after :meth:`aclose`: the download's last blocks may still be on their way."""
+        if not self._needs_storing(index):
             return
         await self._writes.acquire()
+        if not self._needs_storing(index):  # the stream and a block fetch both had it
+            self._writes.release()
+            return
         self._pending[index] = block
         self._nursery.start_soon(self._write, index, block, self._epoch)
+
+    def _needs_storing(self, index: int) -> bool:
+        return index not in self._pending and bool(self.entry.missing([index]))
 
     async def _write(self, index: int, block: bytes, epoch: int) -> None:
         """Runs in the mount's nursery: never raises (the cache's own failures are not errors,

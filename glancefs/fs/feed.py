@@ -525,7 +525,10 @@ class ImageFeed:
                         stream.end += len(chunk)
                         self._transfer.progress(len(chunk))
                         if self._cached is not None:
-                            await self._store_streamed(self._cached, stream)
+                            # Shielded: the readers may finish from memory and close the file
+                            # (stopping this stream) while whole blocks wait for the disk.
+                            with trio.CancelScope(shield=True):
+                                await self._store_streamed(self._cached, stream)
                         failures = 0
                         self._notify()
                         if self._stream_waits(stream):

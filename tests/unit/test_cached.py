@@ -7,6 +7,7 @@ A real cache directory, the fake client's ``open_data`` (tests/fakes.py) with it
 from __future__ import annotations
 
 import random
+import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from fakes import DataFault, FakeClient
 
 from glancefs import Image, IntegrityError
+from glancefs.fs import cache as cache_module
+from glancefs.fs import cached as cached_module
 from glancefs.fs.cache import DataCache
 from glancefs.fs.reader import ImageReader, Readers, ReadTuning
 
@@ -191,6 +195,33 @@ class TestWholeReads:
             for index in range(3):  # no multihash, not active, larger than the cache
                 assert await read_and_close(m, index) == payloads[index]
             assert list((tmp_path / "v1").iterdir()) == []
+
+    async def test_blocks_waiting_for_the_disk_are_stored_after_the_file_closes(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """A slow disk: the download holds whole blocks that wait for a write while the reader
+        (served from memory) finishes and closes the file. They are still stored, so the entry
+        completes and is hashed; lost, it would stay partial until some later read."""
+        gate = threading.Event()
+        write_block_file = cache_module._write_block_file
+
+        def slow_write(*args: Any) -> int | None:
+            gate.wait()
+            return write_block_file(*args)
+
+        monkeypatch.setattr(cache_module, "_write_block_file", slow_write)
+        monkeypatch.setattr(cached_module, "WRITES_IN_FLIGHT", 1)
+        payloads = images(3 * MiB + 5)
+        async with mount(tmp_path, payloads) as m:
+            reader = m.open()
+            for offset in range(0, 3 * MiB // 2, READ):  # the download runs ahead to block 2
+                assert await reader.read(offset, READ) == payloads[0][offset : offset + READ]
+            await trio.testing.wait_all_tasks_blocked()  # block 0 written, block 1 waiting
+            await m.readers.release(reader)
+            gate.set()
+            with trio.move_on_after(10):
+                await wait_until(lambda: (m.entry_dir() / "1.blk").exists())
+            assert (m.entry_dir() / "1.blk").exists()
 
 
 class TestVerifiedEntries:
