@@ -241,6 +241,15 @@ class Bench:
                 self.cold()
                 with self.cpu(mount) as unverified_cpu:
                     unverified.values.append(GIB / self.dd(path) / MB)
+        # The same first reads past the page cache: the kernel copies each reply into dd's
+        # buffer instead of into new page-cache pages.
+        direct, direct_unverified = Series("dd bs=1M"), Series("dd bs=1M")
+        for series, options in ((direct, ()), (direct_unverified, ("--no-verify",))):
+            with self.mount("read-direct", "--direct-io", *options) as mount:
+                path = mount.path / "by-id" / self.image_id
+                for _ in range(self.runs):
+                    self.cold()
+                    series.values.append(GIB / self.dd(path) / MB)
         hashing = Series("sha512, one core")
         for _ in range(self.runs):
             warm(self.source)
@@ -257,6 +266,10 @@ class Bench:
             )
         )  # fmt: skip
         self.add(Metric("second read (page cache)", "MB/s", True, second, curl, 1.5))
+        self.add(Metric("first read, verified, --direct-io, vs the hash", "MB/s", True, direct,
+                        hashing, 0.9))  # fmt: skip
+        self.add(Metric("first read, --no-verify --direct-io", "MB/s", True, direct_unverified,
+                        curl, 0.6))  # fmt: skip
 
     @staticmethod
     def sha512_seconds(path: Path) -> float:

@@ -65,6 +65,7 @@ _OPTION_FLAGS = {
     "debug": ("debug", True),
     "foreground": ("foreground", True),
     "no_verify": ("no_verify", True),
+    "direct_io": ("direct_io", True),
     "insecure": ("insecure", True),
     "cache_dir": ("cache_dir", ""),  # -o cache_dir: the default directory
 }
@@ -207,6 +208,12 @@ def run() -> None:
     help="Requests to Glance in flight at once (downloads and uploads included).",
 )
 @click.option("--no-verify", is_flag=True, help="Do not check image data against its hash.")
+@click.option(
+    "--direct-io",
+    is_flag=True,
+    help="Serve image data past the page cache: for images read once (faster, keeps the "
+    "host's memory for others); nothing is cached, mmap(MAP_SHARED) fails (ENODEV).",
+)
 @click.option("--uid", type=int, help="Owner shown for every file [default: you].")
 @click.option("--gid", type=int, help="Group shown for every file [default: yours].")
 @click.option("--allow-other", is_flag=True, help="Let other users use the mount.")
@@ -396,6 +403,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         uid=os.getuid() if params["uid"] is None else params["uid"],
         gid=os.getgid() if params["gid"] is None else params["gid"],
         verify=not params["no_verify"],
+        direct_io=params["direct_io"],
         read_only=params["read_only"],
         allow_delete=params["allow_delete"],
         keep_failed=params["keep_failed"],

@@ -13,7 +13,7 @@ import subprocess
 from lab.glance_http import GlanceAPI
 from lab.mounts import GLANCEFS, Mount
 
-__all__ = ["GLANCEFS", "GlanceAPI", "Mount", "require_tools", "tool"]
+__all__ = ["GLANCEFS", "GlanceAPI", "Mount", "metrics", "require_tools", "tool"]
 
 
 def tool(*command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -27,3 +27,15 @@ def require_tools(*names: str) -> None:
     missing = [n for n in names if shutil.which(n) is None]
     if missing:
         raise RuntimeError(f"missing tools {missing}: run `make deps`")
+
+
+def metrics(port: int) -> dict[str, float]:
+    """The series a mount's ``--metrics-addr`` serves, by name and labels."""
+    result = tool("curl", "-sf", f"http://127.0.0.1:{port}/metrics")
+    assert result.returncode == 0, result.stderr
+    series = {}
+    for line in result.stdout.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            series[key] = float(value)
+    return series

@@ -143,6 +143,8 @@ class MountConfig:
     uid: int = field(default_factory=os.getuid)
     gid: int = field(default_factory=os.getgid)
     verify: bool = True
+    #: Serve image data without the kernel's page cache (``--direct-io``).
+    direct_io: bool = False
     read_only: bool = False
     #: Allow ``rm`` (and ``mv`` over an existing image) to delete images.
     allow_delete: bool = False
@@ -165,7 +167,7 @@ class MountConfig:
 
 _FLAG_OPTIONS = frozenset(
     {"ro", "rw", "allow_other", "default_permissions", "debug", "foreground", "no_verify",
-     "insecure", "allow_delete", "keep_failed", "read_only", "cache_dir", "cache_fill",
+     "direct_io", "insecure", "allow_delete", "keep_failed", "read_only", "cache_dir", "cache_fill",
      "_netdev", "nofail", "auto",
      "noauto", "user", "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
      "defaults"}

@@ -382,6 +382,10 @@ class GlanceFS(pyfuse3.Operations):
             raise AccessDenied(f"open {image.id}: image is {image.status}, its data is unreadable")
         handle = self._new_handle()
         self._open_files[handle] = open_file
+        if self._config.direct_io:
+            # Every read comes here, copied by the kernel straight into the reader's buffer: no
+            # page cache to fill (on a VM, new pages cost more than the copy; see BENCHMARKS.md).
+            return pyfuse3.FileInfo(fh=handle, direct_io=True, keep_cache=False)
         return pyfuse3.FileInfo(fh=handle, keep_cache=keep_cache)
 
     def _open_for_upload(

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, MountFactory
-from support import GLANCEFS, GlanceAPI, Mount, tool
+from support import GLANCEFS, GlanceAPI, Mount, metrics, tool
 
 from glancefs.fs import control
 from lab.faults import FaultProxy
@@ -158,17 +158,6 @@ with open(sys.argv[2], "wb", buffering=0) as f:
 """
 
 
-def _metrics(port: int) -> dict[str, float]:
-    result = tool("curl", "-sf", f"http://127.0.0.1:{port}/metrics")
-    assert result.returncode == 0, result.stderr
-    series = {}
-    for line in result.stdout.splitlines():
-        if line and not line.startswith("#"):
-            key, _, value = line.rpartition(" ")
-            series[key] = float(value)
-    return series
-
-
 def test_metrics_count_the_bytes_of_an_image_just_read(
     glance: GlanceServer, api: GlanceAPI, mount_glancefs: MountFactory
 ) -> None:
@@ -176,9 +165,9 @@ def test_metrics_count_the_bytes_of_an_image_just_read(
     mount = mount_glancefs(glance.url, "--metrics-addr", f"127.0.0.1:{port}")
     data = random.Random(3).randbytes(3 * MiB + 5)
     image = api.create(f"metrics-{uuid.uuid4().hex[:6]}", data)
-    before = _metrics(port)
+    before = metrics(port)
     assert (mount.path / "by-id" / image["id"]).read_bytes() == data
-    after = _metrics(port)
+    after = metrics(port)
     assert after["glancefs_read_bytes_total"] - before["glancefs_read_bytes_total"] == len(data)
     assert after["glancefs_served_bytes_total"] - before["glancefs_served_bytes_total"] == len(data)
     gets = 'glancefs_requests_total{method="GET",status="200"}'
@@ -191,7 +180,7 @@ def test_metrics_count_the_bytes_of_an_image_just_read(
     # A refusal is counted by errno.
     with pytest.raises(PermissionError):
         os.unlink(mount.path / "by-id" / image["id"])
-    assert _metrics(port)['glancefs_errors_total{errno="EPERM"}'] >= 1
+    assert metrics(port)['glancefs_errors_total{errno="EPERM"}'] >= 1
     assert api.get(image["id"])["status"] == "active"
     assert _status_json(mount)["status"]["options"]["metrics"] == f"127.0.0.1:{port}"
     mount.stop()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
 import random
 import signal
@@ -15,10 +16,10 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, Mount, tool
+from support import GlanceAPI, Mount, metrics, tool
 
 import glancefs
-from lab.servers import GlanceServer
+from lab.servers import GlanceServer, free_port
 
 MiB = 1024 * 1024
 
@@ -197,6 +198,37 @@ def test_corrupt_data_fails_the_full_read(
     assert "sha512" in lines[0]
     assert "corrupt" in lines[0]
     assert "Traceback" not in mounted.log()
+
+
+def test_direct_io_serves_every_read_past_the_page_cache(
+    api: GlanceAPI, glance: GlanceServer, big_image: tuple[dict, Path], mount_glancefs: MountFactory
+) -> None:
+    """--direct-io: cat and dd get the image's bytes and every read of them reaches the mount
+    (nothing is left in the page cache to serve a second read); a corrupt image still fails its
+    full read; mmap works privately, and MAP_SHARED is refused with ENODEV."""
+    image, source = big_image
+    port = free_port()
+    mount = mount_glancefs(glance.url, "--direct-io", "--metrics-addr", f"127.0.0.1:{port}")
+    path = mount.path / "by-id" / image["id"]
+    expected = hashlib.sha256(source.read_bytes()).hexdigest()
+    before = metrics(port)["glancefs_served_bytes_total"]
+    for command in (f"cat '{path}' | sha256sum", f"dd if='{path}' bs=4M status=none | sha256sum"):
+        assert tool("sh", "-c", command).stdout.split()[0] == expected
+    assert metrics(port)["glancefs_served_bytes_total"] - before == 2 * image["size"]
+    with open(path, "rb") as f:
+        with pytest.raises(OSError) as refused:
+            mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        assert refused.value.errno == errno.ENODEV
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as mapped:
+            assert mapped[MiB : MiB + 4096] == source.read_bytes()[MiB : MiB + 4096]
+    corrupt = api.create(f"corrupt-dio-{uuid.uuid4().hex[:6]}", random.randbytes(3 * MiB))
+    stored = glance.store_dir / corrupt["id"]
+    data = bytearray(stored.read_bytes())
+    data[2 * MiB] ^= 0xFF
+    stored.write_bytes(data)
+    result = tool("dd", f"if={mount.path / 'by-id' / corrupt['id']}", "of=/dev/null", "bs=1M")
+    assert result.returncode != 0
+    assert "Input/output error" in result.stderr
 
 
 def test_no_verify_reads_corrupt_data(

@@ -190,3 +190,14 @@ async def test_xattr_keys_glance_would_change_are_einval(key: bytes) -> None:
         code = await _errno_of(fs.setxattr(InodeT(attrs.st_ino), key, b"v", CTX))
         assert code == errno.EINVAL
         assert not [c for c in glance.calls if c[0] == "patch"]
+
+
+@pytest.mark.parametrize("direct_io", [False, True])
+async def test_direct_io_opens_for_reading_past_the_page_cache(direct_io: bool) -> None:
+    async with filesystem(direct_io=direct_io) as (fs, _):
+        inode, fh = await _upload(fs, "disk.raw", b"x" * 10)
+        await fs.flush(fh)
+        await fs.release(fh)
+        info = await fs.open(inode, os.O_RDONLY, CTX)
+        assert (info.direct_io, info.keep_cache) == (direct_io, False)
+        await fs.release(info.fh)
