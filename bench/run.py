@@ -244,12 +244,15 @@ class Bench:
         # The same first reads past the page cache: the kernel copies each reply into dd's
         # buffer instead of into new page-cache pages.
         direct, direct_unverified = Series("dd bs=1M"), Series("dd bs=1M")
+        direct_notes = []  # the CPU use of each one's last run
         for series, options in ((direct, ()), (direct_unverified, ("--no-verify",))):
             with self.mount("read-direct", "--direct-io", *options) as mount:
                 path = mount.path / "by-id" / self.image_id
                 for _ in range(self.runs):
                     self.cold()
-                    series.values.append(GIB / self.dd(path) / MB)
+                    with self.cpu(mount) as use:
+                        series.values.append(GIB / self.dd(path) / MB)
+            direct_notes.append(use.text)
         hashing = Series("sha512, one core")
         for _ in range(self.runs):
             warm(self.source)
@@ -267,9 +270,9 @@ class Bench:
         )  # fmt: skip
         self.add(Metric("second read (page cache)", "MB/s", True, second, curl, 1.5))
         self.add(Metric("first read, verified, --direct-io, vs the hash", "MB/s", True, direct,
-                        hashing, 0.9))  # fmt: skip
+                        hashing, 0.9, direct_notes[0]))  # fmt: skip
         self.add(Metric("first read, --no-verify --direct-io", "MB/s", True, direct_unverified,
-                        curl, 0.6))  # fmt: skip
+                        curl, 0.6, direct_notes[1]))  # fmt: skip
 
     @staticmethod
     def sha512_seconds(path: Path) -> float:
