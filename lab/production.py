@@ -18,9 +18,16 @@ writers share one database.  :class:`ProductionLab` builds that shape from Debia
 - **HAProxy**: round-robin per request, no stickiness, health checks ``GET /healthcheck``
   every 500 ms (fall 2, rise 1, 1 s check timeout: a frozen node is out after about 2.5 s),
   ``retries 3`` with ``option redispatch`` (a refused connection is retried on another node),
-  10 minute client/server timeouts (GiB uploads).  :meth:`ProductionLab.states` reads its
-  stats socket.  Pitfall: a request already sent to a node that then freezes waits for it
-  (up to the server timeout); HAProxy only reroutes requests it could not deliver.
+  10 minute client/server timeouts (GiB uploads), ``option http-server-close`` (keep-alive
+  towards the client, one connection per request towards a node: see the pitfall below).
+  :meth:`ProductionLab.states` reads its stats socket.  Pitfall: a request already sent to a
+  node that then freezes waits for it (up to the server timeout); HAProxy only reroutes requests
+  it could not deliver.
+  Pitfall: with HAProxy's default server-side keep-alive, a request may be sent on an idle
+  connection gunicorn is just closing (its keep-alive is 2 s), or to a node just killed; HAProxy
+  then closes the client's connection without an answer, unlogged, so that the client retries,
+  and a POST fails ("Server disconnected without sending a response"; 2 of 7,600 POSTs spaced
+  2-3 s apart).  Closing each node connection after its response leaves nothing to reuse.
 - **PostgreSQL**: a throwaway cluster (initdb in a new directory under /tmp, run as the
   ``postgres`` system user because postgres refuses root; 127.0.0.1 on a free port, trust
   authentication, durability off), removed when it stops.  Glance's schema comes from one
@@ -78,6 +85,7 @@ defaults
     option httplog
     option forwardfor
     option redispatch
+    option http-server-close
     retries 3
     timeout connect 1s
     timeout check 1s

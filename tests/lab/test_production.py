@@ -10,8 +10,10 @@ import concurrent.futures
 import hashlib
 import itertools
 import os
+import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -117,6 +119,27 @@ def test_upload_through_haproxy_then_download_byte_exact(
     final = client.get(f"/v2/images/{image['id']}").json()
     assert final["status"] == "active"
     assert final["checksum"] == hashlib.md5(data).hexdigest()
+
+
+def connections_to(port: int) -> int:
+    """Established TCP connections to 127.0.0.1:port (HAProxy's side towards a node)."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        remote, state = line.split()[2:4]
+        if state == "01" and remote == f"0100007F:{port:04X}":
+            count += 1
+    return count
+
+
+def test_no_node_connection_outlives_its_response(lab: ProductionLab, client: httpx.Client) -> None:
+    # An idle node connection is what HAProxy reuses as gunicorn closes it (after 2 s), or after
+    # the node died; the client's request is then dropped unanswered (lab.production, pitfall).
+    assert set(served_by(client, 4)) == {"node0", "node1"}  # one client connection
+    ports = [lab.node(i).port for i in range(2)]
+    deadline = time.monotonic() + 1  # well inside gunicorn's 2 s keep-alive
+    while sum(connections_to(port) for port in ports):  # health checks come and go
+        assert time.monotonic() < deadline, "HAProxy keeps idle connections to the nodes"
+        time.sleep(0.01)
 
 
 def test_killed_node_is_routed_around_and_comes_back(
