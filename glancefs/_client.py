@@ -8,7 +8,9 @@ token replaced by a hash, as keystoneauth1 does.
 Pitfalls:
 
 * Only idempotent requests (GET, HEAD, PUT of a replayable body, DELETE) are retried after a
-  transport failure or a 502/503/504; a POST or a streamed upload is never sent twice.
+  transport failure or a 502/503/504, and a POST its caller declares safe to repeat
+  (``idempotent=True``: an image create with an id of its own); a streamed upload is never sent
+  twice.
 * Every request holds a slot of :attr:`Client.connections` (see :mod:`glancefs._budget`) while it
   is in flight, a streamed response until it is closed: close them promptly.
 * A 401 invalidates the token and retries once, when the auth source can fetch a new token and the
@@ -219,11 +221,14 @@ class Client:
         # would cut a long download that keeps delivering.
         timeout: float | None = None,  # noqa: ASYNC109
         retries: int | None = None,
+        idempotent: bool = False,
     ) -> httpx.Response:
         """Send one request and return its successful (2xx) response.
 
         With ``stream=True`` the body is not read: the caller must ``aclose()`` the response,
         which gives its connection slot back. ``retries`` overrides the client's for this request.
+        ``idempotent`` retries a POST as a GET would be: the caller knows that a second
+        copy of it changes nothing the first did not (and handles the answer it then gets).
         Raises a :class:`~glancefs.GlanceError` subclass for anything else.
         """
         replayable = not isinstance(content, AsyncIterable)
@@ -232,7 +237,7 @@ class Client:
             # only when the request starts (an upload may then outlive it): make sure the token
             # is accepted right now, re-authenticating if it is not.
             await self.request("GET", "/v2/images", params={"limit": 1})
-        retry_transport = method in _IDEMPOTENT and replayable
+        retry_transport = (idempotent or method in _IDEMPOTENT) and replayable
         attempts = 1 + ((self.retries if retries is None else retries) if retry_transport else 0)
         kind: RequestKind = "upload" if not replayable else "download" if stream else "short"
         reauthenticated = False

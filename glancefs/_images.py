@@ -11,6 +11,7 @@ import json as jsonlib
 import os
 import re
 import stat
+import uuid
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from types import TracebackType
@@ -21,8 +22,10 @@ import httpx
 import trio
 
 from ._exceptions import (
+    Conflict,
     ConnectError,
     GlanceError,
+    NotFound,
     RangeNotSatisfiable,
     Timeout,
     transport_reason,
@@ -255,8 +258,28 @@ class ImagesManager:
         return Image((await self._client.request("GET", api_path("/v2/images", image_id))).json())
 
     async def create(self, **fields: Any) -> Image:
-        """Create a queued image with these core fields and custom properties."""
-        response = await self._client.request("POST", "/v2/images", json=fields)
+        """Create a queued image with these core fields and custom properties.
+
+        Without an ``id`` among them the client picks one (a random UUID, as Glance would),
+        which makes the request safe to repeat: it is retried after a network failure or a
+        502/503/504 like a GET.  An answer lost on the way back (a load balancer dropping a
+        reused connection, a node dying after its commit) then costs neither an error nor an
+        orphan image: the repeat is refused (409), and the image that attempt made is returned.
+        """
+        if "id" in fields:
+            response = await self._client.request("POST", "/v2/images", json=fields)
+            return Image(response.json())
+        image_id = str(uuid.uuid4())
+        try:
+            response = await self._client.request(
+                "POST", "/v2/images", json={"id": image_id, **fields}, idempotent=True
+            )
+        except Conflict as conflict:
+            # A fresh UUID can only be taken by an earlier attempt of this very request.
+            try:
+                return await self.get(image_id)
+            except NotFound:
+                raise conflict from None
         return Image(response.json())
 
     async def update(

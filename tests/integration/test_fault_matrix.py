@@ -436,6 +436,22 @@ def test_upload_reset_mid_way_is_eio_and_leaves_no_image(
     assert_uploaded(lab_api, name, data)
 
 
+def test_create_whose_answer_is_lost_is_repeated_and_leaves_one_image(
+    proxy: FaultProxy, lab_api: GlanceAPI, mount_glancefs: MountFactory, tmp_path: Path
+) -> None:
+    # Glance commits the image, the answer dies on the way back (as when HAProxy drops a reused
+    # connection, or a node dies after its commit): the same POST, with the same id, again.
+    lost = proxy.reset_after(0, method="POST", path=r"^/v2/images$", times=1)
+    mount = mount_glancefs(proxy.url, *BOUNDED)
+    name = f"lost-{uuid.uuid4().hex[:6]}.raw"
+    data = random.Random(7).randbytes(8 * MiB)
+    copied = copy_in(mount, name, data, tmp_path)
+    assert lost.fired == 1
+    assert copied.returncode == 0, copied.stderr
+    assert proxy.count("POST", "/v2/images") == 2
+    assert_uploaded(lab_api, name, data)
+
+
 # --- the mount process dies --------------------------------------------------------------------
 
 
