@@ -897,7 +897,9 @@ async def test_retries_only_idempotent_requests() -> None:
                 ("PUT", lambda: glance.images.upload(image_id, b"replayable"), 3),
                 ("PUT", lambda: glance.image_tags.update(image_id, "t"), 3),
                 ("PUT", lambda: glance.images.upload(image_id, chunks_of(b"s" * 10, 5)), 1),
-                ("POST", lambda: glance.images.create(name="x"), 1),
+                # an id the client chose makes a create safe to repeat; the caller's id does not
+                ("POST", lambda: glance.images.create(name="x"), 3),
+                ("POST", lambda: glance.images.create(id=image_id, name="x"), 1),
                 ("POST", lambda: glance.images.image_import(image_id), 1),
                 ("POST", lambda: glance.tasks.create(type="import", input={}), 1),
                 ("PATCH", lambda: glance.images.patch(image_id, []), 1),
@@ -922,7 +924,7 @@ async def test_every_call_has_a_timeout() -> None:
         ) as glance:
             started = trio.current_time()
             with pytest.raises(glancefs.Timeout) as timed_out:
-                await glance.images.create(name="x")
+                await glance.images.create(id=str(uuid.uuid4()), name="x")
             assert fake.requests == ["POST"]  # not sent twice
             assert "\n" not in str(timed_out.value)
             assert "POST /v2/images" in str(timed_out.value)
