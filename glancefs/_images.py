@@ -266,18 +266,19 @@ class ImagesManager:
         reused connection, a node dying after its commit) then costs neither an error nor an
         orphan image: the repeat is refused (409), and the image that attempt made is returned.
         """
-        if "id" in fields:
-            response = await self._client.request("POST", "/v2/images", json=fields)
-            return Image(response.json())
-        image_id = str(uuid.uuid4())
+        chosen = "id" not in fields
+        body = {"id": str(uuid.uuid4()), **fields} if chosen else fields
         try:
             response = await self._client.request(
-                "POST", "/v2/images", json={"id": image_id, **fields}, idempotent=True
+                "POST", "/v2/images", json=body, idempotent=chosen
             )
         except Conflict as conflict:
-            # A fresh UUID can only be taken by an earlier attempt of this very request.
+            if not chosen:
+                raise
+            # A fresh UUID can only be taken by an earlier attempt of this very request; a 409
+            # for anything else leaves no image of that id behind.
             try:
-                return await self.get(image_id)
+                return await self.get(body["id"])
             except NotFound:
                 raise conflict from None
         return Image(response.json())
