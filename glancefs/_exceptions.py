@@ -11,6 +11,7 @@ HTTP status and the request id Glance logged, so an operator can find the reques
     │   └── Timeout
     ├── HTTPError ................. Glance answered an error status (.status, .request_id)
     │   ├── BadRequest ............ 400: malformed request or invalid value
+    │   │   └── RangesRefused ..... 400 to a ranged read: the image's store serves whole images only
     │   ├── Unauthorized .......... 401: the token is missing, expired or revoked
     │   ├── Forbidden ............. 403: policy refuses (read-only field, protected image, ...)
     │   ├── NotFound .............. 404
@@ -48,6 +49,7 @@ __all__ = [
     "NotFound",
     "OverLimit",
     "RangeNotSatisfiable",
+    "RangesRefused",
     "ServerError",
     "ServiceUnavailable",
     "Timeout",
@@ -109,6 +111,15 @@ class HTTPError(GlanceError):
 
 class BadRequest(HTTPError):
     """400: the request or a value in it is invalid."""
+
+
+class RangesRefused(BadRequest):
+    """400 to a ranged download: the image's store can only send the whole image from its start.
+
+    glance_store's rbd, swift and s3 drivers declare no random access, so on Ceph RBD and Swift,
+    the stores most clouds run, every ``Range`` request is refused; only the file and cinder
+    stores take ranges. A download from offset 0 without a length still works.
+    """
 
 
 class Unauthorized(HTTPError):

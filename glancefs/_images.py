@@ -22,11 +22,13 @@ import httpx
 import trio
 
 from ._exceptions import (
+    BadRequest,
     Conflict,
     ConnectError,
     GlanceError,
     NotFound,
     RangeNotSatisfiable,
+    RangesRefused,
     Timeout,
     transport_reason,
 )
@@ -436,7 +438,9 @@ class ImagesManager:
 
         One ``Range`` request; the caller reads :meth:`ImageData.chunks` and closes it (it holds a
         slot of :attr:`Client.connections <glancefs.Client.connections>` until then).
-        ``retries`` overrides the client's retries for opening it.
+        ``retries`` overrides the client's retries for opening it. Raises
+        :class:`~glancefs.RangesRefused` for any range (``offset`` > 0 or a ``length``) of an
+        image whose store sends whole images only (rbd, swift).
         """
         if length is not None and length <= 0:
             return ImageData(None, offset, offset, None)
@@ -454,6 +458,11 @@ class ImagesManager:
             )
         except RangeNotSatisfiable:
             return ImageData(None, offset, offset, None)
+        except BadRequest as error:
+            if not headers:
+                raise
+            # Glance's only 400 to a GET of data with one range: the store takes no ranges.
+            raise RangesRefused(error.status, error.detail, error.request_id) from None
         if response.status_code == 204:
             await response.aclose()
             return ImageData(None, 0, 0, 0)

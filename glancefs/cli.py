@@ -35,6 +35,7 @@ from .fs.config import (
     parse_cache_options,
     parse_filter,
     parse_mount_options,
+    parse_size,
     parse_sort,
 )
 from .fs.daemon import run_in_background
@@ -223,7 +224,17 @@ def run() -> None:
 @click.option(
     "--spool-dir",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Accept writes at any offset: spool uploads here, send them on close.",
+    help="Accept writes at any offset: spool uploads here, send them on close. Reads of "
+    "images on stores without ranges (rbd, swift) keep their download here too "
+    "[reads' default: $XDG_CACHE_HOME/glancefs/spool, /var/cache/glancefs/spool for root].",
+)
+@click.option(
+    "--spool-size",
+    metavar="SIZE",
+    default="16G",
+    show_default=True,
+    help="Bound of the reads' spool, all images together: 500M, 10G (powers of 1024). An "
+    "image that does not fit is read only sequentially from its start (EFBIG otherwise).",
 )
 @click.option(
     "--cache-dir",
@@ -409,6 +420,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         keep_failed=params["keep_failed"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
+        spool_size=parse_size(params["spool_size"], "--spool-size"),
         max_connections=params["max_connections"],
         cache=parse_cache_options(params["cache_dir"], params["cache_size"], params["cache_fill"]),
     )

@@ -16,7 +16,7 @@ from typing import Any
 
 import trio
 
-from glancefs import ConnectError, ConnectionBudget, Image, NotFound
+from glancefs import ConnectError, ConnectionBudget, Image, NotFound, RangesRefused
 
 
 def record(n: int, name: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -144,6 +144,8 @@ class FakeImages:
         self.chunk_delay = 0.0
         #: Every open_data call: (image id, offset, length).
         self.data_gets: list[tuple[str, int, int | None]] = []
+        #: Stores (an image record's ``stores``) that refuse ranges, as rbd and swift do.
+        self.stores_without_ranges: set[str] = set()
         #: Responses open right now per image, and the most there ever were at once.
         self.open_streams: Counter[str] = Counter()
         self.peak_streams: Counter[str] = Counter()
@@ -182,6 +184,9 @@ class FakeImages:
     ) -> FakeImageData:
         """Like ``Client.images.open_data``, from :attr:`data`, with :attr:`faults`."""
         self.data_gets.append((image_id, offset, length))
+        store = next((r.get("stores") for r in self.records if r["id"] == image_id), None)
+        if store in self.stores_without_ranges and (offset > 0 or length is not None):
+            raise RangesRefused(400, "Getting images randomly from this store is not supported")
         data = self.data[image_id]
         end = len(data) if length is None else min(len(data), offset + length)
         await self.budget.acquire("download")

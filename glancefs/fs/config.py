@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_SPOOL_SIZE",
     "MIN_CACHE_SIZE",
     "SORT_KEYS",
     "CacheOptions",
@@ -26,6 +27,9 @@ __all__ = [
     "parse_size",
     "parse_sort",
 ]
+
+#: ``--spool-size`` when not given: room for a few images of several GiB at once.
+DEFAULT_SPOOL_SIZE = 16 * 1024**3
 
 #: The keys Glance can sort images by.
 SORT_KEYS = (
@@ -152,8 +156,12 @@ class MountConfig:
     keep_failed: bool = False
     #: Formats of an upload whose content and name tell none.
     default_formats: tuple[str, str] = ("raw", "bare")
-    #: Where uploads are spooled, so that writes may come at any offset (None: stream them).
+    #: Where uploads are spooled, so that writes may come at any offset (None: stream them),
+    #: and where the reads of stores without ranges keep their download (None: the default
+    #: under the user's cache directory, :func:`glancefs.fs.read.default_spool_dir`).
     spool_dir: Path | None = None
+    #: The bytes the reads' spool files may use together (``--spool-size``).
+    spool_size: int = DEFAULT_SPOOL_SIZE
     #: Seconds new/ keeps listing an image this mount created there.
     keep_new: float = 300.0
     #: Bytes all prefetch windows together may hold.

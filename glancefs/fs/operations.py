@@ -50,7 +50,7 @@ from .namespace import (
     has_readable_size,
 )
 from .naming import is_id_shaped, sanitize
-from .reader import ImageReader, Readers
+from .read import ImageReader, Readers, SpoolSpace, default_spool_dir
 from .refusals import (
     AccessDenied,
     Exists,
@@ -187,6 +187,7 @@ class GlanceFS(pyfuse3.Operations):
             prefetch_memory=config.prefetch_memory,
             cache=cache,
             cache_fill=config.cache is not None and config.cache.fill,
+            spool=SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size),
         )
         self._open_files: dict[int, _OpenFile] = {}
         #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.

@@ -22,6 +22,7 @@ __all__ = [
     "OutOfSpace",
     "ReadOnly",
     "Refusal",
+    "TooLarge",
     "Unsupported",
 ]
 
@@ -74,6 +75,12 @@ class Exists(Refusal):
 
 class Busy(Refusal):
     errno = errno.EBUSY
+
+
+class TooLarge(Refusal):
+    """The data does not fit where it must be kept locally (the spool's bound)."""
+
+    errno = errno.EFBIG
 
 
 class LocalFailure(Refusal):

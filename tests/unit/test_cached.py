@@ -6,6 +6,7 @@ A real cache directory, the fake client's ``open_data`` (tests/fakes.py) with it
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -21,9 +22,8 @@ from fakes import DataFault, FakeClient
 
 from glancefs import Image, IntegrityError
 from glancefs.fs import cache as cache_module
-from glancefs.fs import cached as cached_module
 from glancefs.fs.cache import DataCache
-from glancefs.fs.reader import ImageReader, Readers, ReadTuning
+from glancefs.fs.read import ImageReader, Readers, ReadTuning
 
 MiB = 1024 * 1024
 READ = 128 * 1024
@@ -56,7 +56,12 @@ def images(*sizes: int, seed: int = 1) -> list[bytes]:
 
 @asynccontextmanager
 async def mount(
-    directory: Path, payloads: list[bytes], *, max_bytes: int = 64 * MiB, **options: Any
+    directory: Path,
+    payloads: list[bytes],
+    *,
+    max_bytes: int = 64 * MiB,
+    tuning: ReadTuning = FAST,
+    **options: Any,
 ) -> AsyncIterator[Mount]:
     client, records, _ = FakeClient.serving(payloads)
     with DataCache.open(directory, max_bytes) as cache:
@@ -66,7 +71,7 @@ async def mount(
                 client,  # type: ignore[arg-type]
                 nursery,
                 lambda image_id, error: state.corrupt.append((image_id, error)),
-                tuning=FAST,
+                tuning=tuning,
                 cache=cache,
                 **options,
             )
@@ -210,9 +215,9 @@ class TestWholeReads:
             return write_block_file(*args)
 
         monkeypatch.setattr(cache_module, "_write_block_file", slow_write)
-        monkeypatch.setattr(cached_module, "WRITES_IN_FLIGHT", 1)
         payloads = images(3 * MiB + 5)
-        async with mount(tmp_path, payloads) as m:
+        one_write = dataclasses.replace(FAST, cache_writes_in_flight=1)
+        async with mount(tmp_path, payloads, tuning=one_write) as m:
             reader = m.open()
             for offset in range(0, 3 * MiB // 2, READ):  # the download runs ahead to block 2
                 assert await reader.read(offset, READ) == payloads[0][offset : offset + READ]

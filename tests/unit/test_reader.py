@@ -18,7 +18,7 @@ import trio.testing
 from fakes import DataFault, FakeClient
 
 from glancefs import ConnectError, ConnectionBudget, IntegrityError
-from glancefs.fs.reader import ImageReader, Readers, ReadTuning
+from glancefs.fs.read import ImageReader, Readers, ReadTuning
 
 MiB = 1024 * 1024
 READ = 128 * 1024  # the kernel's FUSE read size here (any will do)
@@ -201,7 +201,9 @@ async def test_four_readers_of_one_image_share_one_stream_and_all_fail_on_a_flip
         assert m.client.images.peak_streams[m.images[1]["id"]] == 1
 
 
-async def test_a_mismatch_reaches_every_open_file_until_reset() -> None:
+async def test_a_mismatch_fails_the_files_open_and_the_next_open_reads_afresh() -> None:
+    """A byte flipped on the wire: every file open during the bad pass fails, with no SIGHUP
+    the next open starts a new download and a new hash and reads exact."""
     async with mount(2 * MiB) as m:
         m.client.images.faults.append(DataFault("flip", at=10))
         first, second = m.open(), m.open()
@@ -210,14 +212,30 @@ async def test_a_mismatch_reaches_every_open_file_until_reset() -> None:
             await read_all(first)
         with pytest.raises(IntegrityError):
             await second.read(READ, READ)
-        for reader in (first, second):
-            await m.readers.release(reader)
-        third = m.open()  # a new feed: the image is still corrupt in this mount
-        with pytest.raises(IntegrityError):
-            await third.read(0, READ)
-        m.readers.reset()  # SIGHUP; the fault is used up
+        third = m.open()  # while the bad pass's files are still open
         assert await read_all(third) == m.data[m.images[0]["id"]]
+        for reader in (first, second, third):
+            await m.readers.release(reader)
         assert len(m.corrupt) == 1
+        assert len(m.gets()) == 2
+
+
+async def test_two_bad_passes_in_a_row_stick_until_reset() -> None:
+    async with mount(2 * MiB) as m:
+        m.client.images.faults.append(DataFault("flip", at=10, times=2))
+        for _ in range(2):
+            reader = m.open()
+            with pytest.raises(IntegrityError):
+                await read_all(reader)
+            await m.readers.release(reader)
+        sticky = m.open()
+        with pytest.raises(IntegrityError):
+            await sticky.read(0, READ)
+        assert len(m.gets()) == 2  # the sticky image asks Glance nothing
+        m.readers.reset()  # SIGHUP; the fault is used up
+        assert await read_all(sticky) == m.data[m.images[0]["id"]]
+        await m.readers.release(sticky)
+        assert len(m.corrupt) == 2
 
 
 async def test_a_reader_that_reads_twice_is_verified_twice() -> None:

@@ -1,6 +1,6 @@
 """One image's data through the persistent cache (:mod:`glancefs.fs.cache`), for its feed.
 
-An :class:`~glancefs.fs.feed.ImageFeed` whose image can be cached (active, with a recorded
+An :class:`~glancefs.fs.read.feed.ImageFeed` whose image can be cached (active, with a recorded
 ``os_hash_algo``/``os_hash_value``: :func:`cached_image`) holds a :class:`CachedImage`. The
 feed asks it first for every read, hands it every whole 1 MiB block its stream downloads, and
 fetches the blocks of random reads through it, so that what Glance sends once is on disk for
@@ -26,47 +26,36 @@ What is verified when (SEMANTICS.md says it for users):
 
 ``--cache-fill``: the first read of a partial entry that the stream does not serve (a random
 reader: qemu-img, fio) starts a background download of every missing block, in ranged GETs of
-at most :data:`FILL_REQUEST` bytes (each holds one connection of the client's budget only while
-it runs), then the hash of the entry; it stops when the last file of the image closes.
+at most ``ReadTuning.fill_request`` bytes (each holds one connection of the client's budget only
+while it runs), then the hash of the entry; it stops when the last file of the image closes.
+On a store without ranges there is no fill: the feed's one download from 0 stores every block.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 
 import trio
 
-from glancefs import Client, GlanceError, Image, IntegrityError
+from glancefs import Image, IntegrityError
 
-from .background import failure_of
-from .cache import CacheEntry, DataCache
+from ..background import failure_of
+from ..cache import CacheEntry, DataCache
+from .blocks import BlockLRU
+from .policy import ReadTuning
+from .source import ImageSource
+from .stream import Stream
 
-__all__ = ["FILL_REQUEST", "CachedImage", "cached_image"]
+__all__ = ["CachedImage", "cached_image"]
 
 log = logging.getLogger("glancefs.cache")
-
-#: Blocks written while the download goes on: more and the download waits for the disk (a
-#: bound on the memory of blocks on their way to it).
-WRITES_IN_FLIGHT = 4
-#: The most one request of ``--cache-fill`` asks for.
-FILL_REQUEST = 16 * 1024 * 1024
-#: Whole blocks a sequential reader gets read from disk ahead of it: block files are read with
-#: O_DIRECT, so no kernel readahead runs for them (and each is a file of its own anyway). 4
-#: measured against 2 and 8 on a cold 1 GiB read: 565-646 MB/s, 491-631 and 487-542.
-READ_AHEAD = 4
-#: How far (blocks) a read may start from the furthest one so far and still count as part of a
-#: sequential stream, and how many whole blocks read from disk stay in memory for the reads
-#: that come late (16 MiB per open file of a cached image at most).
-SEQUENTIAL_SPREAD = 16
-KEPT_BLOCKS = 16
 
 
 def cached_image(
     cache: DataCache | None,
-    client: Client,
-    image: Image,
+    source: ImageSource,
     nursery: trio.Nursery,
+    tuning: ReadTuning,
     *,
     verify: bool,
     fill: bool,
@@ -77,13 +66,14 @@ def cached_image(
     this mount's credentials got from Glance, so an entry never serves an image the credentials
     cannot see, and a re-uploaded image with other data has another entry.
     """
+    image = source.image
     algorithm, value = image.get("os_hash_algo"), image.get("os_hash_value")
     if cache is None or image.status != "active" or not algorithm or not value:
         return None
     entry = cache.entry(str(algorithm), str(value), image.size)
     if entry is None:
         return None
-    return CachedImage(entry, client, image, nursery, verify=verify, fill=fill)
+    return CachedImage(entry, source, nursery, tuning, verify=verify, fill=fill)
 
 
 class CachedImage:
@@ -92,28 +82,28 @@ class CachedImage:
     def __init__(
         self,
         entry: CacheEntry,
-        client: Client,
-        image: Image,
+        source: ImageSource,
         nursery: trio.Nursery,
+        tuning: ReadTuning,
         *,
         verify: bool,
         fill: bool,
     ) -> None:
         self.entry = entry
         self.block_size = entry.block_size
-        self._client = client
-        self._image = image
+        self._source = source
+        self._image: Image = source.image
         self._nursery = nursery
+        self._tuning = tuning
         self._verify = verify
-        self._fill = fill
-        self._writes = trio.Semaphore(WRITES_IN_FLIGHT)
+        self._fill = fill and not source.whole_only
+        self._writes = trio.Semaphore(tuning.cache_writes_in_flight)
         #: Blocks on their way to the disk: reads find them here meanwhile.
         self._pending: dict[int, bytes] = {}
         #: Whole blocks read from disk for a sequential reader (the last ones, and those ahead),
         #: and the reads ahead in flight.
-        self._read: OrderedDict[int, bytes] = OrderedDict()
+        self._read = BlockLRU(tuning.cache_kept_blocks)
         self._reading: dict[int, trio.Event] = {}
-        self._last_block = -1
         self._checked = trio.Event()  # the first read's hash of a complete entry is done
         self._checking = False
         self._verifying = False  # a background hash of the entry runs or ran
@@ -129,36 +119,30 @@ class CachedImage:
 
     # -- reads --------------------------------------------------------------------------------
 
-    async def read(self, offset: int, end: int) -> bytes | None:
+    async def read(self, offset: int, end: int, *, nearby: bool) -> bytes | None:
         """Bytes ``[offset, end)`` from the cache; None when the feed must fetch them. A trusted
-        entry never answers None: what it lacks is fetched and checked against its manifest.
+        entry never answers None: what it lacks is fetched and checked against its manifest
+        (on a store without ranges: None, the feed's download brings it).
         Raises :class:`~glancefs.IntegrityError` when Glance sent other data than verified."""
         await self._check_complete_entry()
-        data = await self._read_stored(offset, end)
-        if data is not None or not self.trusted:
+        data = await self._read_stored(offset, end, nearby)
+        if data is not None or not self.trusted or self._source.whole_only:
             return data
         return await self.fetch(offset, end)
 
-    async def _read_stored(self, offset: int, end: int) -> bytes | None:
+    async def _read_stored(self, offset: int, end: int, nearby: bool) -> bytes | None:
         """From the entry, and from the blocks still on their way to it.
 
         A small random read reads (and checks) only the 64 KiB pieces it touches. A large one
-        gets whole blocks (header and data in one disk read), and so does a sequential one (it
-        starts within :data:`SEQUENTIAL_SPREAD` blocks of the furthest read so far),
-        read :data:`READ_AHEAD` blocks ahead of it in the background: one disk read per MiB.
+        gets whole blocks (header and data in one disk read), and so does one near the furthest
+        read so far (:class:`~glancefs.fs.read.policy.Access`), read ``cache_read_ahead`` blocks
+        ahead of it in the background: one disk read per MiB.
         """
         entry, size = self.entry, self.block_size
         blocks = entry.blocks_of(offset, end - offset)
-        # The kernel's readahead and tools with several reads in flight (qemu-img convert: 8
-        # of 2 MiB) send a sequential reader's reads out of order, up to ~16 MiB apart.
-        last = self._last_block
-        sequential = abs(blocks.start - last) <= SEQUENTIAL_SPREAD
-        self._last_block = max(last, blocks.stop - 1) if sequential else blocks.stop - 1
         held = (self._pending, self._read, self._reading)
         large = end - offset >= size // 2  # a whole-block read costs it no more disk time
-        if not (sequential or large) and not any(
-            index in where for where in held for index in blocks
-        ):
+        if not (nearby or large) and not any(index in where for where in held for index in blocks):
             return await entry.read(offset, end - offset)
         parts: list[bytes] = []
         for index in blocks:
@@ -167,7 +151,7 @@ class CachedImage:
                 return None
             low, high = max(offset, index * size), min(end, (index + 1) * size)
             parts.append(block[low - index * size : high - index * size])
-        if sequential:
+        if nearby:
             self._read_ahead(blocks.stop)
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
@@ -182,18 +166,12 @@ class CachedImage:
         if block is None:
             block = await self.entry.read(index * self.block_size, self.block_size)
             if block is not None:
-                self._keep(index, block)
+                self._read.put(index, block)
         return block
-
-    def _keep(self, index: int, block: bytes) -> None:
-        self._read[index] = block
-        self._read.move_to_end(index)
-        while len(self._read) > KEPT_BLOCKS:
-            self._read.popitem(last=False)
 
     def _read_ahead(self, first: int) -> None:
         entry = self.entry
-        for index in range(first, min(first + READ_AHEAD, entry.block_count)):
+        for index in range(first, min(first + self._tuning.cache_read_ahead, entry.block_count)):
             held = index in self._read or index in self._pending or index in self._reading
             if not held and not entry.missing([index]):
                 self._reading[index] = trio.Event()
@@ -205,7 +183,7 @@ class CachedImage:
         async def read() -> None:
             block = await self.entry.read(index * self.block_size, self.block_size)
             if block is not None and not self._closed:
-                self._keep(index, block)
+                self._read.put(index, block)
 
         try:
             await failure_of(read, f"image {self._image.id}: cache read ahead")
@@ -234,7 +212,7 @@ class CachedImage:
         entry, size = self.entry, self.block_size
         blocks = entry.blocks_of(offset, end - offset)
         start = blocks.start * size
-        body = await self._download(start, min(blocks.stop * size, entry.size))
+        body = await self._source.fetch(start, min(blocks.stop * size, entry.size))
         for index in blocks:
             block = body[index * size - start : (index + 1) * size - start]
             await self._check_block(index, block)
@@ -252,19 +230,19 @@ class CachedImage:
                 f"{self._image.get('os_hash_algo')} verified in the cache: data is corrupt"
             )
 
-    async def _download(self, start: int, end: int) -> bytes:
-        parts: list[bytes] = []
-        async with await self._client.images.open_data(self._image.id, start, end - start) as data:
-            async for chunk in data.chunks():
-                parts.append(chunk)
-        body = b"".join(parts)
-        if len(body) != end - start:
-            raise GlanceError(
-                f"image {self._image.id}: asked for {end - start} bytes at {start}, got {len(body)}"
-            )
-        return body
-
     # -- storing ------------------------------------------------------------------------------
+
+    async def store_streamed(self, stream: Stream) -> None:
+        """Store every whole block the stream now holds (waits while the disk lags)."""
+        size = self.block_size
+        stream.stored = -(-stream.stored // size) * size  # a stream may start inside a block
+        while stream.stored < self.entry.size:
+            end = min(stream.stored + size, self.entry.size)
+            if stream.end < end:
+                return
+            if stream.start <= stream.stored:  # else readers trimmed it already: not stored
+                await self.store(stream.stored // size, stream.slice(stream.stored, end))
+            stream.stored = end
 
     async def store(self, index: int, block: bytes) -> None:
         """Store a whole block in the background; waits while :data:`WRITES_IN_FLIGHT` are.
@@ -333,7 +311,7 @@ class CachedImage:
 
     async def _fill_missing(self) -> None:
         entry, size = self.entry, self.block_size
-        per_request = max(1, FILL_REQUEST // size)
+        per_request = max(1, self._tuning.fill_request // size)
         asked: set[int] = set()  # once each: a block the cache refused (no room) stays missing
         while missing := [index for index in entry.missing() if index not in asked]:
             run = [missing[0]]
@@ -343,7 +321,7 @@ class CachedImage:
                 run.append(index)
             asked.update(run)
             start, end = run[0] * size, min((run[-1] + 1) * size, entry.size)
-            body = await self._download(start, end)
+            body = await self._source.fetch(start, end)
             for index in run:
                 await self.store(index, body[index * size - start : (index + 1) * size - start])
             if self._closed:
