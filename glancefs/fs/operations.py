@@ -433,7 +433,11 @@ class GlanceFS(pyfuse3.Operations):
 
     def _image_corrupt(self, image_id: str, error: IntegrityError) -> None:
         """A mismatch was found in an image's data: say so once and drop its cached pages."""
-        log.error("read: EIO: %s (every read of it fails until SIGHUP or remount)", error)
+        log.error(
+            "read: EIO: %s (its open files fail; the next open reads it again, and after two "
+            "such passes in a row every read fails until SIGHUP or remount)",
+            error,
+        )
         # Pages served before the mismatch are suspect too. Not from the read that found it:
         # the kernel would wait for the pages that very read holds locked.
         inode = InodeT(self._inodes.inode_of(ImageKey(image_id)))
