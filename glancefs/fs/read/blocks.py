@@ -12,8 +12,9 @@ class BlockLRU:
     dropped first. :meth:`get` does not refresh: a reader moving forward re-reads none of what
     it read, and read-ahead blocks not read yet must outlive them."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, block_size: int) -> None:
         self.capacity = capacity
+        self.block_size = block_size
         self._blocks: OrderedDict[int, bytes] = OrderedDict()
 
     def __contains__(self, index: int) -> bool:

@@ -102,7 +102,7 @@ class CachedImage:
         self._pending: dict[int, bytes] = {}
         #: Whole blocks read from disk for a sequential reader (the last ones, and those ahead),
         #: and the reads ahead in flight.
-        self._read = BlockLRU(tuning.cache_kept_blocks)
+        self._read = BlockLRU(tuning.cache_kept_blocks, entry.block_size)
         self._reading: dict[int, trio.Event] = {}
         self._checked = trio.Event()  # the first read's hash of a complete entry is done
         self._checking = False

@@ -139,7 +139,11 @@ class Readers:
     def _new_feed(self, image: Image) -> ImageFeed:
         transfer = STATUS.started_transfer(image.id, image.name, "read", image.size or 0)
         source = ImageSource(
-            self._client, image, transfer, whole_only=not self._ranges.takes_ranges(image)
+            self._client,
+            image,
+            transfer,
+            whole_only=not self._ranges.takes_ranges(image),
+            failure_grace=self._tuning.failure_grace,
         )
         verifies = self._verify and Verifier.for_image(image) is not None
         verification = Verification(

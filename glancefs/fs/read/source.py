@@ -1,9 +1,10 @@
 """Where one image's bytes come from: the client's downloads, counted in one place.
 
 Every download of image data the read path makes goes through an :class:`ImageSource`: the
-stream's (:meth:`ImageSource.open`), the random reader's blocks, the cache's fetches and
-``--cache-fill`` (:meth:`ImageSource.fetch`). So every byte received is counted once, in the
-image's transfer (``glancefs status``) and ``glancefs_read_bytes_total``.
+stream's (:meth:`ImageSource.open`), the random reader's blocks
+(:meth:`ImageSource.fetch_blocks`), the cache's fetches and ``--cache-fill``
+(:meth:`ImageSource.fetch`). So every byte received is counted once, in the image's transfer
+(``glancefs status``) and ``glancefs_read_bytes_total``.
 
 Stores without ranges: Glance's rbd, swift and s3 stores answer every ranged GET with 400
 (:class:`~glancefs.RangesRefused`). :class:`RangeSupport` remembers, per store (the image
@@ -15,9 +16,13 @@ from __future__ import annotations
 
 import logging
 
-from glancefs import Client, GlanceError, Image, ImageData
+import trio
 
+from glancefs import Client, GlanceError, Image, ImageData, is_retryable
+
+from ..background import raise_again
 from ..status import Transfer
+from .blocks import BlockLRU
 
 __all__ = ["ImageSource", "RangeSupport"]
 
@@ -52,7 +57,15 @@ class RangeSupport:
 class ImageSource:
     """The downloads of one image's data (see the module docstring)."""
 
-    def __init__(self, client: Client, image: Image, transfer: Transfer, *, whole_only: bool):
+    def __init__(
+        self,
+        client: Client,
+        image: Image,
+        transfer: Transfer,
+        *,
+        whole_only: bool,
+        failure_grace: float = 1.0,
+    ) -> None:
         self._client = client
         self.image = image
         self.image_id = image.id
@@ -60,6 +73,23 @@ class ImageSource:
         self.transfer = transfer
         #: The store sends whole images only: every download starts at byte 0.
         self.whole_only = whole_only
+        self._failure_grace = failure_grace
+        #: When a download last failed because Glance did not answer or broke, and how.
+        self._last_failure: tuple[float, GlanceError] | None = None
+
+    def failed(self, error: GlanceError) -> None:
+        """A download or a read failed with ``error``: if Glance did not answer or broke, the
+        reads of the next ``failure_grace`` seconds fail with it at once (the kernel retries a
+        failed readahead page with a read of its own, which must not wait for Glance again)."""
+        if is_retryable(error):
+            self._last_failure = (trio.current_time(), error)
+
+    def raise_recent_failure(self) -> None:
+        if self._last_failure is not None:
+            failed_at, error = self._last_failure
+            if trio.current_time() - failed_at < self._failure_grace:
+                raise_again(error)
+            self._last_failure = None
 
     @property
     def retries(self) -> int:
@@ -73,6 +103,24 @@ class ImageSource:
         """A download from ``offset`` to the end; the caller counts what it receives through
         :attr:`transfer`."""
         return await self._client.images.open_data(self.image_id, offset, retries=retries)
+
+    async def fetch_blocks(self, offset: int, end: int, kept: BlockLRU) -> bytes:
+        """Bytes ``[offset, end)`` from the whole blocks around them (random readers: qemu-img,
+        fio): those ``kept`` has, and the missing ones with one ranged GET, kept in turn."""
+        size = kept.block_size
+        indexes = range(offset // size, (end - 1) // size + 1)
+        blocks = {index: kept.get(index) for index in indexes}
+        missing = [index for index, block in blocks.items() if block is None]
+        if missing:
+            start = missing[0] * size
+            body = await self.fetch(start, min((missing[-1] + 1) * size, self.size))
+            for index in range(missing[0], missing[-1] + 1):
+                blocks[index] = body[index * size - start : (index + 1) * size - start]
+        for index, block in blocks.items():
+            if block is not None:
+                kept.put(index, block)  # the blocks just read are kept longest
+        start = offset - indexes.start * size
+        return b"".join(block or b"" for block in blocks.values())[start : start + end - offset]
 
     async def fetch(self, start: int, end: int) -> bytes:
         """Bytes ``[start, end)`` with one ranged GET, exactly."""

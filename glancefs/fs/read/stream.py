@@ -164,6 +164,7 @@ class Stream:
                 error = await failure_of(self._download, f"image {self.source.image_id}: download")
                 if error is not None:
                     self.error = error
+                    self.source.failed(error)  # before any read wakes: they all fail at once
             finally:
                 self.done = True
                 self._notify()

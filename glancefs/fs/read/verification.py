@@ -112,10 +112,10 @@ class Verification:
         """The bytes served cover the whole image: the verdict is due."""
         return self.served.covers(0, self.size)
 
-    @property
-    def pending(self) -> bool:
-        """A verdict is due and not reached yet."""
-        return self.enabled and self.covered and self.unverified
+    def verdict_due(self, *, whole_download: bool = False) -> bool:
+        """Bytes were served that are not verified yet, and a verdict is due for them: they
+        cover the whole image, or (``whole_download``) a download of it all feeds the hash."""
+        return self.enabled and self.unverified and (whole_download or self.covered)
 
     def account(self, offset: int, end: int, data: bytes, hashed_from: int | None) -> bool:
         """Record that ``data`` = bytes ``[offset, end)`` was served; ``hashed_from``: it came
