@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes), as glance-lab.md does
+MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes)
 
 
 def run(*command: str, cwd: Path | None = None, timeout: float = 600) -> str:

@@ -140,7 +140,7 @@ class Bench:
 
     def cold(self) -> None:
         """Empty the page cache, then read Glance's stored file again, so that every tool reads
-        from a Glance whose store is in memory (as in glance-lab.md) and none from a local cache.
+        from a Glance whose store is in memory and none from a local cache.
         """
         drop_page_cache()
         warm(self.glance.store_dir / self.image_id)
@@ -467,7 +467,7 @@ class Bench:
         self.shared_load(images)
 
     def shared_load(self, images: list[tuple[str, Path]]) -> None:
-        """Peak RSS under the issue's load: the 16 readers and 4 writers (cp into new/)."""
+        """Peak RSS under the shared readers' load plus 4 writers (cp into new/), all at once."""
         log(f"peak RSS: {SHARED_IMAGES * READERS_PER_IMAGE} readers and {WRITERS} writers")
         sources = [random_file(self.work / f"writer-{n}.raw", WRITER_SIZE) for n in range(WRITERS)]
         hwm = Series("VmHWM")
