@@ -56,10 +56,13 @@ lab: venv
 lab-glance: venv
 	@$(PY) -m lab venvs >/dev/null
 
+# lab.doccheck: the docs name modules and attributes that exist, and ARCHITECTURE.md's picture
+# shows the layers of pyproject.toml's contracts.
 lint: venv
 	$(VENV)/bin/ruff check glancefs tests lab bench
 	$(VENV)/bin/ruff format --check glancefs tests lab bench
 	$(VENV)/bin/lint-imports --no-cache
+	$(PY) -m lab.doccheck
 
 # The tests are strict too, but for bare generics: a bare `dict` there is one of Glance's JSON
 # records as it arrives. (A run of their own: their modules are top-level names, not a package.)

@@ -1,5 +1,5 @@
-"""What every measurement needs: timed commands, the page cache, results and the table (mounts:
-lab.mounts)."""
+"""What every measurement needs: timed commands, the page cache, results and the table, and the
+section of a Markdown file a run rewrites with its figures (mounts: lab.mounts)."""
 
 from __future__ import annotations
 
@@ -7,11 +7,12 @@ import json
 import os
 import statistics
 import subprocess
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes), as glance-lab.md does
+MB = 1_000_000  # throughput is reported in MB/s (10^6 bytes)
 
 
 def run(*command: str, cwd: Path | None = None, timeout: float = 600) -> str:
@@ -34,6 +35,40 @@ def timed(*command: str, timeout: float = 600) -> tuple[float, str]:
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} exited {result.returncode}: {result.stderr}")
     return elapsed, result.stderr + result.stdout
+
+
+def source_version() -> str:
+    """The commit the code runs at, and whether the code (glancefs/, bench/, lab/) differs."""
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
+    ).stdout.strip()
+    changed = subprocess.run(
+        ["git", "status", "--porcelain", "--untracked-files=no", "--", "glancefs", "bench", "lab"],
+        capture_output=True, text=True, check=False,
+    ).stdout.strip()  # fmt: skip
+    return f"{commit or '?'}{' with uncommitted changes' if changed else ''}"
+
+
+def wrap(text: str, indent: str = "") -> list[str]:
+    """``text`` in lines of at most 100 columns, as the repository's Markdown is written (a list
+    item's lines after the first indented by ``indent``)."""
+    return textwrap.wrap(
+        text, 100, subsequent_indent=indent, break_long_words=False, break_on_hyphens=False
+    )
+
+
+def write_section(path: Path, name: str, lines: list[str]) -> None:
+    """Replace what stands between ``<!-- NAME -->`` and ``<!-- /NAME -->`` in ``path`` with
+    ``lines``, or append the section, markers included, if it has none."""
+    begin, end = f"<!-- {name} -->", f"<!-- /{name} -->"
+    section = "\n".join([begin, *lines, end])
+    text = path.read_text() if path.exists() else ""
+    if begin in text and end in text:
+        head, _, rest = text.partition(begin)
+        text = head + section + rest.partition(end)[2]
+    else:
+        text = text.rstrip("\n") + ("\n\n" if text.strip() else "") + section + "\n"
+    path.write_text(text)
 
 
 def drop_page_cache() -> None:

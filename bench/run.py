@@ -8,6 +8,7 @@ import json
 import os
 import platform
 import random
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 
 from bench.data import GIB, random_file, sparse_file
@@ -26,9 +28,12 @@ from bench.harness import (
     cpu_seconds,
     drop_page_cache,
     run,
+    source_version,
     table,
     timed,
     warm,
+    wrap,
+    write_section,
 )
 from lab.glance_http import GlanceAPI
 from lab.mounts import Mount, mount_argv
@@ -135,7 +140,7 @@ class Bench:
 
     def cold(self) -> None:
         """Empty the page cache, then read Glance's stored file again, so that every tool reads
-        from a Glance whose store is in memory (as in glance-lab.md) and none from a local cache.
+        from a Glance whose store is in memory and none from a local cache.
         """
         drop_page_cache()
         warm(self.glance.store_dir / self.image_id)
@@ -462,7 +467,7 @@ class Bench:
         self.shared_load(images)
 
     def shared_load(self, images: list[tuple[str, Path]]) -> None:
-        """Peak RSS under the issue's load: the 16 readers and 4 writers (cp into new/)."""
+        """Peak RSS under the shared readers' load plus 4 writers (cp into new/), all at once."""
         log(f"peak RSS: {SHARED_IMAGES * READERS_PER_IMAGE} readers and {WRITERS} writers")
         sources = [random_file(self.work / f"writer-{n}.raw", WRITER_SIZE) for n in range(WRITERS)]
         hwm = Series("VmHWM")
@@ -670,12 +675,38 @@ def _sha512(path: Path) -> str:
 
 
 def machine() -> str:
-    load = Path("/proc/loadavg").read_text().split()[:3]
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    """Cores and their model, memory, kernel and Python: what the figures depend on."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((line.partition(":")[2].strip() for line in cpuinfo if "model name" in line), "?")
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (
-        f"{os.cpu_count()} cores, {mem:.1f} GiB RAM, Linux {platform.release()}, "
-        f"Python {platform.python_version()}, load average {' '.join(load)} at start"
+        f"{os.cpu_count()} cores ({model}), {memory:.1f} GiB RAM, Linux {platform.release()}, "
+        f"Python {platform.python_version()}"
     )
+
+
+def load_average() -> str:
+    """The load average of the last minute."""
+    return Path("/proc/loadavg").read_text().split()[0]
+
+
+def results(
+    bench: Bench, command: str, started: str, load_at_start: str, seconds: float
+) -> list[str]:
+    """The run as BENCHMARKS.md shows it: what ran where, the table, the metrics' notes."""
+    settings = ", ".join(f"{k}={v}" for k, v in bench.settings.items())
+    about = (
+        f"`{command}` at {source_version()}, {started}, {seconds:.0f} s in all. "
+        f"Machine: {machine()}; load average {load_at_start} at the start, {load_average()} at "
+        f"the end. Kernel settings of the mounts: {settings}."
+    )
+    lines = [*wrap(about), "", table(bench.metrics)]
+    notes = [f"- {metric.name}: {metric.note}" for metric in bench.metrics if metric.note]
+    if notes:
+        lines += ["", "Notes:", ""]
+        for note in notes:
+            lines += wrap(note, indent="  ")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -686,6 +717,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--mount-option", action="append", default=[], help="extra glancefs mount argument"
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        default=Path("BENCHMARKS.md"),
+        help="where a run of every group writes its results (default BENCHMARKS.md)",
     )
     parser.add_argument("--keep-dir", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)
@@ -698,11 +735,13 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("curl", "fio", "fusermount3", "dd", "qemu-img"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is missing: `make deps` installs it")
+    command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
     work = Path(tempfile.mkdtemp(prefix="glancefs-bench-", dir="/var/tmp"))
     bench = Bench(work, args.runs, args.mount_option)
     started = time.monotonic()
-    at_start = machine()
-    log(at_start)
+    started_at = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    load_at_start = load_average()
+    log(f"{machine()}; load average {load_at_start}")
     try:
         bench.setup()
         for group in groups:
@@ -713,16 +752,13 @@ def main(argv: list[str] | None = None) -> int:
             log(f"work directory kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+    lines = results(bench, command, started_at, load_at_start, time.monotonic() - started)
     print()
-    print(table(bench.metrics))
-    print()
-    load_now = " ".join(Path("/proc/loadavg").read_text().split()[:3])
-    print(f"{at_start}, {load_now} at the end; {args.runs} runs each; ", end="")
-    print(f"{time.monotonic() - started:.0f} s in all")
-    print(
-        "kernel settings of the mount: " + ", ".join(f"{k}={v}" for k, v in bench.settings.items())
-    )
+    print("\n".join(lines))
     failed = [m.name for m in bench.metrics if m.passed is False]
     if failed:
-        print(f"targets missed: {', '.join(failed)}")
+        print(f"\ntargets missed: {', '.join(failed)}")
+    if set(groups) == set(GROUPS):
+        write_section(args.report, "bench:results", lines)
+        log(f"results written into {args.report}")
     return 0

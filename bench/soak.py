@@ -23,8 +23,8 @@ and counted; what must not happen is counted as a failure:
   upload must leave nothing);
 - memory: the mount's mean RSS in the last minute against the first (within 10 %).
 
-The figures are printed as JSON and written into ``--report`` (between the ``soak`` markers,
-with the command); the exit status is 1 when a figure fails.
+The figures are printed as JSON and written into ``--report`` (between the ``soak:results``
+markers, with the command, the commit and the date); the exit status is 1 when a figure fails.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pathlib import Path
 from queue import Empty, Queue
 from typing import Any
 
+from bench.harness import source_version, wrap, write_section
 from lab.faults import IMAGE_DATA, FaultProxy, Rule
 from lab.glance_http import GlanceAPI, GlanceHTTPError
 from lab.mounts import Mount, mount_argv
@@ -63,7 +64,6 @@ HEAL_EVERY = 30.0
 MOUNT_OPTIONS = ["--timeout", "10", "--retries", "3", "--allow-delete", "--listing-ttl", "2"]
 PREFIX = "soak-"
 READ_SIZES = (3 * MiB + 5, 12 * MiB, 40 * MiB + 1)
-BEGIN, END = "<!-- soak: written by bench/soak.py -->", "<!-- /soak -->"
 
 
 def add_faults(proxy: FaultProxy) -> list[Rule]:
@@ -370,13 +370,9 @@ def soak(minutes: float, seed: int, workdir: Path) -> tuple[dict[str, Any], bool
 def write_report(report: Path, command: str, result: dict[str, Any], passed: bool) -> None:
     """Replace the soak section of ``report`` (or append one) with these figures."""
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     ops = result["operations"]
     lines = [
-        BEGIN,
-        f"`{command}` at {commit or '?'}, {when}: **{'PASS' if passed else 'FAIL'}**",
+        f"`{command}` at {source_version()}, {when}: **{'PASS' if passed else 'FAIL'}**",
         "",
         "| figure | value | required |",
         "| --- | --- | --- |",
@@ -389,21 +385,18 @@ def write_report(report: Path, command: str, result: dict[str, Any], passed: boo
         f"{' / '.join(map(str, result['mount RSS first/last minute (MiB)']))} MiB "
         f"({result['RSS change']:+.1%}) | within 10 % |",
         "",
-        f"{result['requests through the proxy']} requests through the fault proxy; faults "
-        f"injected: {result['faults injected']}.",
+        *wrap(
+            f"{result['requests through the proxy']} requests through the fault proxy; faults "
+            f"injected: {result['faults injected']}."
+        ),
         "",
-        "Operations and how they ended: "
-        + ", ".join(f"{what} {count}" for what, count in ops.items())
-        + ".",
-        END,
+        *wrap(
+            "Operations and how they ended: "
+            + ", ".join(f"{what} {count}" for what, count in ops.items())
+            + "."
+        ),
     ]
-    text = report.read_text() if report.exists() else "# Reliability\n\n"
-    if BEGIN in text and END in text:
-        head, _, rest = text.partition(BEGIN)
-        text = head + "\n".join(lines) + rest.partition(END)[2]
-    else:
-        text = text.rstrip("\n") + "\n\n" + "\n".join(lines) + "\n"
-    report.write_text(text)
+    write_section(report, "soak:results", lines)
 
 
 def main(argv: list[str] | None = None) -> int:

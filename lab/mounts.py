@@ -6,21 +6,41 @@ so it finds them again with :func:`mount_fstype` and takes them down with :func:
 
 Pitfall: ``os.path.ismount`` says False for a FUSE mount whose process died (stat fails with
 ENOTCONN), yet that mount still needs unmounting: /proc/self/mountinfo tells.
+
+Pitfall: a signal ignored in a process stays ignored in the programs it runs, and a shell starts
+a background job (``make test &``) with SIGINT ignored. A child that is to be interrupted with
+SIGINT (a mount, ``cp``, ``glancefs status --watch``) is started with
+``preexec_fn=default_sigint``, or it would not notice and the test would wait for it in vain.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["GLANCEFS", "Mount", "mount_answers", "mount_argv", "mount_fstype", "unmount"]
+__all__ = [
+    "GLANCEFS",
+    "Mount",
+    "default_sigint",
+    "mount_answers",
+    "mount_argv",
+    "mount_fstype",
+    "unmount",
+]
 
 #: The project venv's console script, beside the python running us (.venv/bin).
 GLANCEFS = str(Path(sys.executable).with_name("glancefs"))
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` of a child that may be interrupted: SIGINT ends it, as in a terminal, even
+    if this process ignores SIGINT (a background job does)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def mount_argv(url: str | None, mountpoint: Path, *options: str) -> list[str]:
@@ -90,8 +110,9 @@ class Mount:
         self.path.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env
-            )
+                self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=self.env,
+                preexec_fn=default_sigint,
+            )  # fmt: skip
         deadline = time.monotonic() + timeout
         while not os.path.ismount(self.path):
             if self.proc.poll() is not None:

@@ -11,9 +11,17 @@ import shutil
 import subprocess
 
 from lab.glance_http import GlanceAPI
-from lab.mounts import GLANCEFS, Mount
+from lab.mounts import GLANCEFS, Mount, default_sigint
 
-__all__ = ["GLANCEFS", "GlanceAPI", "Mount", "metrics", "require_tools", "tool"]
+__all__ = [
+    "GLANCEFS",
+    "GlanceAPI",
+    "Mount",
+    "default_sigint",
+    "metrics",
+    "require_tools",
+    "tool",
+]
 
 
 def tool(*command: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:

@@ -127,10 +127,10 @@ class Listing:
     """One directory's entries in display order, growing while the server's pages arrive.
 
     ``entries`` holds the images received so far, ``names[i]`` is the file name of ``entries[i]``
-    once that name is final (names may lag behind entries: see :class:`~glancefs.naming.
-    NameStream`). Both only ever grow, so a directory handle holding a listing keeps stable
-    offsets; once :attr:`complete`, a listing never changes. ``by_name`` (for lookups) holds the
-    final names; ``tags`` (for by-tag/) is filled at completion.
+    once that name is final (names may lag behind entries: see
+    :class:`~glancefs.fs.naming.NameStream`). Both only ever grow, so a directory handle holding a
+    listing keeps stable offsets; once :attr:`complete`, a listing never changes. ``by_name`` (for
+    lookups) holds the final names; ``tags`` (for by-tag/) is filled at completion.
     """
 
     def __init__(self) -> None:

@@ -1,8 +1,9 @@
 """The pyfuse3 ``Operations``: the kernel's requests answered from the catalog and the readers.
 
 This is the only module that knows FUSE. Everything below it raises domain errors
-(:class:`~glancefs.errors.Refusal`, :class:`~glancefs.GlanceError`); :func:`_boundary` turns each
-into one ``FUSEError`` with the right errno and, where the user needs to know why, one log line.
+(:class:`~glancefs.fs.refusals.Refusal`, :class:`~glancefs.GlanceError`); :func:`_boundary` turns
+each into one ``FUSEError`` with the right errno and, where the user needs to know why, one log
+line.
 """
 
 from __future__ import annotations
@@ -157,7 +158,7 @@ def statvfs_of(usage: Mapping[str, Mapping[str, int]]) -> pyfuse3.StatvfsData:
 
 
 class GlanceFS(pyfuse3.Operations):
-    """Glance's image catalog as a directory tree (see :mod:`glancefs.namespace`)."""
+    """Glance's image catalog as a directory tree (see :mod:`glancefs.fs.namespace`)."""
 
     def __init__(
         self,

@@ -2,12 +2,12 @@
 session that owns an upload's whole lifecycle, cleanup included.
 
 Two data paths (:class:`ImageUpload`, :class:`SpooledUpload`) turn writes into the bytes of one
-``PUT .../file``. The first writes are held (up to :data:`~glancefs.formats.DETECTION_BYTES`) until
-the disk format can be told from the content; then the formats are set and one chunked PUT starts,
-fed through a small channel: a writer that outruns Glance waits (backpressure), so memory stays
-bounded whatever the file size. A write past the current end leaves a hole, which is sent as zeros
-(generated, never stored), as is an ``ftruncate`` that extends the file: sparse raw images, qcow2
-files from ``qemu-img`` and ``cp --sparse=always`` upload byte for byte. Every byte is hashed
+``PUT .../file``. The first writes are held (up to :data:`~glancefs.fs.formats.DETECTION_BYTES`)
+until the disk format can be told from the content; then the formats are set and one chunked PUT
+starts, fed through a small channel: a writer that outruns Glance waits (backpressure), so memory
+stays bounded whatever the file size. A write past the current end leaves a hole, which is sent as
+zeros (generated, never stored), as is an ``ftruncate`` that extends the file: sparse raw images,
+qcow2 files from ``qemu-img`` and ``cp --sparse=always`` upload byte for byte. Every byte is hashed
 (sha512 and md5) on the way, and the upload succeeds only when Glance reports the image ``active``
 with the size and hashes that were written.
 

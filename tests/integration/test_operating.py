@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from conftest import REPO, MountFactory
-from support import GLANCEFS, GlanceAPI, Mount, metrics, tool
+from support import GLANCEFS, GlanceAPI, Mount, default_sigint, metrics, tool
 
 from glancefs.fs import control
 from lab.faults import FaultProxy
@@ -82,7 +82,7 @@ def test_status_lists_a_mount_through_a_private_socket(
     # --watch redraws until Ctrl-C, then exits 130.
     watch = subprocess.Popen(
         [GLANCEFS, "status", "--watch", "--interval", "0.1", str(mounted.path)],
-        stdout=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, text=True, preexec_fn=default_sigint,
     )  # fmt: skip
     assert watch.stdout is not None
     frames = 0

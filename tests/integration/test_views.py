@@ -1,4 +1,4 @@
-"""Views, listings and caches against a real Glance and real mounts (issue 3).
+"""Views, listings and caches against a real Glance and real mounts.
 
 The root view's sort, filters, tags and limit are Glance's: each test asks Glance's list API the
 same question and expects exactly its answer, in its order (``ls -U`` shows readdir order).
@@ -327,7 +327,7 @@ def peak_rss_mb(mount: Mount) -> float:
 def test_100k_images(scale_glance: GlanceServer, mount_glancefs: MountFactory) -> None:
     url = scale_glance.url
     results: dict[str, float] = {"images": SCALE}
-    # 5,000 images (the figure SPEC.md sets targets for): the first 5,000 by name.
+    # 5,000 images (the figure `make bench` sets targets for): the first 5,000 by name.
     small = mount_glancefs(url, "--limit", "5000", name="mnt5k")
     results["curl_5k_s"] = _curl_first(url, 5000)
     cold_5k, output = timed(small, "ls", "-l")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, Mount, tool
+from support import GlanceAPI, Mount, default_sigint, tool
 
 from glancefs.fs.namespace import has_readable_size
 from lab.servers import GlanceServer
@@ -159,12 +159,13 @@ def test_fsync_mid_stream_does_not_end_the_upload(api: GlanceAPI, writable: Moun
 
 
 def _slow_copy(command: list[str], fifo: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``command`` reading ``fifo`` in a session of its own (the default SIGINT
-    disposition, as in a terminal), and feed it 8 MiB; returns the process and the fd to feed."""
+    """Start ``command`` reading ``fifo`` in a session of its own with SIGINT's default
+    disposition, as in a terminal, and feed it 8 MiB; returns the process and the fd to feed."""
     os.mkfifo(fifo)
     process = subprocess.Popen(
-        command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
+        command, start_new_session=True, preexec_fn=default_sigint,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
     feed = os.open(fifo, os.O_WRONLY)
     for _ in range(8):
         os.write(feed, random.randbytes(MiB))

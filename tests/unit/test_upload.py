@@ -13,9 +13,11 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from fakes import FakeGlance
 
 from glancefs import Forbidden, Image, ServerError
+from glancefs.fs import uploader
 from glancefs.fs.catalog import Catalog
 from glancefs.fs.changes import Changes
 from glancefs.fs.config import MountConfig
@@ -183,14 +185,25 @@ async def test_a_bug_below_aborts_and_cleans_up() -> None:
         assert s.glance.named("disk.raw") == []
 
 
-async def test_a_cancelled_write_still_cleans_up() -> None:
+async def test_a_cancelled_write_still_cleans_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Hashed inline, not in a worker thread: once every task is blocked, the writer is the one
+    # waiting for room in the held PUT's queue.
+    monkeypatch.setattr(uploader, "_THREAD_THRESHOLD", 2 * MiB)
     async with setup() as s:
         s.glance.hold_upload = trio.Event()
         session = await s.session()
-        with trio.move_on_after(0.5) as waited:
+        written = []
+
+        async def write_all() -> None:
             for offset in range(0, 16 * MiB, MiB):
                 await session.write(offset, b"x" * MiB)  # blocks once the PUT's queue is full
-        assert waited.cancelled_caught
+                written.append(offset)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_all)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.cancel_scope.cancel()
+        assert len(written) < 16
         assert s.glance.named("disk.raw") == []
         with pytest.raises(UploadFailed, match="cancelled"):
             await session.close()
@@ -208,20 +221,25 @@ async def test_a_spool_failure_aborts_with_its_errno(tmp_path: Path) -> None:
             await session.close()
 
 
-async def test_deleting_after_a_failure_waits_for_glance_to_settle_but_not_for_a_403() -> None:
+async def test_deleting_after_a_failure_waits_for_glance_to_settle_but_not_for_a_403(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Timing logic: the retries' back-off runs on trio's mock clock, which jumps ahead whenever
+    every task waits."""
     async with setup() as s:
         s.glance.fail["delete"] = ServerError(500, "still saving")
         session = await s.session()
         await session.write(0, b"x")
 
         async def settle() -> None:
-            await trio.sleep(0.3)
+            await trio.sleep(0.3)  # Glance notices the broken PUT after a while
             del s.glance.fail["delete"]
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(settle)
             with pytest.raises(InvalidArgument):
                 await session.write(0, b"y")
+        assert s.glance.calls.count(("delete", session.image_id)) > 1  # refused, then retried
         assert s.glance.named("disk.raw") == []
 
         s.glance.fail["delete"] = Forbidden(403, "no")
