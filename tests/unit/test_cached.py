@@ -24,6 +24,7 @@ from glancefs import Image, IntegrityError
 from glancefs.fs import cache as cache_module
 from glancefs.fs.cache import DataCache
 from glancefs.fs.read import ImageReader, Readers, ReadTuning
+from glancefs.fs.status import STATUS
 
 MiB = 1024 * 1024
 READ = 128 * 1024
@@ -291,6 +292,7 @@ class TestRandomReads:
 
     async def test_cache_fill_completes_and_verifies_the_image(self, tmp_path: Path) -> None:
         payloads = images(40 * MiB + 3)
+        received_before = STATUS.bytes_moved["read"]
         async with mount(tmp_path, payloads, cache_fill=True) as m:
             reader = m.open()
             assert await reader.read(30 * MiB, 4096) == payloads[0][30 * MiB : 30 * MiB + 4096]
@@ -301,6 +303,9 @@ class TestRandomReads:
             assert m.gets()[1:] == [(image_id, 0, 16 * MiB), (image_id, 16 * MiB, 14 * MiB),
                                     (image_id, 31 * MiB, 9 * MiB + 3)]  # fmt: skip
             await m.readers.release(reader)
+        # Every byte fetched for the cache, by the read and by the fill, counts in
+        # glancefs_read_bytes_total.
+        assert STATUS.bytes_moved["read"] - received_before == 40 * MiB + 3
         async with mount(tmp_path, payloads) as m:
             assert await read_and_close(m) == payloads[0]
             assert m.gets() == []
