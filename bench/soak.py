@@ -9,9 +9,10 @@ loop checks the clock; nothing waits longer than the hang limit):
 - readers read whole images (by-id/) and compare every byte with what was uploaded;
 - writers ``cp`` new images into new/ and check Glance's record when cp succeeded;
 - a mover renames those images (``mv`` in the root) and removes them (``rm``);
-- a lister runs ``ls -l`` on the root; a tagger runs ``setfattr`` and reads the value back;
-- a healer sends the mount SIGHUP every 30 s: a flipped byte makes an image corrupt in the mount
-  until SIGHUP, and the readers should go on reading data, not only EIO.
+- a lister runs ``ls -l`` on the root; a tagger runs ``setfattr`` and reads the value back.
+
+No SIGHUP is sent: a flipped byte fails the readers of that pass, and the next open reads afresh
+(two bad passes of one image in a row would make it fail every read: counted as EIO).
 
 The proxy answers 503, resets or truncates a response, flips a data byte or resets an upload
 on about 5 % of requests (seeded). Refusals with an errno (EIO after the retries) are expected
@@ -59,8 +60,6 @@ from lab.production import ProductionLab
 MiB = 1024 * 1024
 #: An operation running longer than this is hung: far above --timeout x (--retries + 1).
 HANG_AFTER = 150.0
-#: Seconds between the healer's SIGHUPs.
-HEAL_EVERY = 30.0
 MOUNT_OPTIONS = ["--timeout", "10", "--retries", "3", "--allow-delete", "--listing-ttl", "2"]
 PREFIX = "soak-"
 READ_SIZES = (3 * MiB + 5, 12 * MiB, 40 * MiB + 1)
@@ -260,17 +259,6 @@ class Soak:
         self.figures.count(f"{what} {reason}")
         return False
 
-    def healer(self) -> None:
-        """SIGHUP every HEAL_EVERY seconds: an image that a flipped byte made corrupt in this
-        mount reads again (SEMANTICS.md), so the readers go on reading data instead of
-        failing at once for the rest of the run."""
-        assert self.mount.proc is not None
-        while self.running():
-            time.sleep(max(0.0, min(HEAL_EVERY, self.deadline - time.monotonic())))
-            if self.running():
-                self.mount.proc.send_signal(signal.SIGHUP)
-                self.figures.count("SIGHUP sent")
-
     def sample_memory(self, started: float) -> None:
         while self.running():
             with contextlib.suppress(OSError, KeyError):
@@ -326,7 +314,6 @@ def soak(minutes: float, seed: int, workdir: Path) -> tuple[dict[str, Any], bool
             runner.mover,
             runner.lister,
             runner.tagger,
-            runner.healer,
             lambda: runner.sample_memory(started),
         ]
         threads = [threading.Thread(target=work, daemon=True) for work in workers]
