@@ -145,6 +145,8 @@ class MountStatus:
         self.uploads: Counter[str] = Counter()
         self.errnos: Counter[str] = Counter()
         self.streams = 0
+        #: Bytes in the reads' spool files (stores without ranges) right now.
+        self.spool_bytes = 0
         #: The data cache's counters (``CacheStats`` as a dict, refreshed by the mount while it
         #: runs: the metrics thread must not walk the cache's own tables); None: no cache.
         self.cache: Mapping[str, int] | None = None
@@ -190,6 +192,11 @@ class MountStatus:
         """A prefetching stream started (``delta=-1``: one stopped)."""
         with self.lock:
             self.streams += delta
+
+    def spooled(self, delta: int) -> None:
+        """``delta`` bytes written to the reads' spool (negative: a spool file was freed)."""
+        with self.lock:
+            self.spool_bytes += delta
 
     def request(self, event: RequestEvent) -> None:
         """The client's ``on_request`` hook: one HTTP exchange with Glance ended."""
@@ -241,6 +248,7 @@ class MountStatus:
                 "errors": dict(self.errnos),
                 "open_files": len(self.transfers),
                 "streams": self.streams,
+                "spool_bytes": self.spool_bytes,
                 "cache": cache,
                 "uptime": self.clock() - self.started,
             }
@@ -354,6 +362,8 @@ def render(mountpoint: str, state: str, snapshot: Mapping[str, Any] | None, *, b
         f"{format_bytes(counters['bytes_uploaded'])} uploaded; requests: "
         f"{sum(r['count'] for r in counters['requests'])}"
     )
+    if counters.get("spool_bytes"):
+        lines.append(f"  spool      {format_bytes(counters['spool_bytes'])} of image data")
     cache = snapshot.get("cache")
     if cache is None:
         lines.append("  cache      off")

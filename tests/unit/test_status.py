@@ -201,6 +201,7 @@ def test_metrics_exposition(registry: MountStatus) -> None:
         'glancefs_errors_total{errno="EIO"} 1.0',
         "glancefs_open_files 1.0",
         "glancefs_streams 0.0",
+        "glancefs_spool_bytes 0.0",
         "glancefs_cache_hits_total 0.0",
         "glancefs_cache_bytes 0.0",
     ):

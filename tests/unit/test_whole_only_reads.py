@@ -19,6 +19,7 @@ from fakes import DataFault, FakeClient, data_record
 from glancefs import Image, IntegrityError
 from glancefs.fs.read import ImageReader, Readers, ReadTuning, SpoolSpace
 from glancefs.fs.refusals import TooLarge
+from glancefs.fs.status import STATUS
 
 MiB = 1024 * 1024
 READ = 128 * 1024
@@ -83,13 +84,16 @@ async def read_all(reader: ImageReader, offset: int = 0) -> bytes:
 
 async def test_a_tail_read_waits_for_the_one_download_from_the_start(tmp_path: Path) -> None:
     async with mount(tmp_path, 3 * MiB + 17) as m:
+        spooled_before = STATUS.spool_bytes
         reader = m.open()
         size = len(m.data[0])
         assert await reader.read(size - 4096, 4096) == m.data[0][-4096:]
+        assert STATUS.spool_bytes - spooled_before == size  # the whole image, once
         assert await read_all(reader, 1000) == m.data[0][1000:]  # dd skip=: from the spool
         assert m.downloads() == [(0, None)]  # one download, no range
         await m.readers.release(reader)
         assert m.spool.used == 0  # freed with the last file
+        assert STATUS.spool_bytes == spooled_before
         assert not m.corrupt
 
 

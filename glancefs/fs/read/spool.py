@@ -29,6 +29,7 @@ import trio
 
 from ..config import DEFAULT_SPOOL_SIZE
 from ..refusals import TooLarge
+from ..status import STATUS
 
 __all__ = ["SpoolFile", "SpoolSpace", "default_spool_dir"]
 
@@ -104,7 +105,9 @@ class SpoolFile:
                     view = view[done:]
 
         await self._in_thread(write)
-        self.written += sum(len(piece) for piece in pieces)
+        length = sum(len(piece) for piece in pieces)
+        self.written += length
+        STATUS.spooled(length)
 
     async def read(self, offset: int, end: int) -> bytes:
         """Bytes ``[offset, end)``, which must be written already."""
@@ -126,5 +129,6 @@ class SpoolFile:
         if not self._closing:
             self._closing = True
             self._space.used -= self.size
+            STATUS.spooled(-self.written)
             if not self._in_flight:
                 self._file.close()
