@@ -27,14 +27,23 @@ from glancefs import Client, GlanceError, SessionAuth
 
 from .cache import DataCache
 from .catalog import Catalog
+from .changes import Changes
 from .config import MountConfig
 from .control import serve_control
+from .files import KernelCache, OpenFiles, on_corrupt_image
+from .filesystem import Filesystem
+from .inodes import InodeTable
 from .metrics import MetricsServer
+from .namespace import FIXED_INODES
 from .operations import GlanceFS
+from .read import Readers, SpoolSpace, default_spool_dir
 from .status import STATUS, ErrorLog, options_of
+from .tree import Tree
+from .uploader import UploadPolicy, Uploads
 
 __all__ = [
     "MountError",
+    "build_filesystem",
     "check_mountpoint",
     "check_reachable",
     "fuse_options",
@@ -144,6 +153,35 @@ async def limit_to_credentials(client: Client, config: MountConfig) -> MountConf
         return config
     log.info("credentials have only the reader role: mounting read-only")
     return dataclasses.replace(config, read_only=True)
+
+
+def build_filesystem(
+    client: Client,
+    config: MountConfig,
+    nursery: trio.Nursery,
+    kernel: KernelCache,
+    cache: DataCache | None = None,
+) -> Filesystem:
+    """Every part of the filesystem core, built here and handed to the parts that use it (as
+    s3ql's mount builds its Operations' parts); background work runs in ``nursery``."""
+    catalog = Catalog(client, config, nursery)
+    changes = Changes(client, catalog)
+    policy = UploadPolicy(config.default_formats, config.spool_dir, config.keep_failed)
+    uploads = Uploads(changes, nursery, policy)
+    inodes = InodeTable(FIXED_INODES)
+    readers = Readers(
+        client,
+        nursery,
+        on_corrupt_image(inodes, kernel),
+        verify=config.verify,
+        prefetch_memory=config.prefetch_memory,
+        cache=cache,
+        cache_fill=config.cache is not None and config.cache.fill,
+        spool=SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size),
+    )
+    tree = Tree(config, catalog, inodes)
+    files = OpenFiles(config, readers, uploads, kernel)
+    return Filesystem(config, catalog, changes, uploads, readers, tree, files)
 
 
 async def serve(
