@@ -67,12 +67,16 @@ class _OpenFile:
 def on_corrupt_image(
     inodes: InodeTable, kernel: KernelCache
 ) -> Callable[[str, IntegrityError], None]:
-    """What :class:`~glancefs.fs.read.Readers` call when they find a mismatch in an image's
+    """What :class:`~glancefs.fs.read.Readers` call when a pass finds a mismatch in an image's
     data: say so once, and drop the image's cached pages (those served before the mismatch are
     suspect too)."""
 
     def found(image_id: str, error: IntegrityError) -> None:
-        log.error("read: EIO: %s (every read of it fails until SIGHUP or remount)", error)
+        log.error(
+            "read: EIO: %s (its open files fail; the next open reads it again, and after two "
+            "such passes in a row every read fails until SIGHUP or remount)",
+            error,
+        )
         kernel.drop_pages(inodes.inode_of(ImageKey(image_id)))
 
     return found

@@ -35,7 +35,7 @@ from .filesystem import Filesystem
 from .inodes import InodeTable
 from .metrics import MetricsServer
 from .namespace import FIXED_INODES
-from .operations import GlanceFS
+from .operations import GlanceFS, KernelInvalidation
 from .read import Readers, SpoolSpace, default_spool_dir
 from .status import STATUS, ErrorLog, options_of
 from .tree import Tree
@@ -199,22 +199,7 @@ async def serve(
     Returns True when a SIGINT ended it (the CLI then exits 130). ``metrics_addr``: where to
     serve Prometheus metrics; a port that cannot be bound fails before the mount is made.
     """
-    interrupted = False
     sys.setswitchinterval(GIL_SWITCH_INTERVAL)
-
-    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        nonlocal interrupted
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
-            task_status.started()
-            async for signum in signals:
-                if signum == signal.SIGHUP:
-                    log.info("SIGHUP: dropping every cache")
-                    operations.drop_caches()
-                    continue
-                interrupted = signum == signal.SIGINT
-                pyfuse3.terminate()
-                return
-
     if config.read_only:
         # The kernel then refuses every change with EROFS for every user, root included, before
         # it reaches glancefs, and mount(8)/findmnt show the mount as ro.
@@ -226,31 +211,64 @@ async def serve(
     refused: str | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_keep_status, metrics, cache)
-        operations = GlanceFS(client, config, nursery, Catalog(client, config, nursery), cache)
+        filesystem = build_filesystem(client, config, nursery, KernelInvalidation(nursery), cache)
+        signals = _Signals(filesystem)
         try:
-            pyfuse3.init(operations, mountpoint, fuse_options)
+            pyfuse3.init(GlanceFS(filesystem), mountpoint, fuse_options)
         except RuntimeError as error:  # /dev/fuse, permissions, options
             # Raised after the nursery: from inside it, it would reach the CLI wrapped in an
             # ExceptionGroup.
             refused = str(error)
             nursery.cancel_scope.cancel()
         else:
-            try:
-                # Before ready(): a SIGTERM sent as soon as the mount is reported ready unmounts.
-                await nursery.start(watch_signals)
-                nursery.start_soon(_tune_when_served, mountpoint)
-                await nursery.start(serve_control, STATUS, resolved)
-                ready()
-                log.info("mounted %s", mountpoint)
-                # Returns after terminate() or when the mount was removed from outside (umount).
-                await pyfuse3.main()
-                nursery.cancel_scope.cancel()
-            finally:
-                pyfuse3.close(unmount=True)
-                log.info("unmounted %s", mountpoint)
+            await _serve_mounted(nursery, signals, mountpoint, resolved, ready)
     if refused is not None:
         raise MountError(f"cannot mount {mountpoint}: {refused}")
-    return interrupted
+    return signals.interrupted
+
+
+async def _serve_mounted(
+    nursery: trio.Nursery,
+    signals: _Signals,
+    mountpoint: str,
+    resolved: str,
+    ready: Callable[[], None],
+) -> None:
+    """Serve the mount pyfuse3.init made until it ends, then unmount (whatever the outcome)."""
+    try:
+        # Before ready(): a SIGTERM sent as soon as the mount is reported ready unmounts.
+        await nursery.start(signals.watch)
+        nursery.start_soon(_tune_when_served, mountpoint)
+        await nursery.start(serve_control, STATUS, resolved)
+        ready()
+        log.info("mounted %s", mountpoint)
+        # Returns after terminate() or when the mount was removed from outside (umount).
+        await pyfuse3.main()
+        nursery.cancel_scope.cancel()
+    finally:
+        pyfuse3.close(unmount=True)
+        log.info("unmounted %s", mountpoint)
+
+
+class _Signals:
+    """SIGINT and SIGTERM end the mount (``interrupted``: SIGINT did); SIGHUP drops every
+    cache of ``filesystem``."""
+
+    def __init__(self, filesystem: Filesystem) -> None:
+        self._filesystem = filesystem
+        self.interrupted = False
+
+    async def watch(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("SIGHUP: dropping every cache")
+                    self._filesystem.drop_caches()
+                    continue
+                self.interrupted = signum == signal.SIGINT
+                pyfuse3.terminate()
+                return
 
 
 async def _tune_when_served(mountpoint: str) -> None:

@@ -15,7 +15,6 @@ from glancefs import Image, ServiceUnavailable
 from glancefs.fs.catalog import Catalog, Entry
 from glancefs.fs.config import MountConfig, View
 from glancefs.fs.namespace import BY_ID, ROOT
-from glancefs.fs.operations import statvfs_of
 
 
 class Clock:
@@ -115,28 +114,6 @@ async def test_a_failed_listing_raises_for_its_readers_and_is_not_kept() -> None
             await listing.names_beyond(2)
         client.images.pause_after = None
         assert (await cat.listing(ROOT)).names[-1] == "image-5"
-
-
-def test_statfs_without_limits_is_large_and_free() -> None:
-    stats = statvfs_of({})
-    assert stats.f_bsize == stats.f_frsize == 4096
-    assert stats.f_blocks == stats.f_bfree == stats.f_bavail > 0
-    assert stats.f_files == stats.f_ffree > 0
-    assert statvfs_of({"image_size_total": {"limit": -1, "usage": 5}}).f_blocks == stats.f_blocks
-
-
-def test_statfs_from_quota_usage() -> None:
-    stats = statvfs_of(
-        {
-            "image_size_total": {"limit": 1000, "usage": 250},  # MiB
-            "image_count_total": {"limit": 100, "usage": 7},
-        }
-    )
-    assert stats.f_blocks == 1000 * 256
-    assert stats.f_bfree == stats.f_bavail == 750 * 256
-    assert (stats.f_files, stats.f_ffree) == (100, 93)
-    over = statvfs_of({"image_size_total": {"limit": 10, "usage": 20}})
-    assert over.f_bfree == 0
 
 
 async def test_a_record_fetched_across_a_change_is_not_kept() -> None:
