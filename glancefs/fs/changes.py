@@ -1,7 +1,7 @@
 """The one owner of every change the filesystem makes to Glance, and of the cache invalidation
 that goes with it (as mountpoint-s3's superblock owns its inode changes).
 
-The FUSE operations and upload sessions never call a mutating client method themselves: they ask
+The filesystem core and upload sessions never call a mutating client method themselves: they ask
 :class:`Changes`, which calls Glance and then tells the :class:`~glancefs.fs.catalog.Catalog` what
 changed, in one place, so no caller can forget an invalidation or do it twice. Why a module of its
 own rather than more methods on the catalog: the catalog is the read cache (listings, records, their
