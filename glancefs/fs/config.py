@@ -158,7 +158,7 @@ class MountConfig:
     default_formats: tuple[str, str] = ("raw", "bare")
     #: Where uploads are spooled, so that writes may come at any offset (None: stream them),
     #: and where the reads of stores without ranges keep their download (None: the default
-    #: under the user's cache directory, :func:`glancefs.fs.read.default_spool_dir`).
+    #: under the user's cache directory, :func:`glancefs.fs.spool.default_spool_dir`).
     spool_dir: Path | None = None
     #: The bytes the reads' spool files may use together (``--spool-size``).
     spool_size: int = DEFAULT_SPOOL_SIZE

@@ -36,7 +36,8 @@ from .inodes import InodeTable
 from .metrics import MetricsServer
 from .namespace import FIXED_INODES
 from .operations import GlanceFS, KernelInvalidation
-from .read import Readers, SpoolSpace, default_spool_dir
+from .read import Readers
+from .spool import SpoolSpace, default_spool_dir
 from .status import STATUS, ErrorLog, options_of
 from .tree import Tree
 from .uploader import UploadPolicy, Uploads
