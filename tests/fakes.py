@@ -240,6 +240,8 @@ class FakeGlance:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
         self.hold_upload: trio.Event | None = None
+        #: The size each upload announced (x-openstack-image-size), None when it sent none.
+        self.upload_sizes: dict[str, int | None] = {}
 
     def record(self, image_id: str) -> dict[str, Any]:
         for r in self.images.records:
@@ -290,6 +292,7 @@ class FakeWritableImages(FakeImages):
 
     async def upload(self, image_id: str, data: Any, size: int | None = None) -> None:
         self._glance.called("upload", image_id)
+        self._glance.upload_sizes[image_id] = size
         r = self._glance.record(image_id)
         r["status"] = "saving"
         chunks = []
@@ -298,6 +301,8 @@ class FakeWritableImages(FakeImages):
             if self._glance.hold_upload is not None:
                 await self._glance.hold_upload.wait()
         body = b"".join(chunks)
+        if size is not None and len(body) != size:  # the client fails such a body
+            raise AssertionError(f"{len(body)} bytes sent, {size} announced")
         self._glance.data[image_id] = body
         r.update(status="active", size=len(body), os_hash_algo="sha512",
                  os_hash_value=hashlib.sha512(body).hexdigest(),
