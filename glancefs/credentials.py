@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import Auth, SessionAuth, TokenAuth, redact, tls_context
+from . import Auth, SessionAuth, TokenAuth
+from .plumbing import redact, tls_context
 
 __all__ = ["TLS", "Credentials", "CredentialsError", "hide_from_ps", "load"]
 

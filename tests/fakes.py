@@ -16,7 +16,8 @@ from typing import Any
 
 import trio
 
-from glancefs import ConnectError, ConnectionBudget, Image, NotFound, RangesRefused
+from glancefs import ConnectError, Image, NotFound, RangesRefused
+from glancefs.plumbing import ConnectionBudget
 
 
 def record(n: int, name: str | None = None, **fields: Any) -> dict[str, Any]:

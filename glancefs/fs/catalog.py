@@ -27,7 +27,8 @@ from datetime import UTC, datetime
 
 import trio
 
-from glancefs import Client, GlanceError, Image, NotFound, parse_time
+from glancefs import Client, GlanceError, Image, NotFound
+from glancefs.plumbing import parse_time
 
 from .background import failure_of, raise_again
 from .config import MountConfig

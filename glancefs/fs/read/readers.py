@@ -38,7 +38,8 @@ from collections.abc import Callable
 
 import trio
 
-from glancefs import Client, Image, IntegrityError, Verifier
+from glancefs import Client, Image, IntegrityError
+from glancefs.plumbing import Verifier
 
 from ..cache import DataCache
 from ..status import STATUS

@@ -18,7 +18,8 @@ import logging
 
 import trio
 
-from glancefs import Client, GlanceError, Image, ImageData, is_retryable
+from glancefs import Client, GlanceError, Image, ImageData
+from glancefs.plumbing import is_retryable
 
 from ..background import raise_again
 from ..status import Transfer

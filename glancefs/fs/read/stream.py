@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from glancefs import GlanceError, TransportError, is_retryable
+from glancefs import GlanceError, TransportError
+from glancefs.plumbing import is_retryable
 
 from ..background import failure_of
 from .policy import ReadTuning
