@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fakes import FakeGlance
+from fakes import FakeClient
 
 from glancefs import Forbidden, Image, ServerError
 from glancefs.fs import uploader
@@ -44,7 +44,7 @@ class FakeWriter(Writer):
 
 @dataclass
 class Setup:
-    glance: FakeGlance
+    glance: FakeClient
     uploads: Uploads
     changes: Changes
 
@@ -55,10 +55,10 @@ class Setup:
 
 @asynccontextmanager
 async def setup(**policy: Any) -> AsyncIterator[Setup]:
-    glance = FakeGlance()
+    glance = FakeClient()
     async with trio.open_nursery() as nursery:
-        catalog = Catalog(glance, MountConfig(), nursery)  # type: ignore[arg-type]
-        changes = Changes(glance, catalog)  # type: ignore[arg-type]
+        catalog = Catalog(glance, MountConfig(), nursery)
+        changes = Changes(glance, catalog)
         yield Setup(glance, Uploads(changes, nursery, UploadPolicy(**policy)), changes)
         nursery.cancel_scope.cancel()
 
