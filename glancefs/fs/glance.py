@@ -2,8 +2,9 @@
 
 The filesystem's modules take a :class:`Glance`, not the concrete client, so that the unit tests
 below FUSE hand them a fake (tests/fakes.py) that mypy checks against the same protocol;
-``glancefs.Client`` satisfies it (the mount hands one over). A call the filesystem starts to make
-goes here first, with the signature the client's method has.
+``glancefs.Client`` satisfies it (the mount hands one over, and tests/unit/test_client_request.py
+assigns one to a ``Glance``). A call the filesystem starts to make goes here first, with the
+signature the client's method has.
 """
 
 from __future__ import annotations
