@@ -401,3 +401,45 @@ async def test_no_answer_in_time_is_a_timeout_retried_only_when_idempotent(
         with pytest.raises(glancefs.Timeout):
             await glance.info.stores()
         assert [r.method for r in script.requests] == ["GET", "GET"]
+
+
+# -- where a download's bytes are ------------------------------------------------------------------
+
+
+def ranged(code: int, **headers: str) -> Answer:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(code, headers=headers, stream=Body(b"data"))
+
+    return answer
+
+
+@pytest.mark.parametrize(
+    ("answer", "offset", "placed"),
+    [
+        (ranged(206, **{"Content-Range": "bytes 8-11/20"}), 8, (8, 12, 20)),
+        (ranged(206, **{"Content-Range": "bytes 8-11/*"}), 8, (8, 12, None)),
+        (ranged(200, **{"Content-Length": "4"}), 0, (0, 4, 4)),
+        (ranged(204), 0, (0, 0, 0)),  # an image without data
+        (status(416, {"message": "past the end"}), 30, (30, 30, None)),
+    ],
+)
+async def test_a_download_is_placed_by_its_answer(
+    answer: Answer, offset: int, placed: tuple[int, int, int | None]
+) -> None:
+    async with client(Script(answer)) as glance:
+        data = await glance.images.open_data(IMAGE_ID, offset)
+        async with data:
+            assert (data.offset, data.end, data.image_size) == placed
+
+
+async def test_a_range_the_answer_ignores_or_the_store_refuses_is_an_error() -> None:
+    script = Script(ranged(200, **{"Content-Length": "4"}))  # a proxy dropped the Range header
+    async with client(script) as glance:
+        with pytest.raises(glancefs.GlanceError, match="ignored the requested range"):
+            await glance.images.open_data(IMAGE_ID, 8)
+        script.answers = [status(400, {"message": "not from this store"})]
+        with pytest.raises(glancefs.RangesRefused):
+            await glance.images.open_data(IMAGE_ID, 8)
+        with pytest.raises(glancefs.BadRequest) as whole:
+            await glance.images.open_data(IMAGE_ID)  # no range: a 400 is Glance's own
+        assert type(whole.value) is glancefs.BadRequest
