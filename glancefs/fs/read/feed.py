@@ -190,9 +190,7 @@ class ImageFeed:
         if self.corrupt is not None:
             return
         self.corrupt = error
-        self._slot.stop()
-        self._blocks.clear()
-        self._spooled.close()
+        self._drop_data()
         if self._cached is not None:
             self._cached.corrupt()
         self._on_corrupt(error)
@@ -200,25 +198,27 @@ class ImageFeed:
 
     def reset(self) -> None:
         """Forget everything this feed knew (SIGHUP): the next reads start afresh."""
-        self._slot.stop()
-        self._blocks.clear()
+        self._drop_data()
         self._spooled.reset()
         self.corrupt = None
-        self._hasher.stop()
         self._verification.reset()
         if self._verification.enabled:
             self._hasher.new_pass()
         self._wakeup.notify()
 
     async def aclose(self) -> None:
-        self._slot.stop()
+        self._drop_data()
         self._source.transfer.finished("closed")
-        self._blocks.clear()
-        self._spooled.close()
-        self._hasher.stop()
         if self._cached is not None:
             await self._cached.aclose()
         self._wakeup.notify()
+
+    def _drop_data(self) -> None:
+        """Stop the download and the hash, forget the blocks, free the spool."""
+        self._slot.stop()
+        self._hasher.stop()
+        self._blocks.clear()
+        self._spooled.close()
 
     def _raise_if_corrupt(self) -> None:
         if self.corrupt is not None:
