@@ -50,19 +50,17 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 from lab.servers import (
-    READY_TIMEOUT,
     Flavor,
     GlanceServer,
     ProcessGroup,
     _child_env,
     _run,
-    _tail,
+    _wait_until_ready,
     free_port,
 )
 
@@ -117,19 +115,6 @@ def postgres_bin_dir() -> Path:
     return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
 
 
-def _wait(process: ProcessGroup, probe: Callable[[], bool], what: str, log: Path) -> None:
-    """Poll ``probe()`` until true; raise with the log's tail if the process dies or time is up."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not probe():
-        if not process.running:
-            raise RuntimeError(f"lab: {what} exited while starting; {log}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"lab: {what} not ready in {READY_TIMEOUT:.0f} s; {log}:\n{_tail(log)}"
-            )
-        time.sleep(0.05)
-
-
 class PostgresServer(ProcessGroup):
     """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty database ``glance``.
 
@@ -182,7 +167,9 @@ class PostgresServer(ProcessGroup):
                     env=_child_env(), log=log, cwd=self.dir, user=self._user,
                 )  # fmt: skip
             isready = [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
-            _wait(self, lambda: subprocess.call(isready) == 0, "postgres", self.log_path)
+            _wait_until_ready(
+                self, lambda: subprocess.call(isready) == 0, "postgres", self.log_path
+            )
             _run(
                 [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
                  "-U", DB_NAME, DB_NAME],
@@ -239,7 +226,7 @@ class HAProxyServer(ProcessGroup):
                 ["haproxy", "-db", "-f", str(config)], env=_child_env(), log=log, cwd=self.workdir
             )
         try:
-            _wait(self, self._all_up, "haproxy", self.log_path)
+            _wait_until_ready(self, self._all_up, "haproxy", self.log_path)
         except BaseException:
             self.kill()
             raise
