@@ -53,6 +53,8 @@ POOL = "images"
 DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 #: How long a ceph command waits for the monitor before it fails (its default is forever).
 CONNECT_TIMEOUT = 30
+#: How often a ceph command refused for an fsid it did not know yet is sent (see CephCluster.ceph).
+COMMAND_ATTEMPTS = 5
 
 CEPH_CONF = """\
 [global]
@@ -207,25 +209,36 @@ class CephCluster:
         self.osd.start()
         _wait_until_ready(self.osd, self._osd_up, "ceph-osd", self.log_dir / "ceph-osd.0.log")
         self.ceph("osd", "pool", "create", POOL, "8")
-        self._setup("rbd", "-c", str(self.conf_path), "pool", "init", POOL)
+        self.ceph("osd", "pool", "application", "enable", POOL, "rbd")  # = rbd pool init
 
     def _setup(self, *command: str) -> None:
         """A setup command, its output appended to log/setup.log."""
         _run(list(command), self.log_dir / "setup.log", _child_env(), timeout=120)
 
     def ceph(self, *args: str) -> str:
-        """``ceph ARGS`` against this cluster; its stdout (raises with its stderr on failure)."""
+        """``ceph ARGS`` against this cluster; its stdout (raises with its stderr on failure).
+
+        Without cephx a client may send its first command before the monitor's map told it the
+        cluster's fsid; the monitor refuses it ("problem getting command descriptions", EPERM),
+        so that command is sent again (each one here may be repeated).
+        """
         command = ["ceph", "-c", str(self.conf_path), "--connect-timeout", str(CONNECT_TIMEOUT)]
-        out = subprocess.run(
-            [*command, *args], capture_output=True, text=True, env=_child_env(),
-            timeout=CONNECT_TIMEOUT + 30, stdin=subprocess.DEVNULL, check=False,
-        )  # fmt: skip
-        if out.returncode != 0:
-            raise RuntimeError(
-                f"lab: ceph {' '.join(args)} failed (exit {out.returncode}): {out.stderr.strip()}"
-                f"\n{self.log_dir / 'ceph-mon.a.log'}:\n{_tail(self.log_dir / 'ceph-mon.a.log')}"
-            )
-        return out.stdout
+        for attempt in range(1, COMMAND_ATTEMPTS + 1):
+            out = subprocess.run(
+                [*command, *args], capture_output=True, text=True, env=_child_env(),
+                timeout=CONNECT_TIMEOUT + 30, stdin=subprocess.DEVNULL, check=False,
+            )  # fmt: skip
+            if out.returncode == 0:
+                return out.stdout
+            if "problem getting command descriptions" not in out.stderr:
+                break
+            with (self.log_dir / "setup.log").open("a") as log:
+                log.write(f"ceph {' '.join(args)}: {out.stderr.strip()} (attempt {attempt})\n")
+        mon_log = self.log_dir / "ceph-mon.a.log"
+        raise RuntimeError(
+            f"lab: ceph {' '.join(args)} failed (exit {out.returncode}): {out.stderr.strip()}"
+            f"\n{mon_log}:\n{_tail(mon_log)}"
+        )
 
     def _osd_up(self) -> bool:
         stat = json.loads(self.ceph("osd", "stat", "--format", "json"))
