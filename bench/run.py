@@ -126,15 +126,17 @@ class Bench:
             yield mount
 
     @contextmanager
-    def cpu(self, mount: Mount) -> Iterator[CpuUse]:
-        """CPU seconds the mount and Glance's worker use in the block (the last run's)."""
+    def cpu(self, mount: Mount, glance: GlanceServer | None = None) -> Iterator[CpuUse]:
+        """CPU seconds the mount and Glance's worker (of the bench's Glance, or ``glance``) use
+        in the block (the last run's)."""
         use = CpuUse()
-        assert self.glance.pid is not None
-        before = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
+        server = glance or self.glance
+        assert server.pid is not None
+        before = cpu_seconds(mount.pid), cpu_seconds(server.pid, children=True)
         started = time.perf_counter()
         yield use
         elapsed = time.perf_counter() - started
-        after = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
+        after = cpu_seconds(mount.pid), cpu_seconds(server.pid, children=True)
         use.text = (
             f"last run: {elapsed:.2f} s wall, CPU s: mount {after[0] - before[0]:.2f}, "
             f"Glance {after[1] - before[1]:.2f}"
@@ -659,7 +661,7 @@ class Bench:
             url = stores.glance.url
             raw_id = self.rbd_upload(url, "bench-rbd-1g.raw", self.source, "raw")
             qcow2_id = self.rbd_upload(url, "bench-rbd-1g.qcow2", self.qcow2(), "qcow2")
-            self.rbd_read(url, raw_id)
+            self.rbd_read(stores.glance, raw_id)
             self.rbd_random(url, raw_id)
             self.rbd_convert(url, qcow2_id)
 
@@ -703,8 +705,9 @@ class Bench:
         downloaded.unlink()
         return seconds
 
-    def rbd_read(self, url: str, image_id: str) -> None:
+    def rbd_read(self, glance: GlanceServer, image_id: str) -> None:
         log("rbd: first reads, glance image-download and dd through the mount (verified)")
+        url = glance.url
         client, ours = Series("glance image-download"), Series("dd bs=1M")
         for _ in range(self.runs):
             drop_page_cache()
@@ -713,7 +716,7 @@ class Bench:
             path = mount.path / "by-id" / image_id
             for _ in range(self.runs):
                 drop_page_cache()
-                with self.cpu(mount) as use:
+                with self.cpu(mount, glance) as use:
                     ours.values.append(GIB / self.dd(path) / MB)
         self.add(Metric("rbd: first read, verified", "MB/s", True, ours, client, None, use.text))
 
