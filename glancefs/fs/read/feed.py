@@ -79,6 +79,7 @@ class ImageFeed:
             on_chunk=self._on_chunk,
             on_stop=lambda stream: self._hasher.stream_stopped(stream),
             broken=self._raise_if_corrupt,
+            storing=cached is not None,
         )
         self._hasher = Hasher(
             verification, self._slot, nursery, self._wakeup, self._fail, self._raise_if_corrupt
@@ -125,7 +126,10 @@ class ImageFeed:
         """The bytes, and the offset from which their buffer feeds the running hash (None:
         they came from elsewhere)."""
         cached, stream = self._cached, self._slot.stream
-        if cached is not None and (stream is None or not stream.reaches(offset)):
+        # A spool holds what its download hashed where it was served: it serves before the
+        # cache, whose bytes behind the hash would need another pass to be verified.
+        spooling = self._spooled.spool is not None
+        if cached is not None and not spooling and (stream is None or not stream.reaches(offset)):
             data = await self._read_cached(cached, offset, end, access.nearby)
             if data is not None:
                 return data, None
