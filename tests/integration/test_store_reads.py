@@ -403,3 +403,22 @@ def test_a_flipped_byte_fails_its_pass_and_the_next_open_reads_exact(
     assert failed.value.errno == errno.EIO
     assert flip.fired == 1
     assert read_out_of_order(path, len(data)) == data  # a fresh pass, no SIGHUP
+
+
+def test_an_image_larger_than_the_spool_reads_only_from_its_start(
+    on_rbd: tuple[dict, bytes], proxy: FaultProxy, mount_glancefs: MountFactory, tmp_path: Path
+) -> None:
+    """``tail`` needs the spool, which is smaller than the image: EFBIG and one log line, never
+    a wrong byte; ``cat`` from the start needs no spool and reads it whole."""
+    image, data = on_rbd
+    mount = mount_glancefs(proxy.url, "--spool-dir", str(tmp_path), "--spool-size", "1M")
+    path = mount.path / "by-id" / image["id"]
+    tail = tool("tail", "-c", "4096", str(path))
+    assert tail.returncode != 0
+    assert "File too large" in tail.stderr
+    cat = subprocess.run(["cat", str(path)], capture_output=True, timeout=120, check=False)
+    assert cat.returncode == 0, cat.stderr
+    assert cat.stdout == data
+    lines = [line for line in mount.log().splitlines() if "--spool-size" in line]
+    assert len(lines) == 1, lines
+    assert "Traceback" not in mount.log()
