@@ -27,6 +27,7 @@ __all__ = [
     "assert_uploaded",
     "default_sigint",
     "entry_dir",
+    "far_qcow2",
     "metrics",
     "require_tools",
     "sha512_of",
@@ -142,3 +143,16 @@ def transferred(rsync_output: str) -> int:
         if line.startswith("Number of regular files transferred:"):
             return int(line.split(":")[1].replace(",", ""))
     raise AssertionError(f"no transfer count in {rsync_output!r}")
+
+
+def far_qcow2(path: Path) -> Path:
+    """A qcow2 of 4 GiB with 2 MiB of 0x5a at 0, 2 GiB and 3 GiB: sparse, about 6 MiB of file,
+    its clusters far apart."""
+    writes = [f"--cmd=write -q -P 0x5a {at} 2M" for at in ("0", "2G", "3G")]
+    for command in (
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), "4G"],
+        ["qemu-io", *writes, str(path)],
+    ):
+        made = tool(*command)
+        assert made.returncode == 0, made.stdout + made.stderr
+    return path
