@@ -80,7 +80,8 @@ def make_sources(directory: Path) -> dict[str, tuple[Path, str]]:
     _made(
         tool(
             "fio", "--name=layout", f"--filename={fio}", "--rw=randwrite", "--bs=4k",
-            "--size=4M", "--verify=crc32c", "--do_verify=0", "--output=/dev/null",
+            "--size=4M", "--verify=crc32c", "--do_verify=0", "--verify_state_save=0",
+            "--output=/dev/null",
         )
     )  # fmt: skip
     return {
