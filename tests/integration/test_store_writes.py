@@ -9,7 +9,6 @@ tests/integration/test_write_tools.py's).
 
 from __future__ import annotations
 
-import os
 import random
 import signal
 from collections.abc import Iterator
@@ -22,8 +21,7 @@ from support import (
     Mount,
     assert_uploaded,
     far_qcow2,
-    slow_copy,
-    status_of,
+    interrupt_writer,
     tool,
     transferred,
     unique,
@@ -109,18 +107,9 @@ def test_an_interrupted_cp_leaves_no_image(
     sig: signal.Signals, store_api: GlanceAPI, writable: Mount, tmp_path: Path
 ) -> None:
     name = unique(f"interrupted-{sig.name}") + ".raw"
-    process, feed = slow_copy(
-        ["cp", str(tmp_path / "slow"), str(writable.path / "new" / name)], tmp_path / "slow"
-    )
-    try:
-        wait_for(lambda: status_of(store_api, name) == "saving", "the upload to start")
-        process.send_signal(sig)
-        assert process.wait(timeout=30) == -sig
-    finally:
-        os.close(feed)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    fifo = tmp_path / "slow"
+    interrupt_writer(store_api, name, ["cp", str(fifo), str(writable.path / "new" / name)], fifo,
+                     sig)  # fmt: skip
     wait_for(lambda: store_api.list(name=name) == [], "the interrupted image to be deleted")
     assert f"killed by {sig.name}" in writable.log()
     assert "uploaded and verified" not in writable.log()
