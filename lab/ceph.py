@@ -4,7 +4,7 @@ Most production clouds keep their images in Ceph, whose store answers every rang
 the lab runs the real thing from Debian's packages (``ceph-mon``, ``ceph-osd``, ``ceph-common``,
 ``python3-rados``, ``python3-rbd``; ``make deps`` installs them)::
 
-    with CephCluster(workdir) as ceph:             # about 8 s
+    with CephCluster(workdir) as ceph:             # about 5 s
         GlanceServer(..., stores=[ceph], default_store="ceph")
         ceph.image_data(image_id)                  # what Glance wrote, read back with `rbd export`
 
@@ -15,8 +15,11 @@ the lab runs the real thing from Debian's packages (``ceph-mon``, ``ceph-osd``, 
   ``rbd`` commands and Glance's driver (user ``admin``) need only ``conf_path``.
 - **Pool** ``images``, size 1, for Glance's images (``rbd_store_pool``).
 - Start: ``ceph-mon --mkfs`` from a monmap of one monitor, then the OSD registered by uuid
-  (``ceph osd new UUID`` and ``ceph-osd --mkfs --osd-uuid UUID``: a bare ``ceph osd create`` races
-  and the OSD fails about one start in two with "wrong fsid"), then wait until it is up.
+  (``ceph osd new UUID`` and ``ceph-osd --mkfs --osd-uuid UUID``) and put into the CRUSH map by
+  start() rather than by itself, then wait until it is up.  Without cephx a client's first
+  command may reach the monitor before the client knows the cluster's fsid, and is refused: the
+  OSD's own commands at start would make it exit ("wrong fsid", about one start in three here),
+  and a ``ceph`` command so refused is sent again.
 - Stop: SIGKILL. The data dies with the cluster anyway, and a stopping memstore OSD would first
   write every object it holds to its data directory.
 - Glance's driver imports Debian's ``rados`` and ``rbd`` bindings (no PyPI package has them):
@@ -174,7 +177,7 @@ class CephCluster:
         return self.monitor.running and self.osd.running
 
     def start(self) -> None:
-        """A fresh cluster: monitor, OSD up, pool ``images``; about 8 s."""
+        """A fresh cluster: monitor, OSD up, pool ``images``; about 5 s."""
         if self.running:
             return
         try:

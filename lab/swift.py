@@ -5,7 +5,7 @@ GET with 400.  The lab runs PyPI's ``swift`` from a cached virtualenv (lab.venvs
 
     keystone = KeystoneServer(workdir / "keystone")          # Swift's tokens come from Keystone
     swift = SwiftCluster(workdir / "swift", keystone.url)
-    keystone.start(); swift.start()                           # about 3 s
+    keystone.start(); swift.start()                           # Swift: 5 to 10 s
     keystone.register(glance_url, swift.url)                  # the object-store endpoints
     GlanceServer(..., stores=[swift])
 

@@ -101,7 +101,9 @@ def _install(venv: Path, requirements: list[str], log: Path) -> None:
 
 def ensure_venv(name: str, requirements: list[str], cache_root: Path | None = None) -> Path:
     """Return the venv ``<cache_root>/<name>-<digest>``, building it first if not complete yet."""
-    root = Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
+    # Resolved: a venv's scripts name its path, and a worktree's .cache is often a link to a
+    # shared one, which must not depend on the worktree that happened to build it.
+    root = (Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT).resolve()
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:8]
     venv = root / f"{name}-{digest}"
     if _marker_ok(venv, requirements):  # fast path, no lock

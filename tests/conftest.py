@@ -33,7 +33,7 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
 @pytest.fixture(scope="session")
 def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
     """A one-node Ceph cluster (lab.ceph) shared by ``stores`` and ``production``, started on first
-    use (about 7 s); tests must not stop it."""
+    use (about 5 s); tests must not stop it."""
     with CephCluster(tmp_path_factory.mktemp("ceph")) as cluster:
         yield cluster
 

@@ -11,6 +11,7 @@ import hashlib
 import os
 import random
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -27,10 +28,11 @@ __all__ = [
     "assert_uploaded",
     "default_sigint",
     "entry_dir",
+    "far_qcow2",
+    "interrupt_writer",
     "metrics",
     "require_tools",
     "sha512_of",
-    "slow_copy",
     "status_of",
     "tool",
     "transferred",
@@ -94,18 +96,29 @@ def status_of(api: GlanceAPI, name: str) -> str | None:
     return images[0]["status"] if images else None
 
 
-def slow_copy(command: list[str], fifo: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``command`` reading ``fifo`` in a session of its own with the default SIGINT
-    disposition (as in a terminal), and feed it 8 MiB; returns the process and the fd to feed."""
+def interrupt_writer(
+    api: GlanceAPI, name: str, command: list[str], fifo: Path, sig: signal.Signals
+) -> None:
+    """Run ``command``, a writer of image ``name`` reading ``fifo`` (made here), in a session of
+    its own with SIGINT's default disposition (as in a terminal); feed it 8 MiB, and once Glance
+    is receiving the data send it ``sig``, which must end it."""
     os.mkfifo(fifo)
     process = subprocess.Popen(
         command, start_new_session=True, preexec_fn=default_sigint,
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )  # fmt: skip
     feed = os.open(fifo, os.O_WRONLY)
-    for _ in range(8):
-        os.write(feed, random.randbytes(MiB))
-    return process, feed
+    try:
+        for _ in range(8):
+            os.write(feed, random.randbytes(MiB))
+        wait_for(lambda: status_of(api, name) == "saving", "the upload to start")
+        process.send_signal(sig)
+        assert process.wait(timeout=30) == -sig
+    finally:
+        os.close(feed)
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def entry_dir(cache_dir: Path, data: bytes) -> Path:
@@ -142,3 +155,16 @@ def transferred(rsync_output: str) -> int:
         if line.startswith("Number of regular files transferred:"):
             return int(line.split(":")[1].replace(",", ""))
     raise AssertionError(f"no transfer count in {rsync_output!r}")
+
+
+def far_qcow2(path: Path) -> Path:
+    """A qcow2 of 4 GiB with 2 MiB of 0x5a at 0, 2 GiB and 3 GiB: sparse, about 6 MiB of file,
+    its clusters far apart."""
+    writes = [f"--cmd=write -q -P 0x5a {at} 2M" for at in ("0", "2G", "3G")]
+    for command in (
+        ["qemu-img", "create", "-q", "-f", "qcow2", str(path), "4G"],
+        ["qemu-io", *writes, str(path)],
+    ):
+        made = tool(*command)
+        assert made.returncode == 0, made.stdout + made.stderr
+    return path

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, Mount, tool, wait_verified
+from support import GlanceAPI, Mount, far_qcow2, tool, wait_verified
 
 from lab.faults import IMAGE_DATA, DataGet, FaultProxy, Request
 from lab.servers import GlanceServer
@@ -63,10 +63,7 @@ def make_sources(directory: Path) -> dict[str, tuple[Path, str]]:
     raw = directory / "random.raw"  # an odd size: the last block is short
     raw.write_bytes(random.Random(21).randbytes(8 * MiB + 4099))
 
-    qcow2 = directory / "far.qcow2"  # 4 GiB virtual, about 6 MiB of file
-    _made(tool("qemu-img", "create", "-q", "-f", "qcow2", str(qcow2), "4G"))
-    writes = [f"write -q -P 0x5a {offset} 2M" for offset in ("0", "2G", "3G")]
-    _made(tool("qemu-io", *(arg for write in writes for arg in ("-c", write)), str(qcow2)))
+    qcow2 = far_qcow2(directory / "far.qcow2")
 
     tree = directory / "tree"  # the files inside the ext4 and the ISO
     tree.mkdir()
@@ -83,7 +80,8 @@ def make_sources(directory: Path) -> dict[str, tuple[Path, str]]:
     _made(
         tool(
             "fio", "--name=layout", f"--filename={fio}", "--rw=randwrite", "--bs=4k",
-            "--size=4M", "--verify=crc32c", "--do_verify=0", "--output=/dev/null",
+            "--size=4M", "--verify=crc32c", "--do_verify=0", "--verify_state_save=0",
+            "--output=/dev/null",
         )
     )  # fmt: skip
     return {

@@ -22,7 +22,7 @@ from support import (
     GlanceAPI,
     Mount,
     assert_uploaded,
-    slow_copy,
+    interrupt_writer,
     status_of,
     tool,
     transferred,
@@ -146,17 +146,7 @@ def test_an_interrupted_copy_leaves_no_image(
         command = ["cp", str(fifo), str(target)]
     else:
         command = ["dd", f"if={fifo}", f"of={target}", "bs=1M", "status=none"]
-    process, feed = slow_copy(command, fifo)
-    try:
-        # Wait until Glance is receiving the data, then interrupt the writer.
-        wait_for(lambda: status_of(api, name) == "saving", "the upload to start")
-        process.send_signal(sig)
-        assert process.wait(timeout=30) == -sig
-    finally:
-        os.close(feed)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+    interrupt_writer(api, name, command, fifo, sig)
     wait_for(lambda: api.list(name=name) == [], "the interrupted image to be deleted")
     assert f"killed by {sig.name}" in writable.log()
     assert "uploaded and verified" not in writable.log()
@@ -167,14 +157,9 @@ def test_keep_failed_leaves_an_interrupted_image_queued(
 ) -> None:
     mount = mount_glancefs(glance.url, "--keep-failed")
     name = unique("kept") + ".raw"
-    process, feed = slow_copy(["cp", str(tmp_path / "slow"), str(mount.path / "new" / name)],
-                               tmp_path / "slow")  # fmt: skip
-    try:
-        wait_for(lambda: status_of(api, name) == "saving", "the upload to start")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == -signal.SIGINT
-    finally:
-        os.close(feed)
+    fifo = tmp_path / "slow"
+    interrupt_writer(api, name, ["cp", str(fifo), str(mount.path / "new" / name)], fifo,
+                     signal.SIGINT)  # fmt: skip
     wait_for(lambda: "left queued (--keep-failed)" in mount.log(), "the abort")
     # Glance notices the broken PUT and puts the image back to queued.
     wait_for(lambda: status_of(api, name) == "queued", "the image to be queued again")
