@@ -4,7 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoimage fio haproxy postgresql
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config qemu-utils rsync attr curl genisoimage fio haproxy postgresql \
+	ceph-mon ceph-osd ceph-common python3-rbd python3-rados
 DEMO_DIR := .demo
 PYTEST_ARGS ?=
 
@@ -32,7 +33,8 @@ RUNTIME_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv
 all: test
 
 # System packages: libfuse3 to build pyfuse3 and mount, qemu-img/rsync/getfattr for the tests,
-# haproxy and postgresql for the production lab (lab.production).
+# haproxy and postgresql for the production lab (lab.production), Ceph (a one-node cluster and
+# the python3-rados/rbd bindings Glance's rbd store loads) for lab.ceph.
 deps:
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -49,9 +51,10 @@ $(VENV)/.installed: pyproject.toml | deps
 
 venv: $(VENV)/.installed
 
-# The pinned Glance (and Keystone, for the auth tests) in cached virtualenvs under .cache/lab.
+# The pinned Glance (and Keystone and Swift, for the auth and store tests) in cached virtualenvs
+# under .cache/lab.
 lab: venv
-	@$(PY) -m lab venvs --keystone >/dev/null
+	@$(PY) -m lab venvs --keystone --swift >/dev/null
 
 lab-glance: venv
 	@$(PY) -m lab venvs >/dev/null

@@ -39,6 +39,7 @@ from lab.glance_http import GlanceAPI
 from lab.mounts import Mount, mount_argv
 from lab.rows import insert_images
 from lab.servers import GlanceServer
+from lab.stores import StoresLab
 from lab.venvs import ensure_venv
 
 GLANCECLIENT = "python-glanceclient==4.13.0"
@@ -114,9 +115,10 @@ class Bench:
         return f"{self.glance.url}/v2/images/{image_id}/file"
 
     @contextmanager
-    def mount(self, name: str, *options: str) -> Iterator[Mount]:
+    def mount(self, name: str, *options: str, url: str | None = None) -> Iterator[Mount]:
+        """A mount of the bench's Glance (or of the one at ``url``)."""
         path = self.work / "mnt" / name
-        argv = mount_argv(self.glance.url, path, *self.mount_options, *options)
+        argv = mount_argv(url or self.glance.url, path, *self.mount_options, *options)
         with Mount(path, self.work / f"{name}.log", argv) as mount:
             mount.wait_tuned()
             if not self.settings:
@@ -124,15 +126,17 @@ class Bench:
             yield mount
 
     @contextmanager
-    def cpu(self, mount: Mount) -> Iterator[CpuUse]:
-        """CPU seconds the mount and Glance's worker use in the block (the last run's)."""
+    def cpu(self, mount: Mount, glance: GlanceServer | None = None) -> Iterator[CpuUse]:
+        """CPU seconds the mount and Glance's worker (of the bench's Glance, or ``glance``) use
+        in the block (the last run's)."""
         use = CpuUse()
-        assert self.glance.pid is not None
-        before = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
+        server = glance or self.glance
+        assert server.pid is not None
+        before = cpu_seconds(mount.pid), cpu_seconds(server.pid, children=True)
         started = time.perf_counter()
         yield use
         elapsed = time.perf_counter() - started
-        after = cpu_seconds(mount.pid), cpu_seconds(self.glance.pid, children=True)
+        after = cpu_seconds(mount.pid), cpu_seconds(server.pid, children=True)
         use.text = (
             f"last run: {elapsed:.2f} s wall, CPU s: mount {after[0] - before[0]:.2f}, "
             f"Glance {after[1] - before[1]:.2f}"
@@ -595,10 +599,16 @@ class Bench:
         )
         self.convert(cached_mount, cache_dir)
 
+    def qcow2(self) -> Path:
+        """The 1 GiB source as a qcow2 (made once)."""
+        qcow2 = self.work / "source.qcow2"
+        if not qcow2.exists():
+            run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(qcow2))
+        return qcow2
+
     def convert(self, cached_mount: list[str], cache_dir: Path) -> None:
         log("cache: qemu-img convert -O raw of a cached qcow2 vs image-download + convert")
-        qcow2 = self.work / "source.qcow2"
-        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(qcow2))
+        qcow2 = self.qcow2()
         image_id = self.api.create("bench-1g.qcow2", disk_format="qcow2")["id"]
         timed(
             "curl", "-sS", "-f", "-T", str(qcow2),
@@ -612,29 +622,16 @@ class Bench:
         peer, ours = Series("image-download + convert"), Series("convert, cached")
         local = Series("convert of a local file, cold")
 
-        def convert(source: Path) -> float:
-            seconds, _ = timed(
-                "qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(output)
-            )
-            output.unlink()
-            return seconds
-
         def download_and_convert() -> float:
             warm(self.glance.store_dir / image_id)
-            download, _ = timed(
-                str(self.glanceclient), "--os-image-url", self.glance.url,
-                "--os-auth-token", "bench", "image-download", "--file", str(downloaded), image_id,
-            )  # fmt: skip
-            seconds = download + convert(downloaded)
-            downloaded.unlink()
-            return seconds
+            return self.download_and_convert(self.glance.url, image_id, downloaded, output)
 
         with self.mount("convert", *cached_mount) as mount:
             path = mount.path / "by-id" / image_id
             tools: list[tuple[Series, Callable[[], float]]] = [
-                (ours, lambda: convert(path)),
+                (ours, lambda: self.qemu_convert(path, output)),
                 (peer, download_and_convert),
-                (local, lambda: convert(qcow2)),
+                (local, lambda: self.qemu_convert(qcow2, output)),
             ]
             for index in range(self.runs):
                 # In turn, each first once: the first 1 GiB written after a while lands on
@@ -652,6 +649,112 @@ class Bench:
             )
         )  # fmt: skip
 
+    # -- a store without ranges ---------------------------------------------------------------
+
+    def rbd(self) -> None:
+        """Ceph RBD (lab.stores), whose Glance refuses every ranged GET: a verified first read
+        and qemu-img convert of a qcow2 from the mount against glance image-download (plus a
+        local convert), and random 4 KiB reads from the spool against ranged GETs of the file
+        store."""
+        log("rbd: Ceph, Swift, Keystone and a Glance offering fs, ceph and swift")
+        with StoresLab(self.work / "stores") as stores:
+            url = stores.glance.url
+            raw_id = self.rbd_upload(url, "bench-rbd-1g.raw", self.source, "raw")
+            qcow2_id = self.rbd_upload(url, "bench-rbd-1g.qcow2", self.qcow2(), "qcow2")
+            self.rbd_read(stores.glance, raw_id)
+            self.rbd_random(url, raw_id)
+            self.rbd_convert(url, qcow2_id)
+
+    def rbd_upload(self, url: str, name: str, source: Path, disk_format: str) -> str:
+        api = GlanceAPI(url, timeout=600)
+        try:
+            image_id = str(api.create(name, disk_format=disk_format)["id"])
+            run(
+                "curl", "-sS", "-f", "-T", str(source), "-H", "X-Image-Meta-Store: ceph",
+                "-H", "Content-Type: application/octet-stream",
+                f"{url}/v2/images/{image_id}/file",
+            )  # fmt: skip
+            image = api.get(image_id)
+        finally:
+            api.close()
+        assert (image["status"], image["stores"]) == ("active", "ceph"), image
+        return image_id
+
+    def image_download(self, url: str, image_id: str, target: Path | str) -> float:
+        seconds, _ = timed(
+            str(self.glanceclient), "--os-image-url", url, "--os-auth-token", "bench",
+            "image-download", "--file", str(target), image_id,
+        )  # fmt: skip
+        return seconds
+
+    @staticmethod
+    def qemu_convert(source: Path, output: Path) -> float:
+        """Seconds of ``qemu-img convert -O raw`` of the qcow2 ``source`` (output removed)."""
+        seconds, _ = timed(
+            "qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(source), str(output)
+        )
+        output.unlink()
+        return seconds
+
+    def download_and_convert(
+        self, url: str, image_id: str, downloaded: Path, output: Path
+    ) -> float:
+        """The peer of a convert from the mount: glance image-download, then a local convert."""
+        seconds = self.image_download(url, image_id, downloaded)
+        seconds += self.qemu_convert(downloaded, output)
+        downloaded.unlink()
+        return seconds
+
+    def rbd_read(self, glance: GlanceServer, image_id: str) -> None:
+        log("rbd: first reads, glance image-download and dd through the mount (verified)")
+        url = glance.url
+        client, ours = Series("glance image-download"), Series("dd bs=1M")
+        for _ in range(self.runs):
+            drop_page_cache()
+            client.values.append(GIB / self.image_download(url, image_id, "/dev/null") / MB)
+        with self.mount("rbd-read", url=url) as mount:
+            path = mount.path / "by-id" / image_id
+            for _ in range(self.runs):
+                drop_page_cache()
+                with self.cpu(mount, glance) as use:
+                    ours.values.append(GIB / self.dd(path) / MB)
+        self.add(Metric("rbd: first read, verified", "MB/s", True, ours, client, None, use.text))
+
+    def rbd_random(self, url: str, image_id: str) -> None:
+        log("rbd: random 4 KiB reads from the spool (fio), ranged curl GETs of the file store")
+        curl = self.ranged_curls(random.Random(7))
+        ours = Series("fio randread 4k, spool")
+        with self.mount("rbd-spool", url=url) as mount:
+            path = mount.path / "by-id" / image_id
+            with path.open("rb") as held:  # the spool lives while a file of the image is open
+                held.seek(GIB - 4096)
+                held.read(4096)  # returns once the one download from byte 0 passed the end
+                for index in range(self.runs):
+                    ours.values.append(self.fio_median_ms(path, index))
+        note = "the peer: ranged GETs of the same data on the file store, which takes ranges"
+        self.add(
+            Metric("rbd: random 4 KiB read from the spool", "ms", False, ours, curl, None, note)
+        )
+        self.add(
+            Metric("rbd: random 4 KiB read from the spool, median", "ms", False, ours, None, 1.0)
+        )
+
+    def rbd_convert(self, url: str, image_id: str) -> None:
+        log("rbd: qemu-img convert -O raw from the mount vs image-download + convert")
+        output, downloaded = self.work / "rbd-converted.raw", self.work / "rbd-downloaded.qcow2"
+        ours, peer = Series("convert from the mount"), Series("image-download + convert")
+        with self.mount("rbd-convert", url=url) as mount:
+            path = mount.path / "by-id" / image_id
+            tools: list[tuple[Series, Callable[[], float]]] = [
+                (ours, lambda: self.qemu_convert(path, output)),
+                (peer, lambda: self.download_and_convert(url, image_id, downloaded, output)),
+            ]
+            for index in range(self.runs):
+                for series, measure in tools[index % 2 :] + tools[: index % 2]:
+                    drop_page_cache()
+                    series.values.append(measure())
+        self.add(Metric("rbd: qemu-img convert of a qcow2", "s", False, ours, peer, 1.1))
+
 
 GROUPS: dict[str, Callable[[Bench], None]] = {
     "upload": Bench.upload,
@@ -663,6 +766,7 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "ttfb": Bench.first_byte,
     "rss": Bench.memory,
     "cache": Bench.cache,
+    "rbd": Bench.rbd,
 }
 
 

@@ -2,9 +2,10 @@
 
     python -m bench.soak [--minutes 10] [--seed 14] [--report RELIABILITY.md]
 
-Starts lab.production (two Glance nodes behind HAProxy on PostgreSQL) and lab.faults' proxy in
-front of it, mounts glancefs on the proxy, and runs these workers until the time is up (every
-loop checks the clock; nothing waits longer than the hang limit):
+Starts lab.production (two Glance nodes behind HAProxy on PostgreSQL, their images on Ceph RBD,
+which takes no ranged reads) and lab.faults' proxy in front of it, mounts glancefs on the proxy,
+and runs these workers until the time is up (every loop checks the clock; nothing waits longer
+than the hang limit):
 
 - readers read whole images (by-id/) and compare every byte with what was uploaded;
 - writers ``cp`` new images into new/ and check Glance's record when cp succeeded;

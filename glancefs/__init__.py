@@ -2,12 +2,12 @@
 
 The client (``glancefs.Client``) speaks the Glance v2 API on trio and httpx; the filesystem
 (``glancefs mount``) is built on it. Everything public is re-exported here; the modules with a
-leading underscore are implementation.
+leading underscore are implementation, and :mod:`glancefs.plumbing` holds the client's helpers that
+only the filesystem and the CLI use.
 """
 
 from ._auth import Auth, SessionAuth, TokenAuth
-from ._budget import ConnectionBudget
-from ._client import Client, RequestEvent, tls_context
+from ._client import Client, RequestEvent
 from ._exceptions import (
     AuthError,
     BadRequest,
@@ -28,11 +28,8 @@ from ._exceptions import (
     TransportError,
     Unauthorized,
     UnsupportedMediaType,
-    is_retryable,
-    redact,
 )
-from ._images import Image, ImageData, parse_time
-from ._integrity import Verifier
+from ._images import Image, ImageData
 from ._members import Member
 from ._metadefs import MetadefObject, MetadefProperty, MetadefTag, Namespace, ResourceType
 from ._records import Record
@@ -48,7 +45,6 @@ __all__ = [
     "Client",
     "Conflict",
     "ConnectError",
-    "ConnectionBudget",
     "Forbidden",
     "GlanceError",
     "HTTPError",
@@ -77,10 +73,5 @@ __all__ = [
     "TransportError",
     "Unauthorized",
     "UnsupportedMediaType",
-    "Verifier",
     "__version__",
-    "is_retryable",
-    "parse_time",
-    "redact",
-    "tls_context",
 ]

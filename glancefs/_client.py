@@ -133,7 +133,10 @@ class Client:
     at once, streamed responses included (:attr:`connections`); more than Glance has request
     threads only queue inside Glance. ``on_request`` is called (synchronously, on the trio
     thread: keep it cheap, never raise) with a :class:`RequestEvent` after every exchange,
-    retries included, to count requests without wrapping the client.
+    retries included, to count requests without wrapping the client. ``transport`` (an
+    ``httpx.AsyncBaseTransport``, such as ``httpx.MockTransport`` in tests) replaces glancefs's
+    own connection pool; ``verify`` and ``cert`` then do not apply, and ``max_connections`` only
+    to the budget.
     """
 
     def __init__(
@@ -149,28 +152,24 @@ class Client:
         cert: str | tuple[str, str | None] | None = None,
         max_connections: int = 8,
         on_request: Callable[[RequestEvent], None] | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        if auth is None:
-            if session is not None:
-                auth = SessionAuth(session, endpoint_override=endpoint)
-            elif endpoint is not None:
-                auth = TokenAuth(endpoint, token)
-            else:
-                raise ValueError("Client needs an endpoint, a keystoneauth1 session or an auth")
-        self.auth = auth
+        self.auth = auth if auth is not None else _auth_from(endpoint, token, session)
         self.timeout = timeout
         self.retries = retries
         #: The slots every request holds while in flight.
         self.connections = ConnectionBudget(max_connections)
         self._on_request = on_request or (lambda event: None)
-        # Our own transport (1 MiB socket reads); with it httpx no longer reads HTTP(S)_PROXY
-        # from the environment: Glance is reached directly.
-        self._transport = Transport(
-            verify=tls_context(verify, cert),
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-        )
+        if transport is None:
+            # Our own transport (1 MiB socket reads); with it httpx no longer reads HTTP(S)_PROXY
+            # from the environment: Glance is reached directly.
+            transport = Transport(
+                verify=tls_context(verify, cert),
+                limits=httpx.Limits(
+                    max_connections=max_connections, max_keepalive_connections=max_connections
+                ),
+            )
+        self._transport = transport
         self._http = httpx.AsyncClient(
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
             transport=self._transport,
@@ -240,18 +239,36 @@ class Client:
         retry_transport = (idempotent or method in _IDEMPOTENT) and replayable
         attempts = 1 + ((self.retries if retries is None else retries) if retry_transport else 0)
         kind: RequestKind = "upload" if not replayable else "download" if stream else "short"
-        reauthenticated = False
+        return await self._send_with_retries(
+            method,
+            path,
+            attempts,
+            lambda: self._send_in_slot(
+                kind,
+                stream,
+                lambda: self._send_once(
+                    method, path, params, json, content, headers, stream, timeout
+                ),
+            ),
+            may_reauthenticate=replayable,
+        )
+
+    async def _send_with_retries(
+        self,
+        method: str,
+        path: str,
+        attempts: int,
+        send: Callable[[], Awaitable[httpx.Response]],
+        *,
+        may_reauthenticate: bool,
+    ) -> httpx.Response:
+        """The first successful response of up to ``attempts`` calls of ``send`` (one request to
+        ``method path``), backing off between them; once more with a new token after a 401."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                response = await self._send_in_slot(
-                    kind,
-                    stream,
-                    lambda: self._send_once(
-                        method, path, params, json, content, headers, stream, timeout
-                    ),
-                )
+                response = await send()
             except TransportError as failure:
                 self._on_request(RequestEvent(method, path, None, attempt, str(failure)))
                 if attempt >= attempts:
@@ -262,8 +279,8 @@ class Client:
             if response.is_success:
                 return response
             error = await self._error_from(response)
-            if isinstance(error, Unauthorized) and replayable and not reauthenticated:
-                reauthenticated = True
+            if isinstance(error, Unauthorized) and may_reauthenticate:
+                may_reauthenticate = False
                 if await self.auth.invalidate(response.request.headers.get("X-Auth-Token")):
                     log.info("token refused (401): re-authenticating once")
                     attempt -= 1
@@ -301,6 +318,8 @@ class Client:
         stream: bool,
         timeout: float | None,  # noqa: ASYNC109 (as in request)
     ) -> httpx.Response:
+        """One exchange: its response with the body read, or with only its head when it is a
+        streamed success."""
         all_headers = {"Accept": "application/json", **(headers or {})}
         all_headers.update(await self.auth.headers())
         url = path if path.startswith(("http://", "https://")) else await self.url(path)
@@ -313,28 +332,7 @@ class Client:
             headers=all_headers,
             timeout=httpx.USE_CLIENT_DEFAULT if timeout is None else timeout,
         )
-        started = time.monotonic()
-        debug = log.isEnabledFor(logging.DEBUG)
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.TimeoutException as exc:
-            if debug:
-                log.debug("%s -> no answer in time", self._curl_line(request))
-            raise Timeout(f"{method} {request.url.path}: no answer from Glance in time") from exc
-        except (httpx.TransportError, OSError) as exc:
-            if debug:
-                log.debug("%s -> %s", self._curl_line(request), transport_reason(exc))
-            # The bare exception text of a refused connection is all the user needs.
-            raise connect_error(f"{method} {request.url.path}", exc) from exc
-        if debug:
-            # One line per request, written when the answer's head arrives.
-            log.debug(
-                "%s -> %s in %.0f ms (%s)",
-                self._curl_line(request),
-                response.status_code,
-                (time.monotonic() - started) * 1000,
-                response.headers.get("x-openstack-request-id", "-"),
-            )
+        response = await self._send_head(request)
         if not stream or not response.is_success:
             try:
                 await response.aread()
@@ -344,6 +342,33 @@ class Client:
                 raise connect_error(f"{method} {request.url.path}", exc) from exc
             finally:
                 await response.aclose()
+        return response
+
+    async def _send_head(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` and wait for the head of its answer; one debug line says how it went."""
+        what = f"{request.method} {request.url.path}"
+        started = time.monotonic()
+        debug = log.isEnabledFor(logging.DEBUG)
+        try:
+            response = await self._http.send(request, stream=True)
+        except httpx.TimeoutException as exc:
+            if debug:
+                log.debug("%s -> no answer in time", self._curl_line(request))
+            raise Timeout(f"{what}: no answer from Glance in time") from exc
+        except (httpx.TransportError, OSError) as exc:
+            if debug:
+                log.debug("%s -> %s", self._curl_line(request), transport_reason(exc))
+            # The bare exception text of a refused connection is all the user needs.
+            raise connect_error(what, exc) from exc
+        if debug:
+            # One line per request, written when the answer's head arrives.
+            log.debug(
+                "%s -> %s in %.0f ms (%s)",
+                self._curl_line(request),
+                response.status_code,
+                (time.monotonic() - started) * 1000,
+                response.headers.get("x-openstack-request-id", "-"),
+            )
         return response
 
     def _curl_line(self, request: httpx.Request) -> str:
@@ -371,6 +396,16 @@ class Client:
         return error_for_status(
             response.status_code, detail, response.headers.get("x-openstack-request-id")
         )
+
+
+def _auth_from(endpoint: str | None, token: str | None, session: Any) -> Auth:
+    """The auth of a client given a keystoneauth1 ``session`` (``endpoint`` overriding its
+    catalog), else a fixed ``endpoint`` and ``token``."""
+    if session is not None:
+        return SessionAuth(session, endpoint_override=endpoint)
+    if endpoint is not None:
+        return TokenAuth(endpoint, token)
+    raise ValueError("Client needs an endpoint, a keystoneauth1 session or an auth")
 
 
 class _SlotStream(httpx.AsyncByteStream):

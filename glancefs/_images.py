@@ -467,20 +467,7 @@ class ImagesManager:
                 raise
             # Glance's only 400 to a GET of data with one range: the store takes no ranges.
             raise RangesRefused(error.status, error.detail, error.request_id) from None
-        if response.status_code == 204:
-            await response.aclose()
-            return ImageData(None, 0, 0, 0)
-        match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
-        if response.status_code == 206 and match:
-            start, last, total = match.groups()
-            image_size = None if total == "*" else int(total)
-            return ImageData(response, int(start), int(last) + 1, image_size)
-        if offset > 0:
-            # Glance always honours Range; a proxy that dropped it would make us misplace data.
-            await response.aclose()
-            raise GlanceError(f"image {image_id}: the server ignored the requested range")
-        size = int(response.headers.get("content-length", "0"))
-        return ImageData(response, 0, size, size)
+        return await _image_data(response, image_id, offset)
 
     async def data(
         self,
@@ -507,6 +494,25 @@ class ImagesManager:
                 yield chunk
         if verifier is not None:
             verifier.check()
+
+
+async def _image_data(response: httpx.Response, image_id: str, offset: int) -> ImageData:
+    """The download a successful (streamed) answer to a GET of image data from ``offset`` is:
+    where its bytes are in the image, from its status and ``Content-Range``."""
+    if response.status_code == 204:
+        await response.aclose()
+        return ImageData(None, 0, 0, 0)
+    match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+    if response.status_code == 206 and match:
+        start, last, total = match.groups()
+        image_size = None if total == "*" else int(total)
+        return ImageData(response, int(start), int(last) + 1, image_size)
+    if offset > 0:
+        # Glance always honours Range; a proxy that dropped it would make us misplace data.
+        await response.aclose()
+        raise GlanceError(f"image {image_id}: the server ignored the requested range")
+    size = int(response.headers.get("content-length", "0"))
+    return ImageData(response, 0, size, size)
 
 
 def _query_value(value: str | bool | int) -> str:

@@ -35,7 +35,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from . import Auth, SessionAuth, TokenAuth, redact, tls_context
+from . import Auth, SessionAuth, TokenAuth
+from .plumbing import redact, tls_context
 
 __all__ = ["TLS", "Credentials", "CredentialsError", "hide_from_ps", "load"]
 
@@ -152,16 +153,6 @@ class _NoTerminal(Exception):
 
 
 def _keystone(params: Mapping[str, Any], prompt: Prompt | None, hinted: bool) -> Credentials:
-    from keystoneauth1 import exceptions as ks_exceptions
-    from openstack import exceptions as sdk_exceptions
-
-    ask_user = prompt
-
-    def ask(prompt: str | None = None) -> str:  # the name is openstack.config's
-        if ask_user is None:
-            raise _NoTerminal(prompt)
-        return ask_user(prompt or "Password: ")
-
     given = {name: params[name] for name in KEYSTONE_PARAMS if params.get(name)}
     if params.get("insecure"):
         given["insecure"] = True
@@ -170,29 +161,9 @@ def _keystone(params: Mapping[str, Any], prompt: Prompt | None, hinted: bool) ->
         str(v) for k, v in given.items() if k in ("os_password", "os_token", "os_auth_token")
     ]
     cloud = params.get("os_cloud") or None
-    try:
-        with warnings.catch_warnings():
-            # openstacksdk's deprecation notes (metrics backends...) are nothing the user did
-            warnings.simplefilter("ignore")
-            config, region, session = _load_cloud(cloud, hinted, given, ask)
-            verify, cert = region.get_requests_verify_args()
-    except CredentialsError:
-        raise
-    except _NoTerminal:
-        raise CredentialsError(
-            "no password: put it in clouds.yaml (or secure.yaml) or OS_PASSWORD, "
-            "or run glancefs on a terminal to be asked for it"
-        ) from None
-    except ks_exceptions.MissingRequiredOptions as error:
-        names = ", ".join(_option_name(opt.dest or opt.name) for opt in error.options)
-        raise CredentialsError(f"incomplete credentials{_where(cloud)}: missing {names}") from None
-    except ks_exceptions.NoMatchingPlugin as error:
-        raise CredentialsError(f"unknown auth type {error.name!r}") from None
-    except sdk_exceptions.ConfigException as error:
-        raise CredentialsError("clouds.yaml: " + redact(str(error), secrets)) from None
-    except (ks_exceptions.ClientException, ValueError) as error:
-        raise CredentialsError(redact(str(error), secrets)) from None
-
+    config, region, session, (verify, cert) = _open_cloud(
+        cloud, hinted, given, _asker(prompt), secrets
+    )
     auth_options = region.config.get("auth") or {}
     secrets += [str(v) for k, v in auth_options.items() if k in _SECRET_KEYS and v]
     if session.timeout is None:
@@ -210,15 +181,65 @@ def _keystone(params: Mapping[str, Any], prompt: Prompt | None, hinted: bool) ->
         endpoint_override=params.get("os_image_url") or region.get_endpoint("image"),
         secrets=secrets,
     )
+    return Credentials(auth, tls, _source(cloud, region, config))
+
+
+def _asker(ask_user: Prompt | None) -> Callable[..., str]:
+    """openstack.config's ``pw_func``: asks ``ask_user`` (None: raises :class:`_NoTerminal`)."""
+
+    def ask(prompt: str | None = None) -> str:  # the name is openstack.config's
+        if ask_user is None:
+            raise _NoTerminal(prompt)
+        return ask_user(prompt or "Password: ")
+
+    return ask
+
+
+def _open_cloud(
+    cloud: str | None,
+    hinted: bool,
+    given: dict[str, Any],
+    ask: Callable[..., str],
+    secrets: list[str],
+) -> tuple[Any, Any, Any, tuple[Any, Any]]:
+    """:func:`_load_cloud`, and the cloud region's TLS arguments for requests, with every error
+    of openstacksdk and keystoneauth1 as one :class:`CredentialsError` line without ``secrets``."""
+    from keystoneauth1 import exceptions as ks_exceptions
+    from openstack import exceptions as sdk_exceptions
+
+    try:
+        with warnings.catch_warnings():
+            # openstacksdk's deprecation notes (metrics backends...) are nothing the user did
+            warnings.simplefilter("ignore")
+            config, region, session = _load_cloud(cloud, hinted, given, ask)
+            return config, region, session, region.get_requests_verify_args()
+    except CredentialsError:
+        raise
+    except _NoTerminal:
+        raise CredentialsError(
+            "no password: put it in clouds.yaml (or secure.yaml) or OS_PASSWORD, "
+            "or run glancefs on a terminal to be asked for it"
+        ) from None
+    except ks_exceptions.MissingRequiredOptions as error:
+        names = ", ".join(_option_name(opt.dest or opt.name) for opt in error.options)
+        raise CredentialsError(f"incomplete credentials{_where(cloud)}: missing {names}") from None
+    except ks_exceptions.NoMatchingPlugin as error:
+        raise CredentialsError(f"unknown auth type {error.name!r}") from None
+    except sdk_exceptions.ConfigException as error:
+        raise CredentialsError("clouds.yaml: " + redact(str(error), secrets)) from None
+    except (ks_exceptions.ClientException, ValueError) as error:
+        raise CredentialsError(redact(str(error), secrets)) from None
+
+
+def _source(cloud: str | None, region: Any, config: Any) -> str:
+    """Where the credentials came from, as messages name them (:attr:`Credentials.source`)."""
     if cloud:
-        source = f"cloud {cloud!r}"
-    elif region.name == config.envvar_key:
-        source = "OS_* variables"
-    elif region.name and region.name != "defaults":
-        source = f"cloud {region.name!r}"
-    else:
-        source = "--os-* options"
-    return Credentials(auth, tls, source)
+        return f"cloud {cloud!r}"
+    if region.name == config.envvar_key:
+        return "OS_* variables"
+    if region.name and region.name != "defaults":
+        return f"cloud {region.name!r}"
+    return "--os-* options"
 
 
 def _load_cloud(

@@ -94,6 +94,29 @@ def _options(command: click.Command, context: click.Context) -> list[str]:
 
 def manpage() -> str:
     """The roff source of glancefs(1)."""
+    commands = sorted(main.commands.items())
+    lines = [
+        *_head(commands),
+        ".SH OPTIONS",
+        *_options(main, _context(main, "glancefs")),
+        ".SH COMMANDS",
+    ]
+    for name, command in commands:
+        lines += _command_section(name, command)
+    lines += [".SH LAYOUT"]
+    for path, meaning in _LAYOUT:
+        lines += _tagged(path, meaning)
+    lines += [
+        *_fstab_and_systemd(),
+        *_status_and_metrics(),
+        *_errors(),
+        *_exit_status_files_see_also(),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _head(commands: list[tuple[str, click.Command]]) -> list[str]:
+    """The title, NAME, SYNOPSIS (a line per command, and the fstab form) and DESCRIPTION."""
     date = datetime.date.today().isoformat()
     lines = [
         f'.TH GLANCEFS 1 "{date}" "glancefs {__version__}" "User Commands"',
@@ -101,12 +124,12 @@ def manpage() -> str:
         "glancefs \\- mount an OpenStack Glance image service as a filesystem",
         ".SH SYNOPSIS",
     ]
-    commands = sorted(main.commands.items())
     for name, command in commands:
         context = _context(command, name)
         usage = " ".join(command.collect_usage_pieces(context))
         lines += [f"\\fBglancefs {name}\\fR {_roff(usage)}", ".br"]
-    lines += [
+    return [
+        *lines,
         "\\fBglancefs\\fR \\fISOURCE\\fR \\fIMOUNTPOINT\\fR \\fB\\-o\\fR \\fIOPTIONS\\fR"
         " (as mount.fuse3 runs it from /etc/fstab)",
         ".SH DESCRIPTION",
@@ -118,16 +141,11 @@ def manpage() -> str:
             "CLI reads them: clouds.yaml with --os-cloud, OS_* variables, --os-* options. Every "
             "mount option can also be given as -o name=value."
         ),
-        ".SH OPTIONS",
-        *_options(main, _context(main, "glancefs")),
-        ".SH COMMANDS",
     ]
-    for name, command in commands:
-        lines += _command_section(name, command)
-    lines += [".SH LAYOUT"]
-    for path, meaning in _LAYOUT:
-        lines += _tagged(path, meaning)
-    lines += [
+
+
+def _fstab_and_systemd() -> list[str]:
+    return [
         ".SH FSTAB",
         _roff(
             "mount(8) starts glancefs through mount.fuse3, so glancefs must be on the system's "
@@ -148,6 +166,11 @@ def manpage() -> str:
         ".nf",
         _SYSTEMD,
         ".fi",
+    ]
+
+
+def _status_and_metrics() -> list[str]:
+    return [
         ".SH STATUS AND METRICS",
         _roff(
             "glancefs status asks each mount through its control socket, a unix socket in "
@@ -158,12 +181,21 @@ def manpage() -> str:
             "outcome, errors by errno, open files, streams, and the data cache's hits, misses, "
             "bytes stored, evictions, damaged blocks and size."
         ),
+    ]
+
+
+def _errors() -> list[str]:
+    lines = [
         ".SH ERRORS",
         _roff("What a refused operation returns (SEMANTICS.md in the source has every case):"),
     ]
     for name, meaning in _ERRNOS:
         lines += _tagged(name, meaning)
-    lines += [
+    return lines
+
+
+def _exit_status_files_see_also() -> list[str]:
+    return [
         ".SH EXIT STATUS",
         _roff(
             "0 on success; 1 when a mount failed (one line on stderr says why), or when glancefs "
@@ -181,7 +213,6 @@ def manpage() -> str:
         "\\fBmount.fuse3\\fR(8), \\fBfusermount3\\fR(1), \\fBfstab\\fR(5), "
         "\\fBsystemd.mount\\fR(5)",
     ]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

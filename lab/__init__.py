@@ -12,6 +12,8 @@ their own venvs.
   truncation, a flipped byte, delay, no answer, cut upload, hold) between a client and
   Glance, and counts the requests (image-data GETs per image, with their Range).
 - lab.production: ProductionLab, two Glance nodes behind HAProxy on one PostgreSQL and
-  one store, whose nodes tests kill, freeze and restart.
+  one Ceph cluster, whose nodes tests kill, freeze and restart.
+- lab.ceph, lab.swift: a one-node Ceph cluster (Glance's rbd store) and Swift all-in-one
+  (its swift store) on loopback; lab.stores: one Glance offering its file store and both.
 - lab.rows: catalogs of any size written straight into a lab Glance's SQLite.
 """

@@ -2,7 +2,7 @@
 
     python -m lab glance-start --dir DIR [--flavor noauth|fakeauth] [--port N]
     python -m lab glance-stop --dir DIR
-    python -m lab venvs [--keystone]
+    python -m lab venvs [--keystone] [--swift]
 
 glance-start leaves Glance running after the command exits (detached, no watchdog),
 records {"url", "pid", "pgid", ...} in DIR/glance.json and prints the URL; running it
@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from lab.servers import GlanceServer, stop_detached
-from lab.venvs import ensure_glance_venv, ensure_keystone_venv
+from lab.venvs import ensure_glance_venv, ensure_keystone_venv, ensure_swift_venv
 
 STATE_FILE = "glance.json"
 
@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     stop.add_argument("--dir", type=Path, required=True)
     venvs = sub.add_parser("venvs", help="install the server venvs now (once per machine)")
     venvs.add_argument("--keystone", action="store_true", help="also the keystone venv")
+    venvs.add_argument("--swift", action="store_true", help="also the swift venv (lab.swift)")
     args = parser.parse_args(argv)
     if args.command == "glance-start":
         return glance_start(args.dir, args.flavor, args.port)
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     print(ensure_glance_venv())
     if args.keystone:
         print(ensure_keystone_venv())
+    if args.swift:
+        print(ensure_swift_venv())
     return 0
 
 

@@ -61,7 +61,10 @@ Counts
 
 Pitfalls: upstream must be plain http; ``Expect: 100-continue`` is answered by the proxy itself
 (it does not forward Expect); a response without any framing is relayed until upstream closes,
-then the client connection is closed too.
+then the client connection is closed too.  The proxy's threads live in the process that started
+it: a mount behind it must not be mmap-ed by that process (a page fault holds the process's mmap
+lock until the mount answers, and a proxy thread that maps memory then waits for that lock: a
+deadlock); map its files in a child process.
 """
 
 from __future__ import annotations

@@ -55,26 +55,32 @@ class GlanceAPI:
         return response
 
     def create(
-        self, name: str | None = "image", data: bytes | None = None, **fields: Any
+        self,
+        name: str | None = "image",
+        data: bytes | None = None,
+        *,
+        store: str | None = None,
+        **fields: Any,
     ) -> dict[str, Any]:
-        """A new image (raw/bare unless ``fields`` say otherwise), with ``data`` uploaded if any."""
+        """A new image (raw/bare unless ``fields`` say otherwise), with ``data`` uploaded if any
+        (into ``store``, see upload())."""
         fields.setdefault("disk_format", "raw")
         fields.setdefault("container_format", "bare")
         image: dict[str, Any] = self.request(
             "POST", "/v2/images", json={"name": name, **fields}
         ).json()
         if data is not None:
-            self.upload(image["id"], data)
+            self.upload(image["id"], data, store=store)
             image = self.get(image["id"])
         return image
 
-    def upload(self, image_id: str, data: bytes) -> None:
-        self.request(
-            "PUT",
-            f"/v2/images/{image_id}/file",
-            content=data,
-            headers={"Content-Type": "application/octet-stream"},
-        )
+    def upload(self, image_id: str, data: bytes, *, store: str | None = None) -> None:
+        """PUT the image's data, into Glance's default store or the one named ``store`` (its id
+        in ``enabled_backends``: ``fs``, ``ceph``, ``swift`` in lab.stores)."""
+        headers = {"Content-Type": "application/octet-stream"}
+        if store is not None:
+            headers["X-Image-Meta-Store"] = store
+        self.request("PUT", f"/v2/images/{image_id}/file", content=data, headers=headers)
 
     def get(self, image_id: str) -> dict[str, Any]:
         image: dict[str, Any] = self.request("GET", f"/v2/images/{image_id}").json()

@@ -1,12 +1,13 @@
 """Register Glance and the test users in a freshly bootstrapped Keystone (idempotent).
 
-usage: python keystone_register.py KEYSTONE_URL GLANCE_URL
+usage: python keystone_register.py KEYSTONE_URL GLANCE_URL [SWIFT_URL]
 
 Run as a script (stdlib only, no ``lab`` import) so it works from any interpreter;
 KeystoneServer.register() runs it with the keystone venv's python.  Creates projects
 service/demo/alt, users glance/demo/alt/viewer (passwords ``<name>-secret``), their roles
 (viewer has only ``reader`` on demo), and the ``image`` service with public/internal/admin
-endpoints at GLANCE_URL.
+endpoints at GLANCE_URL; with SWIFT_URL also the ``object-store`` service, whose endpoints are
+the accounts ``SWIFT_URL/v1/AUTH_<project id>``.
 """
 
 import json
@@ -66,8 +67,27 @@ class Keystone:
         return created
 
 
-def register(keystone_url: str, glance_url: str) -> dict[str, str]:
-    """Create the service/demo/alt projects and users and the image endpoints; return ids."""
+def add_service(ks: Keystone, kind: str, name: str, url: str) -> str:
+    """The service of type ``kind`` with public, internal and admin endpoints at ``url``; its id."""
+    svc = ks.get_or_create("service", {"type": kind, "name": name, "enabled": True}, f"type={kind}")
+    have = {
+        e["interface"] for e in ks.call("GET", f"/endpoints?service_id={svc['id']}")["endpoints"]
+    }
+    for iface in ("public", "internal", "admin"):
+        if iface not in have:
+            endpoint = {
+                "service_id": svc["id"],
+                "interface": iface,
+                "url": url,
+                "region_id": "RegionOne",
+            }
+            ks.call("POST", "/endpoints", {"endpoint": endpoint})
+    service_id: str = svc["id"]
+    return service_id
+
+
+def register(keystone_url: str, glance_url: str, swift_url: str | None = None) -> dict[str, str]:
+    """Create the service/demo/alt projects and users and the service endpoints; return ids."""
     ks = Keystone(keystone_url)
     roles = {r["name"]: r["id"] for r in ks.call("GET", "/roles")["roles"]}
     for role in ("admin", "member", "reader", "service"):
@@ -90,31 +110,19 @@ def register(keystone_url: str, glance_url: str) -> dict[str, str]:
     ]:
         project_id, user_id = ids[f"project:{project}"], ids[f"user:{user}"]
         ks.call("PUT", f"/projects/{project_id}/users/{user_id}/roles/{roles[role]}")
-    svc = ks.get_or_create(
-        "service", {"type": "image", "name": "glance", "enabled": True}, "type=image"
-    )
-    ids["service:image"] = svc["id"]
-    have = {
-        e["interface"] for e in ks.call("GET", f"/endpoints?service_id={svc['id']}")["endpoints"]
-    }
-    for iface in ("public", "internal", "admin"):
-        if iface not in have:
-            endpoint = {
-                "service_id": svc["id"],
-                "interface": iface,
-                "url": glance_url,
-                "region_id": "RegionOne",
-            }
-            ks.call("POST", "/endpoints", {"endpoint": endpoint})
+    ids["service:image"] = add_service(ks, "image", "glance", glance_url)
+    if swift_url:
+        account = swift_url.rstrip("/") + "/v1/AUTH_%(project_id)s"
+        ids["service:object-store"] = add_service(ks, "object-store", "swift", account)
     return ids
 
 
 def main(argv: list[str]) -> int:
     """CLI entry: print the created ids as JSON (KeystoneServer.register parses it)."""
-    if len(argv) != 3:
+    if len(argv) not in (3, 4):
         print(__doc__, file=sys.stderr)
         return 2
-    print(json.dumps(register(argv[1], argv[2])))
+    print(json.dumps(register(*argv[1:])))
     return 0
 
 

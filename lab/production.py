@@ -1,4 +1,4 @@
-"""A production-shaped Glance on loopback: API nodes behind HAProxy, one PostgreSQL, one store.
+"""A production-shaped Glance on loopback: API nodes behind HAProxy, one PostgreSQL, one Ceph.
 
 A single Glance on SQLite hides what a deployment does to a client: consecutive requests land
 on different API processes, a node dies or stalls and the load balancer takes it out, many
@@ -12,9 +12,11 @@ writers share one database.  :class:`ProductionLab` builds that shape from Debia
         lab.heal()                           # every node running and UP again
 
 - **Nodes**: ``nodes`` (2) GlanceServer processes, each its own gunicorn process group, port
-  and work directory (configs, logs), all on one PostgreSQL database and one file store
-  directory (``store_dir``).  They are named ``node0``, ``node1``... in HAProxy, and every
-  answer through HAProxy says which node gave it in its ``X-Lab-Node`` header.
+  and work directory (configs, logs), all on one PostgreSQL database and one Ceph cluster
+  (lab.ceph), whose rbd store is their default store, as in most production clouds: it answers
+  every ranged GET with 400.  They also share a file store directory (``store_dir``), for uploads
+  that ask for ``fs``.  They are named ``node0``, ``node1``... in HAProxy, and every answer
+  through HAProxy says which node gave it in its ``X-Lab-Node`` header.
 - **HAProxy**: round-robin per request, no stickiness, health checks ``GET /healthcheck``
   every 500 ms (fall 2, rise 1, 1 s check timeout: a frozen node is out after about 2.5 s),
   ``retries 3`` with ``option redispatch`` (a refused connection is retried on another node),
@@ -33,8 +35,11 @@ writers share one database.  :class:`ProductionLab` builds that shape from Debia
   authentication, durability off), removed when it stops.  Glance's schema comes from one
   ``glance-manage db_sync``.
 
+- **Ceph**: lab.ceph's one-node cluster, started and stopped with the lab unless the caller
+  passes one it runs itself (a test session shares one between this lab and lab.stores).
+
 Every process is a lab.servers.ProcessGroup: stopped by stop()/``__exit__``, by an atexit
-hook, and by a watchdog if the test process is killed (which also removes the cluster).
+hook, and by a watchdog if the test process is killed (which also removes the database cluster).
 """
 
 from __future__ import annotations
@@ -50,19 +55,18 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from lab.ceph import CephCluster
 from lab.servers import (
-    READY_TIMEOUT,
     Flavor,
     GlanceServer,
     ProcessGroup,
     _child_env,
     _run,
-    _tail,
+    _wait_until_ready,
     free_port,
 )
 
@@ -117,19 +121,6 @@ def postgres_bin_dir() -> Path:
     return max(found, key=lambda p: int(p.parent.name) if p.parent.name.isdigit() else 0)
 
 
-def _wait(process: ProcessGroup, probe: Callable[[], bool], what: str, log: Path) -> None:
-    """Poll ``probe()`` until true; raise with the log's tail if the process dies or time is up."""
-    deadline = time.monotonic() + READY_TIMEOUT
-    while not probe():
-        if not process.running:
-            raise RuntimeError(f"lab: {what} exited while starting; {log}:\n{_tail(log)}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"lab: {what} not ready in {READY_TIMEOUT:.0f} s; {log}:\n{_tail(log)}"
-            )
-        time.sleep(0.05)
-
-
 class PostgresServer(ProcessGroup):
     """A throwaway PostgreSQL cluster on 127.0.0.1 with an empty database ``glance``.
 
@@ -182,7 +173,9 @@ class PostgresServer(ProcessGroup):
                     env=_child_env(), log=log, cwd=self.dir, user=self._user,
                 )  # fmt: skip
             isready = [str(bin_dir / "pg_isready"), "-q", "-h", "127.0.0.1", "-p", str(self.port)]
-            _wait(self, lambda: subprocess.call(isready) == 0, "postgres", self.log_path)
+            _wait_until_ready(
+                self, lambda: subprocess.call(isready) == 0, "postgres", self.log_path
+            )
             _run(
                 [str(bin_dir / "createdb"), "-h", "127.0.0.1", "-p", str(self.port),
                  "-U", DB_NAME, DB_NAME],
@@ -239,7 +232,7 @@ class HAProxyServer(ProcessGroup):
                 ["haproxy", "-db", "-f", str(config)], env=_child_env(), log=log, cwd=self.workdir
             )
         try:
-            _wait(self, self._all_up, "haproxy", self.log_path)
+            _wait_until_ready(self, self._all_up, "haproxy", self.log_path)
         except BaseException:
             self.kill()
             raise
@@ -276,10 +269,11 @@ class HAProxyServer(ProcessGroup):
 
 
 class ProductionLab:
-    """Glance nodes behind HAProxy on one PostgreSQL and one file store; see the module.
+    """Glance nodes behind HAProxy on one PostgreSQL and one Ceph cluster; see the module.
 
-    ``workdir`` holds a directory per node (``node0``...), HAProxy's, the shared store
-    (``images``) and postgresql.log.  start() is all or nothing; stop() stops everything.
+    ``workdir`` holds a directory per node (``node0``...), HAProxy's, the shared file store
+    (``images``), the cluster's (``ceph``, unless ``ceph`` is given) and postgresql.log.  start()
+    is all or nothing; stop() stops everything it started.
     """
 
     def __init__(
@@ -289,9 +283,12 @@ class ProductionLab:
         nodes: int = 2,
         flavor: Flavor = "noauth",
         venv: Path | None = None,
+        ceph: CephCluster | None = None,
     ) -> None:
         self.workdir = Path(workdir).resolve()
         self.store_dir = self.workdir / "images"
+        self._owns_ceph = ceph is None
+        self.ceph = ceph or CephCluster(self.workdir / "ceph")
         self.postgres = PostgresServer(log_path=self.workdir / "postgresql.log")
         self.nodes = [
             GlanceServer(
@@ -300,6 +297,8 @@ class ProductionLab:
                 venv=venv,
                 database_url=self.postgres.url,
                 store_dir=self.store_dir,
+                stores=[self.ceph],
+                default_store=self.ceph.store_id,
             )
             for i in range(nodes)
         ]
@@ -322,10 +321,15 @@ class ProductionLab:
         return self.nodes[i]
 
     def start(self) -> None:
-        """PostgreSQL, the schema, the nodes (in parallel), then HAProxy with every node UP."""
+        """Ceph beside PostgreSQL and the schema, the nodes (in parallel), then HAProxy with every
+        node UP."""
         try:
-            self.postgres.start()
-            self.nodes[0].db_sync()
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                ceph = pool.submit(self.ceph.start) if self._owns_ceph else None
+                self.postgres.start()
+                self.nodes[0].db_sync()
+                if ceph is not None:
+                    ceph.result()
             with concurrent.futures.ThreadPoolExecutor(len(self.nodes)) as pool:
                 for started in [pool.submit(node.start) for node in self.nodes]:
                     started.result()
@@ -335,10 +339,14 @@ class ProductionLab:
             raise
 
     def stop(self) -> None:
-        """Stop HAProxy, the nodes and PostgreSQL (removing its cluster); idempotent."""
-        for process in (self.haproxy, *self.nodes, self.postgres):
+        """Stop HAProxy, the nodes, PostgreSQL (removing its cluster) and the Ceph cluster this
+        lab started; idempotent."""
+        stops = [self.haproxy.stop, *(node.stop for node in self.nodes), self.postgres.stop]
+        if self._owns_ceph:
+            stops.append(self.ceph.stop)
+        for stop in stops:
             with contextlib.suppress(Exception):
-                process.stop()
+                stop()
 
     def states(self) -> dict[str, str]:
         """HAProxy's view of each node: {"node0": "UP", "node1": "DOWN", ...}."""

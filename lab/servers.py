@@ -29,10 +29,10 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, BinaryIO, Literal, Self
+from typing import Any, BinaryIO, Literal, Protocol, Self
 
 from lab.venvs import ensure_glance_venv, ensure_keystone_venv, file_lock
 
@@ -238,6 +238,21 @@ def _wait_group_gone(pgid: int, timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def _wait_until_ready(
+    process: "ProcessGroup", probe: Callable[[], bool], what: str, log: Path
+) -> None:
+    """Poll ``probe()`` until true; raise with the log's tail if the process dies or time is up."""
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not probe():
+        if not process.running:
+            raise RuntimeError(f"lab: {what} exited while starting; {log}:\n{_tail(log)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(
+                f"lab: {what} not ready in {READY_TIMEOUT:.0f} s; {log}:\n{_tail(log)}"
+            )
+        time.sleep(0.05)
 
 
 class _PortTaken(RuntimeError):
@@ -537,6 +552,25 @@ class _GunicornServer(ProcessGroup):
         return ""
 
 
+class GlanceStore(Protocol):
+    """A store a GlanceServer offers beside its file store ``fs`` (lab.ceph, lab.swift)."""
+
+    #: Its name in ``enabled_backends``, in the X-Image-Meta-Store header and in an image's
+    #: ``stores``.
+    store_id: str
+    #: The glance_store driver: ``rbd``, ``swift``.
+    driver: str
+
+    def glance_options(self) -> dict[str, str]:
+        """The options of the store's section in glance-api.conf."""
+        ...
+
+    def glance_pythonpath(self, venv: Path) -> list[Path]:
+        """Directories the driver needs on the PYTHONPATH of Glance's ``venv`` (modules PyPI
+        lacks)."""
+        ...
+
+
 class GlanceServer(_GunicornServer):
     """Glance API (v2) on 127.0.0.1 with a SQLite DB and one file store, in ``workdir``.
 
@@ -548,6 +582,10 @@ class GlanceServer(_GunicornServer):
     Several servers can share one catalog (lab.production): ``database_url`` (an
     SQLAlchemy URL) replaces the SQLite, and the caller runs db_sync() once for all of
     them; ``store_dir`` replaces the file store in ``workdir``.
+
+    ``stores`` (lab.ceph's CephCluster, lab.swift's SwiftCluster) are offered beside the
+    file store; ``default_store`` names the one an upload goes to unless its PUT names
+    another in ``X-Image-Meta-Store``.
     """
 
     _name = "glance"
@@ -569,12 +607,18 @@ class GlanceServer(_GunicornServer):
         database_url: str | None = None,
         store_dir: Path | None = None,
         threads: int = 8,
+        stores: Sequence[GlanceStore] = (),
+        default_store: str = "fs",
     ) -> None:
         super().__init__(
             workdir, port=port, detach=detach, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
         )
         self.database_url = database_url
         self._store_dir = Path(store_dir).resolve() if store_dir else None
+        self.stores = tuple(stores)
+        if default_store not in ("fs", *(store.store_id for store in self.stores)):
+            raise ValueError(f"default_store {default_store!r} is not one of the stores")
+        self.default_store = default_store
         #: gunicorn request threads: how many requests this Glance serves at once.
         self.threads = threads
         if flavor not in ("noauth", "fakeauth", "keystone"):
@@ -613,7 +657,8 @@ class GlanceServer(_GunicornServer):
         return self.workdir / "log" / "glance-api.log"
 
     def _render_conf(self, lab: Path, *, overrides: bool = True) -> str:
-        """glance-api.conf for this flavor, conf_overrides merged last."""
+        """glance-api.conf for this flavor, this server's stores and conf_overrides merged last
+        (neither with ``overrides=False``: the pristine database's config, shared by all)."""
         text = _render(
             TEMPLATES / "glance" / "glance-api.conf",
             {"LAB": str(lab), "GLANCE_PORT": str(self._port)},
@@ -623,6 +668,12 @@ class GlanceServer(_GunicornServer):
             merge["database"] = {"connection": self.database_url}
         if self._store_dir:
             merge["fs"] = {"filesystem_store_datadir": f"{self._store_dir}/"}
+        if overrides and self.stores:
+            backends = ["fs:file", *(f"{store.store_id}:{store.driver}" for store in self.stores)]
+            merge["DEFAULT"]["enabled_backends"] = ", ".join(backends)
+            merge["glance_store"] = {"default_backend": self.default_store}
+            for store in self.stores:
+                merge[store.store_id] = store.glance_options()
         remove: tuple[str, ...] = ()
         if self.flavor == "fakeauth":
             merge["paste_deploy"] = {"flavor": "fakeauth"}
@@ -703,7 +754,11 @@ class GlanceServer(_GunicornServer):
             "--pythonpath", str(LIB_DIR),
             "glance.wsgi.api:application",
         ]  # fmt: skip
-        return cmd, _child_env(OS_GLANCE_CONFIG_DIR=str(etc))
+        env = _child_env(OS_GLANCE_CONFIG_DIR=str(etc))
+        pythonpath = [str(path) for store in self.stores for path in store.glance_pythonpath(venv)]
+        if pythonpath:
+            env["PYTHONPATH"] = os.pathsep.join(pythonpath)
+        return cmd, env
 
     def _extra_log_tail(self) -> str:
         return f"\n{self.log_path}:\n{_tail(self.log_path)}"
@@ -831,14 +886,16 @@ class KeystoneServer(_GunicornServer):
         shutil.rmtree(self.workdir / "etc" / "keystone" / "fernet-keys", ignore_errors=True)
         self._manage(venv, "fernet_setup", *self._owner_args())
 
-    def register(self, glance_url: str) -> dict[str, str]:
-        """Create service/demo/alt projects, users, roles and the image endpoints (idempotent).
+    def register(self, glance_url: str, swift_url: str | None = None) -> dict[str, str]:
+        """Create service/demo/alt projects, users, roles and the image endpoints, and with
+        ``swift_url`` (lab.swift's proxy) the object-store endpoints (idempotent).
 
         Returns ids keyed like "project:demo", "user:alt", "service:image".
         """
         venv = self._venv or ensure_keystone_venv()
+        urls = [glance_url, swift_url] if swift_url else [glance_url]
         out = subprocess.run(
-            [str(venv / "bin" / "python"), str(REGISTER_SCRIPT), self.url, glance_url],
+            [str(venv / "bin" / "python"), str(REGISTER_SCRIPT), self.url, *urls],
             capture_output=True, text=True, env=_child_env(), timeout=120, stdin=subprocess.DEVNULL,
         )  # fmt: skip
         if out.returncode != 0:

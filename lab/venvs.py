@@ -26,6 +26,7 @@ DEFAULT_CACHE_ROOT = REPO_ROOT / ".cache" / "lab"
 
 GLANCE_VERSION = "33.0.0"
 KEYSTONE_VERSION = "30.0.0"
+SWIFT_VERSION = "2.38.3"
 
 #: Written into the venv only after pip succeeded; its content is the requirement list,
 #: so changing the requirements below rebuilds the venv.
@@ -100,7 +101,9 @@ def _install(venv: Path, requirements: list[str], log: Path) -> None:
 
 def ensure_venv(name: str, requirements: list[str], cache_root: Path | None = None) -> Path:
     """Return the venv ``<cache_root>/<name>-<digest>``, building it first if not complete yet."""
-    root = Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT
+    # Resolved: a venv's scripts name its path, and a worktree's .cache is often a link to a
+    # shared one, which must not depend on the worktree that happened to build it.
+    root = (Path(cache_root) if cache_root is not None else DEFAULT_CACHE_ROOT).resolve()
     digest = hashlib.sha256("\n".join(requirements).encode()).hexdigest()[:8]
     venv = root / f"{name}-{digest}"
     if _marker_ok(venv, requirements):  # fast path, no lock
@@ -112,17 +115,26 @@ def ensure_venv(name: str, requirements: list[str], cache_root: Path | None = No
 
 
 def ensure_glance_venv(cache_root: Path | None = None) -> Path:
-    """Venv with glance, gunicorn (Glance 33 has no standalone server) and psycopg2 (the
-    production lab's PostgreSQL; SQLite needs no driver)."""
+    """Venv with glance, gunicorn (Glance 33 has no standalone server), psycopg2 (the
+    production lab's PostgreSQL; SQLite needs no driver) and python-swiftclient (Glance's swift
+    store).  Its rbd store loads Debian's rados/rbd bindings (lab.ceph), which PyPI lacks."""
     return ensure_venv(
         f"glance-{GLANCE_VERSION}",
-        [f"glance=={GLANCE_VERSION}", "gunicorn", "psycopg2-binary"],
+        [f"glance=={GLANCE_VERSION}", "gunicorn", "psycopg2-binary", "python-swiftclient"],
         cache_root,
     )
 
 
 def ensure_keystone_venv(cache_root: Path | None = None) -> Path:
-    """Venv with keystone and gunicorn, only needed by the keystone-flavor tests."""
+    """Venv with keystone and gunicorn, for the keystone-flavor tests and Swift's tokens."""
     return ensure_venv(
         f"keystone-{KEYSTONE_VERSION}", [f"keystone=={KEYSTONE_VERSION}", "gunicorn"], cache_root
+    )
+
+
+def ensure_swift_venv(cache_root: Path | None = None) -> Path:
+    """Venv with swift (the proxy, account, container and object servers, swift-ring-builder)
+    and keystonemiddleware (the proxy's authtoken filter), for lab.swift."""
+    return ensure_venv(
+        f"swift-{SWIFT_VERSION}", [f"swift=={SWIFT_VERSION}", "keystonemiddleware"], cache_root
     )

@@ -1,5 +1,5 @@
-"""Fixtures: a real Glance per test session (and a production-shaped one on demand), and real
-glancefs mounts that always unmount."""
+"""Fixtures: a real Glance per test session (and, on demand, one offering the Ceph RBD and Swift
+stores, and a production-shaped one), and real glancefs mounts that always unmount."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ sys.path.insert(0, str(REPO))
 
 from support import GlanceAPI, Mount  # noqa: E402
 
+from lab.ceph import CephCluster  # noqa: E402
 from lab.mounts import mount_argv  # noqa: E402
 from lab.production import ProductionLab  # noqa: E402
 from lab.servers import GlanceServer  # noqa: E402
+from lab.stores import StoresLab  # noqa: E402
 
 MountFactory = Callable[..., Mount]
 
@@ -29,14 +31,48 @@ def glance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GlanceServer]:
 
 
 @pytest.fixture(scope="session")
-def production(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ProductionLab]:
-    """Two Glance nodes behind HAProxy on one PostgreSQL and store (lab.production), started on
-    first use (about 10 s) and shared by the session.
+def ceph(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CephCluster]:
+    """A one-node Ceph cluster (lab.ceph) shared by ``stores`` and ``production``, started on first
+    use (about 5 s); tests must not stop it."""
+    with CephCluster(tmp_path_factory.mktemp("ceph")) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def stores(tmp_path_factory: pytest.TempPathFactory, ceph: CephCluster) -> Iterator[StoresLab]:
+    """Glance with its file store ``fs`` (the default), Ceph RBD ``ceph`` and Swift ``swift``
+    (lab.stores), with Swift's Keystone, started on first use and shared by the session.
+
+    A test chooses each image's store: ``stores_api.create(name, data, store="ceph")``.
+    """
+    with StoresLab(tmp_path_factory.mktemp("stores"), ceph=ceph) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="session")
+def stores_glance(stores: StoresLab) -> GlanceServer:
+    """The Glance of ``stores``: one mount of it sees images on each store."""
+    return stores.glance
+
+
+@pytest.fixture(scope="session")
+def stores_api(stores_glance: GlanceServer) -> Iterator[GlanceAPI]:
+    client = GlanceAPI(stores_glance.url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def production(
+    tmp_path_factory: pytest.TempPathFactory, ceph: CephCluster
+) -> Iterator[ProductionLab]:
+    """Two Glance nodes behind HAProxy on one PostgreSQL, their default store the session's Ceph
+    (lab.production), started on first use (about 10 s) and shared by the session.
 
     Tests may kill, freeze or stop nodes; they must call ``production.heal()`` when done (a
     fixture's teardown is the place) so the next test finds every node UP.
     """
-    with ProductionLab(tmp_path_factory.mktemp("production")) as lab:
+    with ProductionLab(tmp_path_factory.mktemp("production"), ceph=ceph) as lab:
         yield lab
 
 

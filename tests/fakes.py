@@ -1,22 +1,25 @@
 """A fake Glance client below FUSE, to drive the filesystem's state machines quickly in unit tests.
 
-It answers like glancefs.Client's public API (``client.images.list/get/...``) from records
-in memory. What a server defines (HTTP, Glance's own rules) is tested against the real Glance in
-tests/integration; this fake is for what glancefs decides: caching, ordering, failure handling.
+It implements what the filesystem needs of glancefs.Client (the protocol
+:class:`glancefs.fs.glance.Glance`, which mypy checks) from records in memory; its downloads are
+``glancefs.ImageData`` over a fake body. What a server defines (HTTP, Glance's own rules) is tested
+against the real Glance in tests/integration; this fake is for what glancefs decides: caching,
+ordering, failure handling.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from types import TracebackType
 from typing import Any
 
+import httpx
 import trio
 
-from glancefs import ConnectError, ConnectionBudget, Image, NotFound, RangesRefused
+from glancefs import ConnectError, Image, ImageData, NotFound, RangesRefused
+from glancefs.plumbing import ConnectionBudget
 
 
 def record(n: int, name: str | None = None, **fields: Any) -> dict[str, Any]:
@@ -72,38 +75,28 @@ class DataFault:
         return self.at is None or start <= self.at < end
 
 
-class FakeImageData:
-    """What :meth:`FakeImages.open_data` returns: the bytes ``[offset, end)`` in small chunks,
-    with a checkpoint between chunks, holding a ``download`` slot of the budget until closed."""
+class FakeBody(httpx.AsyncByteStream):
+    """The body of one :meth:`FakeImages.open_data` response: the bytes ``[offset, end)`` in small
+    chunks, with a checkpoint between chunks, holding a ``download`` slot of the budget until
+    closed. ``glancefs.ImageData`` reads it as it reads Glance's."""
 
     def __init__(
         self, images: FakeImages, image_id: str, offset: int, end: int, fault: DataFault | None
     ) -> None:
         self._images = images
-        self.image_id = image_id
-        self.offset = offset
-        self.end = end
+        self._image_id = image_id
+        self._offset = offset
+        self._end = end
         self._fault = fault
         self._closed = False
 
-    async def __aenter__(self) -> FakeImageData:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.aclose()
-
-    async def chunks(self) -> AsyncIterator[bytes]:
-        data = self._images.data[self.image_id]
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        data = self._images.client.data[self._image_id]
         fault = self._fault
-        at = None if fault is None else (self.offset if fault.at is None else fault.at)
-        position = self.offset
-        while position < self.end:
-            chunk_end = min(self.end, position + self._images.chunk_size)
+        at = None if fault is None else (self._offset if fault.at is None else fault.at)
+        position = self._offset
+        while position < self._end:
+            chunk_end = min(self._end, position + self._images.chunk_size)
             if at is not None and fault is not None and position <= at < chunk_end:
                 if fault.kind == "flip":
                     chunk = bytearray(data[position:chunk_end])
@@ -129,15 +122,20 @@ class FakeImageData:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
-            self._images.open_streams[self.image_id] -= 1
-            self._images.budget.release("download")
+            self._images.open_streams[self._image_id] -= 1
+            self._images.client.connections.release("download")
 
 
 class FakeImages:
-    def __init__(self, records: list[dict[str, Any]]) -> None:
+    """``client.images``: records from :attr:`records`, data from the client's ``data``, changes
+    as Glance makes them (``create`` makes a queued image, ``upload`` stores the data and makes
+    it active with its size and hashes, a PATCH replaces top-level fields, ``delete`` removes it).
+    """
+
+    def __init__(self, client: FakeClient, records: list[dict[str, Any]]) -> None:
+        self.client = client
         self.records = records
-        #: Image data by id, for open_data; faults apply to its responses in order.
-        self.data: dict[str, bytes] = {}
+        #: Faults of open_data's responses, applied in order.
         self.faults: list[DataFault] = []
         self.chunk_size = 64 * 1024
         #: Seconds each chunk takes to arrive (0: a checkpoint only).
@@ -149,7 +147,6 @@ class FakeImages:
         #: Responses open right now per image, and the most there ever were at once.
         self.open_streams: Counter[str] = Counter()
         self.peak_streams: Counter[str] = Counter()
-        self.budget = ConnectionBudget(8)
         self.lists: list[dict[str, Any]] = []
         self.gets = 0
         #: When set: the listing stops after this many records until ``resume`` is set, then
@@ -157,6 +154,7 @@ class FakeImages:
         self.pause_after: int | None = None
         self.resume = trio.Event()
         self.error: Exception | None = None
+        self._created = 0
 
     async def list(self, **query: Any) -> AsyncIterator[Image]:
         self.lists.append(query)
@@ -181,24 +179,101 @@ class FakeImages:
         length: int | None = None,
         *,
         retries: int | None = None,
-    ) -> FakeImageData:
-        """Like ``Client.images.open_data``, from :attr:`data`, with :attr:`faults`."""
+    ) -> ImageData:
+        """Like ``Client.images.open_data``, from the client's ``data``, with :attr:`faults`."""
         self.data_gets.append((image_id, offset, length))
         store = next((r.get("stores") for r in self.records if r["id"] == image_id), None)
         if store in self.stores_without_ranges and (offset > 0 or length is not None):
             raise RangesRefused(400, "Getting images randomly from this store is not supported")
-        data = self.data[image_id]
+        data = self.client.data[image_id]
         end = len(data) if length is None else min(len(data), offset + length)
-        await self.budget.acquire("download")
+        await self.client.connections.acquire("download")
         self.open_streams[image_id] += 1
         self.peak_streams[image_id] = max(self.peak_streams[image_id], self.open_streams[image_id])
         fault = next((f for f in self.faults if f.picks(image_id, offset, end)), None)
         if fault is not None:
             fault.times -= 1
-        return FakeImageData(self, image_id, offset, end, fault)
+        body = FakeBody(self, image_id, offset, end, fault)
+        return ImageData(httpx.Response(206, stream=body), offset, end, len(data))
+
+    async def create(self, **fields: Any) -> Image:
+        self._created += 1
+        image_id = f"{self._created:08x}-1111-4000-8000-000000000000"
+        self.client.called("create", image_id)
+        r = {"id": image_id, "status": "queued", "size": None, "tags": [], "checksum": None,
+             "updated_at": "2026-01-01T00:00:00Z", "protected": False, **fields}  # fmt: skip
+        self.records.append(r)
+        return Image(dict(r))
+
+    async def update(self, image_id: str, **changes: Any) -> Image:
+        self.client.called("update", image_id)
+        self.client.record(image_id).update(changes)
+        return Image(dict(self.client.record(image_id)))
+
+    async def patch(self, image_id: str, operations: Sequence[Mapping[str, Any]]) -> Image:
+        self.client.called("patch", image_id)
+        r = self.client.record(image_id)
+        for op in operations:
+            key = op["path"][1:].replace("~1", "/").replace("~0", "~")
+            if op["op"] == "remove":
+                r.pop(key, None)
+            else:
+                r[key] = op["value"]
+        return Image(dict(r))
+
+    async def upload(
+        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+    ) -> None:
+        self.client.called("upload", image_id)
+        self.client.upload_sizes[image_id] = size
+        r = self.client.record(image_id)
+        r["status"] = "saving"
+        chunks = []
+        async for chunk in data:
+            chunks.append(chunk)
+            if self.client.hold_upload is not None:
+                await self.client.hold_upload.wait()
+        body = b"".join(chunks)
+        if size is not None and len(body) != size:  # the client fails such a body
+            raise AssertionError(f"{len(body)} bytes sent, {size} announced")
+        self.client.data[image_id] = body
+        r.update(status="active", size=len(body), os_hash_algo="sha512",
+                 os_hash_value=hashlib.sha512(body).hexdigest(),
+                 checksum=hashlib.md5(body).hexdigest())  # fmt: skip
+
+    async def delete(self, image_id: str) -> None:
+        self.client.called("delete", image_id)
+        self.records.remove(self.client.record(image_id))
+
+
+class FakeTags:
+    def __init__(self, client: FakeClient) -> None:
+        self._client = client
+
+    async def update(self, image_id: str, tag_value: str) -> None:
+        self._client.called("tag", image_id)
+        tags = self._client.record(image_id)["tags"]
+        if tag_value not in tags:
+            tags.append(tag_value)
+
+    async def delete(self, image_id: str, tag_value: str) -> None:
+        self._client.called("untag", image_id)
+        self._client.record(image_id)["tags"].remove(tag_value)
+
+
+class FakeInfo:
+    async def usage(self) -> dict[str, dict[str, int]]:
+        return {}  # as Glance without unified limits answers
 
 
 class FakeClient:
+    """A fake Glance behind what the filesystem needs of the client (:class:`glancefs.fs.glance.
+    Glance`): records that change, data that is stored and hashed, and failures to inject
+    (``fail[method] = error``, raised by every later call of it; ``hold_upload``: an upload waits
+    for it after its first chunk, to catch a session mid-PUT). Enough of Glance's behaviour for the
+    filesystem's state machines; never a substitute for the real one.
+    """
+
     @classmethod
     def serving(
         cls, payloads: list[bytes], **options: Any
@@ -211,32 +286,19 @@ class FakeClient:
 
     def __init__(
         self,
-        records: list[dict[str, Any]],
+        records: list[dict[str, Any]] | None = None,
         *,
         data: dict[str, bytes] | None = None,
         max_connections: int = 8,
         retries: int = 1,
     ) -> None:
-        self.images = FakeImages(records)
-        self.images.data.update(data or {})
-        self.connections = self.images.budget = ConnectionBudget(max_connections)
-        self.retries = retries
-
-
-class FakeGlance:
-    """The write side of a fake Glance: records that change, data that is stored and hashed,
-    and failures to inject (``fail[method] = error``, raised by every later call of it;
-    ``hold_upload``: an upload waits for it after its first chunk, to catch a session mid-PUT).
-
-    Enough of Glance's behaviour for the filesystem's state machines: ``create`` makes a queued
-    image, ``upload`` stores the data and makes it active with its size and hashes, a PATCH
-    replaces top-level fields, ``delete`` removes it. Never a substitute for the real one.
-    """
-
-    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
-        self.images = FakeWritableImages(self, records if records is not None else [])
+        self.images = FakeImages(self, records if records is not None else [])
         self.image_tags = FakeTags(self)
-        self.data: dict[str, bytes] = {}
+        self.info = FakeInfo()
+        self.connections = ConnectionBudget(max_connections)
+        self.retries = retries
+        #: Image data by id: what open_data serves and upload stores.
+        self.data: dict[str, bytes] = dict(data or {})
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
         self.hold_upload: trio.Event | None = None
@@ -257,72 +319,3 @@ class FakeGlance:
         self.calls.append((method, image_id))
         if method in self.fail:
             raise self.fail[method]
-
-
-class FakeWritableImages(FakeImages):
-    def __init__(self, glance: FakeGlance, records: list[dict[str, Any]]) -> None:
-        super().__init__(records)
-        self._glance = glance
-        self._created = 0
-
-    async def create(self, **fields: Any) -> Image:
-        self._created += 1
-        image_id = f"{self._created:08x}-1111-4000-8000-000000000000"
-        self._glance.called("create", image_id)
-        r = {"id": image_id, "status": "queued", "size": None, "tags": [], "checksum": None,
-             "updated_at": "2026-01-01T00:00:00Z", "protected": False, **fields}  # fmt: skip
-        self.records.append(r)
-        return Image(dict(r))
-
-    async def update(self, image_id: str, **changes: Any) -> Image:
-        self._glance.called("update", image_id)
-        self._glance.record(image_id).update(changes)
-        return Image(dict(self._glance.record(image_id)))
-
-    async def patch(self, image_id: str, operations: list[dict[str, Any]]) -> Image:
-        self._glance.called("patch", image_id)
-        r = self._glance.record(image_id)
-        for op in operations:
-            key = op["path"][1:].replace("~1", "/").replace("~0", "~")
-            if op["op"] == "remove":
-                r.pop(key, None)
-            else:
-                r[key] = op["value"]
-        return Image(dict(r))
-
-    async def upload(self, image_id: str, data: Any, size: int | None = None) -> None:
-        self._glance.called("upload", image_id)
-        self._glance.upload_sizes[image_id] = size
-        r = self._glance.record(image_id)
-        r["status"] = "saving"
-        chunks = []
-        async for chunk in data:
-            chunks.append(chunk)
-            if self._glance.hold_upload is not None:
-                await self._glance.hold_upload.wait()
-        body = b"".join(chunks)
-        if size is not None and len(body) != size:  # the client fails such a body
-            raise AssertionError(f"{len(body)} bytes sent, {size} announced")
-        self._glance.data[image_id] = body
-        r.update(status="active", size=len(body), os_hash_algo="sha512",
-                 os_hash_value=hashlib.sha512(body).hexdigest(),
-                 checksum=hashlib.md5(body).hexdigest())  # fmt: skip
-
-    async def delete(self, image_id: str) -> None:
-        self._glance.called("delete", image_id)
-        self.records.remove(self._glance.record(image_id))
-
-
-class FakeTags:
-    def __init__(self, glance: FakeGlance) -> None:
-        self._glance = glance
-
-    async def update(self, image_id: str, tag: str) -> None:
-        self._glance.called("tag", image_id)
-        tags = self._glance.record(image_id)["tags"]
-        if tag not in tags:
-            tags.append(tag)
-
-    async def delete(self, image_id: str, tag: str) -> None:
-        self._glance.called("untag", image_id)
-        self._glance.record(image_id)["tags"].remove(tag)

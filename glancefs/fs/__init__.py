@@ -4,6 +4,6 @@ Layers, top to bottom (ARCHITECTURE.md draws them; import-linter checks them): :
 puts a mount in the background, :mod:`.mount` builds and runs it and :mod:`.operations` answers the
 kernel (the only two modules that know pyfuse3); :mod:`.filesystem` (with :mod:`.tree` and
 :mod:`.files`) decides what each request does; :mod:`.catalog`, :mod:`.changes`, :mod:`.read` and
-:mod:`.uploader` do the filesystem's I/O through :class:`glancefs.Client`; the rest is pure logic,
-without I/O.
+:mod:`.uploader` do the filesystem's I/O through the client, typed as what they need of it
+(:class:`.glance.Glance`); the rest is pure logic, without I/O.
 """

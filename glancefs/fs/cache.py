@@ -194,6 +194,16 @@ class _EntryState:
         return self.manifest[index * per_block : (index + 1) * per_block]
 
 
+@dataclass(frozen=True)
+class _Reservation:
+    """Room in the cache for one block being written, and the entry's generation when it began."""
+
+    state: _EntryState
+    index: int
+    file_size: int
+    generation: int
+
+
 class _Damaged(Exception):
     """Block ``index`` failed a check; ``inode`` says which file (None: it is gone)."""
 
@@ -291,51 +301,9 @@ class DataCache:
 
     def _load(self) -> None:
         """Index the entries on disk, oldest use first; clean up what a killed process left."""
-        found: list[tuple[float, _EntryState]] = []
-        _empty_trash(self._root)
-        for item in os.scandir(self._root):
-            path = Path(item.path)
-            state = self._load_entry(path) if item.is_dir(follow_symlinks=False) else None
-            if state is None:
-                log.info("cache: removing %s, not a cache entry of this version", path.name)
-                _remove(path)
-            elif not state.blocks:
-                _remove(path)
-            else:
-                found.append(((path / "meta").stat().st_mtime, state))
-        for _, state in sorted(found, key=lambda pair: pair[0]):
+        for state in _load_entries(self._root, self.block_size):
             self._entries[state.key] = state
             self._used += state.stored_bytes()
-
-    def _load_entry(self, directory: Path) -> _EntryState | None:
-        match = _ENTRY_NAME.fullmatch(directory.name)
-        key = _key(*match.groups()) if match else None
-        if key is None:
-            return None
-        try:
-            meta = json.loads((directory / "meta").read_text())
-            size, block_size = int(meta["size"]), int(meta["block_size"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        if block_size != self.block_size or size <= 0:
-            return None
-        state = _EntryState(key, size, directory, created=True)
-        count = _block_count(size, block_size)
-        for item in os.scandir(directory):
-            match = _BLOCK_NAME.fullmatch(item.name)
-            if match and int(match.group(1)) < count:
-                info = item.stat(follow_symlinks=False)
-                if stat.S_ISREG(info.st_mode):
-                    state.blocks[int(match.group(1))] = _Block(info.st_size, info.st_ino)
-                    continue
-            if item.name == "verified":
-                state.manifest = _parse_manifest(Path(item.path).read_bytes(), key, size)
-                if state.manifest is None:
-                    log.warning("cache: the manifest of %s is damaged: removed", directory.name)
-                    _remove(Path(item.path))
-            elif item.name != "meta":  # a temporary file of a killed write, or a stranger
-                _remove(Path(item.path))
-        return state
 
     def _evict_at_open(self) -> None:
         while self._used > self.max_bytes:
@@ -399,9 +367,79 @@ class DataCache:
 
     # -- what the entries call ------------------------------------------------------------------
 
-    def _release(self, state: _EntryState) -> None:
+    def unpin(self, state: _EntryState) -> None:
+        """A handle of the entry is released: it may go once nothing else holds it."""
         state.pins -= 1
         self._forget_if_unused(state)
+
+    def hit(self, state: _EntryState, length: int) -> None:
+        """Count a read of ``length`` bytes served from the entry, which is now the most
+        recently used (unless it was dropped meanwhile)."""
+        self._hits += 1
+        self._hit_bytes += length
+        if self._entries.get(state.key) is state:
+            self._entries.move_to_end(state.key)
+
+    def miss(self) -> None:
+        """Count a read that found a block missing (or damaged, or unreadable)."""
+        self._misses += 1
+
+    def reserve(self, state: _EntryState, index: int, file_size: int) -> _Reservation | None:
+        """Room for block ``index`` of the entry (a file of ``file_size`` bytes), marked as being
+        written; None when the entry was replaced in the index or no room can be made (then
+        nothing is reserved). Pair with :meth:`unreserve` once the write is over."""
+        current = self._entries.setdefault(state.key, state)  # back in after a release
+        if current is not state:  # dropped for a size mismatch, another entry took its place
+            return None
+        if not self._make_room(file_size, state):
+            self._refused += 1
+            return None
+        state.writing.add(index)
+        self._used += file_size
+        return _Reservation(state, index, file_size, state.generation)
+
+    def unreserve(self, reservation: _Reservation) -> None:
+        """The write of a reserved block is over, either way."""
+        reservation.state.writing.discard(reservation.index)
+        self._used -= reservation.file_size
+
+    def commit(self, reservation: _Reservation, inode: int | None, failure: OSError | None) -> bool:
+        """Index a block whose write is over: stored as the file ``inode``, not stored because
+        it disagreed with the manifest (``inode`` None), or failed (``failure``). True when the
+        block is now stored; a file that lands in an entry evicted or dropped meanwhile goes."""
+        state, index, file_size = reservation.state, reservation.index, reservation.file_size
+        moved_on = state.generation != reservation.generation
+        if failure is not None and not moved_on:  # else: its directory went away under it
+            self._note_write_failure(failure)
+        if moved_on or self._entries.get(state.key) is not state:
+            # Evicted or dropped while the block was written: its file either went to the trash
+            # with the old directory or landed in a new one that the index does not count.
+            if inode is not None:
+                _remove_if_same(state.directory / _block_name(index), inode)
+            self._forget_if_unused(state)
+            return False
+        if failure is not None:
+            return False
+        if inode is None:
+            self._mismatched += 1
+            return False
+        state.created = True
+        state.blocks[index] = _Block(file_size, inode)
+        self._used += file_size
+        self._written += file_size - _HEADER_SIZE
+        self._write_failing = False
+        self._entries.move_to_end(state.key)
+        return True
+
+    async def reject(self, state: _EntryState) -> None:
+        """Drop an entry whose data did not match the image hash, and count it."""
+        self._rejected += 1
+        await self.drop(state)
+
+    async def drop(self, state: _EntryState) -> None:
+        """Delete the entry's data, and wait until it is off the disk."""
+        self._forget_files(state)
+        await self.take_out_trash()
 
     def _forget_if_unused(self, state: _EntryState) -> None:
         """Drop an entry from the index once nothing is stored, written or open for it."""
@@ -431,17 +469,10 @@ class DataCache:
         state.generation += 1
         if state.created:
             state.created = False
-            trash = self._root / f"{_TRASH_PREFIX}{secrets.token_hex(8)}"
-            try:
-                os.rename(state.directory, trash)
-            except FileNotFoundError:
-                pass
-            except OSError as error:
-                log.warning("cache: cannot remove %s: %s", state.directory, error.strerror)
-                shutil.rmtree(state.directory, ignore_errors=True)
+            _move_to_trash(self._root, state.directory)
             self._trash_pending = True
 
-    async def _take_out_trash(self) -> None:
+    async def take_out_trash(self) -> None:
         """Wait until evicted directories are deleted (in a thread): every write calls this
         before it writes, so that the disk never holds evicted data and new data together."""
         async with self._trash_lock:
@@ -449,7 +480,7 @@ class DataCache:
                 self._trash_pending = False
                 await trio.to_thread.run_sync(_empty_trash, self._root)
 
-    def _discard(self, state: _EntryState, generation: int, damage: _Damaged) -> None:
+    def discard(self, state: _EntryState, generation: int, damage: _Damaged) -> None:
         """Delete a block that failed a check, unless the index moved on since the check."""
         index = damage.index
         block = state.blocks.get(index)
@@ -516,7 +547,7 @@ class CacheEntry:
         """The file using the entry is closed; the entry may now be evicted first."""
         if not self._released:
             self._released = True
-            self._cache._release(self._state)
+            self._cache.unpin(self._state)
 
     @property
     def complete(self) -> bool:
@@ -565,7 +596,7 @@ class CacheEntry:
             return b""
         indices = self.blocks_of(offset, end - offset)
         if any(index not in state.blocks for index in indices):
-            cache._misses += 1
+            cache.miss()
             return None
         generation = state.generation
         spans = [
@@ -581,18 +612,15 @@ class CacheEntry:
                 _read_spans, state.directory, state.key.tag, self.block_size, self.size, spans
             )
         except _Damaged as damage:
-            cache._discard(state, generation, damage)
-            cache._misses += 1
+            cache.discard(state, generation, damage)
+            cache.miss()
             return None
         except OSError as error:
             log.warning("cache %s: cannot read: %s", cache.directory, error.strerror)
-            cache._misses += 1
+            cache.miss()
             return None
         data = parts[0] if len(parts) == 1 else b"".join(parts)
-        cache._hits += 1
-        cache._hit_bytes += len(data)
-        if cache._entries.get(state.key) is state:
-            cache._entries.move_to_end(state.key)
+        cache.hit(state, len(data))
         return data
 
     async def write_block(self, index: int, data: bytes) -> bool:
@@ -611,50 +639,22 @@ class CacheEntry:
             )
         if index in state.blocks or index in state.writing:
             return True
-        current = cache._entries.setdefault(state.key, state)  # back in after a release
-        if current is not state:  # dropped for a size mismatch, another entry took its place
+        reservation = cache.reserve(state, index, _HEADER_SIZE + len(data))
+        if reservation is None:
             return False
-        file_size = _HEADER_SIZE + len(data)
-        if not cache._make_room(file_size, state):
-            cache._refused += 1
-            return False
-        state.writing.add(index)
-        cache._used += file_size
-        generation = state.generation
         expected = state.expected_crcs(index, self.block_size)
         inode: int | None = None  # of the stored file; None: it disagreed with the manifest
-        failed = False
+        failure: OSError | None = None
         try:
-            await cache._take_out_trash()
+            await cache.take_out_trash()
             inode = await trio.to_thread.run_sync(
                 _write_block_file, state, index, data, self.size, self.block_size, expected
             )
         except OSError as error:
-            failed = True
-            if state.generation == generation:  # else: its directory went away under it
-                cache._note_write_failure(error)
+            failure = error
         finally:
-            state.writing.discard(index)
-            cache._used -= file_size
-        if state.generation != generation or cache._entries.get(state.key) is not state:
-            # Evicted or dropped while the block was written: its file either went to the trash
-            # with the old directory or landed in a new one that the index does not count.
-            if inode is not None:
-                _remove_if_same(state.directory / _block_name(index), inode)
-            cache._forget_if_unused(state)
-            return False
-        if failed:
-            return False
-        if inode is None:
-            cache._mismatched += 1
-            return False
-        state.created = True
-        state.blocks[index] = _Block(file_size, inode)
-        cache._used += file_size
-        cache._written += len(data)
-        cache._write_failing = False
-        cache._entries.move_to_end(state.key)
-        return True
+            cache.unreserve(reservation)
+        return cache.commit(reservation, inode, failure)
 
     async def verify(self) -> bool:
         """Hash the stored entry against its key once it is complete; True if it matches.
@@ -672,7 +672,7 @@ class CacheEntry:
         try:
             digest, manifest = await trio.to_thread.run_sync(_hash_entry, state, self.block_size)
         except _Damaged as damage:
-            cache._discard(state, generation, damage)
+            cache.discard(state, generation, damage)
             return False
         except OSError as error:
             log.warning("cache %s: cannot read: %s", cache.directory, error.strerror)
@@ -686,8 +686,7 @@ class CacheEntry:
                 state.key.value[:16],
                 digest[:16],
             )
-            cache._rejected += 1
-            await self.drop()
+            await cache.reject(state)
             return False
         try:
             await trio.to_thread.run_sync(
@@ -705,8 +704,7 @@ class CacheEntry:
 
     async def drop(self) -> None:
         """Delete the entry's data (the caller found it, or the image, corrupt)."""
-        self._cache._forget_files(self._state)
-        await self._cache._take_out_trash()
+        await self._cache.drop(self._state)
 
 
 # -- file formats and disk I/O (worker threads) ---------------------------------------------------
@@ -777,6 +775,56 @@ def _lock(directory: Path) -> int:
     return fd
 
 
+def _load_entries(root: Path, block_size: int) -> list[_EntryState]:
+    """The entries under ``root``, oldest use first; what a killed process left is removed."""
+    found: list[tuple[float, _EntryState]] = []
+    _empty_trash(root)
+    for item in os.scandir(root):
+        path = Path(item.path)
+        state = _load_entry(path, block_size) if item.is_dir(follow_symlinks=False) else None
+        if state is None:
+            log.info("cache: removing %s, not a cache entry of this version", path.name)
+            _remove(path)
+        elif not state.blocks:
+            _remove(path)
+        else:
+            found.append(((path / "meta").stat().st_mtime, state))
+    return [state for _, state in sorted(found, key=lambda pair: pair[0])]
+
+
+def _load_entry(directory: Path, block_size: int) -> _EntryState | None:
+    """The entry stored in ``directory``, with its blocks and manifest; None when it is not an
+    entry of this format and block size."""
+    match = _ENTRY_NAME.fullmatch(directory.name)
+    key = _key(*match.groups()) if match else None
+    if key is None:
+        return None
+    try:
+        meta = json.loads((directory / "meta").read_text())
+        size, stored_block_size = int(meta["size"]), int(meta["block_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if stored_block_size != block_size or size <= 0:
+        return None
+    state = _EntryState(key, size, directory, created=True)
+    count = _block_count(size, block_size)
+    for item in os.scandir(directory):
+        match = _BLOCK_NAME.fullmatch(item.name)
+        if match and int(match.group(1)) < count:
+            info = item.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode):
+                state.blocks[int(match.group(1))] = _Block(info.st_size, info.st_ino)
+                continue
+        if item.name == "verified":
+            state.manifest = _parse_manifest(Path(item.path).read_bytes(), key, size)
+            if state.manifest is None:
+                log.warning("cache: the manifest of %s is damaged: removed", directory.name)
+                _remove(Path(item.path))
+        elif item.name != "meta":  # a temporary file of a killed write, or a stranger
+            _remove(Path(item.path))
+    return state
+
+
 def _remove(path: Path) -> None:
     try:
         if path.is_dir() and not path.is_symlink():
@@ -794,6 +842,19 @@ def _remove_if_same(path: Path, inode: int) -> None:
             path.unlink()
     except FileNotFoundError:
         pass
+
+
+def _move_to_trash(root: Path, directory: Path) -> None:
+    """Take an entry's directory out of the cache in one rename (:func:`_empty_trash` deletes it);
+    deleted at once when it cannot be renamed."""
+    trash = root / f"{_TRASH_PREFIX}{secrets.token_hex(8)}"
+    try:
+        os.rename(directory, trash)
+    except FileNotFoundError:
+        pass
+    except OSError as error:
+        log.warning("cache: cannot remove %s: %s", directory, error.strerror)
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _empty_trash(root: Path) -> None:

@@ -27,10 +27,12 @@ from datetime import UTC, datetime
 
 import trio
 
-from glancefs import Client, GlanceError, Image, NotFound, parse_time
+from glancefs import GlanceError, Image, NotFound
+from glancefs.plumbing import parse_time
 
 from .background import failure_of, raise_again
 from .config import MountConfig
+from .glance import Glance
 from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for
 from .naming import NameStream, assign_names
 
@@ -203,7 +205,7 @@ class Catalog:
 
     def __init__(
         self,
-        client: Client,
+        client: Glance,
         config: MountConfig,
         nursery: trio.Nursery,
         clock: Callable[[], float] = trio.current_time,

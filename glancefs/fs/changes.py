@@ -20,9 +20,10 @@ from typing import Any
 
 import trio
 
-from glancefs import Client, Conflict, GlanceError, Image, NotFound, OverLimit, ServerError
+from glancefs import Conflict, GlanceError, Image, NotFound, OverLimit, ServerError
 
 from .catalog import Catalog
+from .glance import Glance
 from .refusals import OutOfSpace
 from .xattrs import Patch
 
@@ -37,7 +38,7 @@ _SETTLE_SECONDS = 20.0
 class Changes:
     """Creates, renames, deletes, patches and uploads images, keeping the catalog in step."""
 
-    def __init__(self, client: Client, catalog: Catalog) -> None:
+    def __init__(self, client: Glance, catalog: Catalog) -> None:
         self._client = client
         self.catalog = catalog
 

@@ -32,6 +32,7 @@ from .config import MountConfig
 from .control import serve_control
 from .files import KernelCache, OpenFiles, on_corrupt_image
 from .filesystem import Filesystem
+from .glance import Glance
 from .inodes import InodeTable
 from .metrics import MetricsServer
 from .namespace import FIXED_INODES
@@ -157,7 +158,7 @@ async def limit_to_credentials(client: Client, config: MountConfig) -> MountConf
 
 
 def build_filesystem(
-    client: Client,
+    client: Glance,
     config: MountConfig,
     nursery: trio.Nursery,
     kernel: KernelCache,

@@ -103,13 +103,7 @@ def assign_names(
     is not a valid file name, or is reserved, since then no set of unique names is guaranteed.
     """
     taken_by_dir = frozenset(reserved)
-    bases: dict[str, str] = {}
-    for image_id, name in images:
-        if image_id in bases:
-            raise ValueError(f"image id {image_id!r} is listed twice")
-        if not _is_valid(image_id) or image_id in taken_by_dir:
-            raise ValueError(f"image id {image_id!r} cannot be a file name here")
-        bases[image_id] = sanitize(name) or image_id
+    bases = _base_names(images, taken_by_dir)
     ids = bases.keys()
 
     def verbatim(image_id: str) -> str | None:
@@ -129,10 +123,35 @@ def assign_names(
     taken: set[str] = set(taken_by_dir)
     taken.update(ids)
     taken.update(bases.values())
+    names = _in_rounds(list(bases), [verbatim, short_suffix, full_id], taken)
+    # Round 3 names an image by its id. Keep the caller's order, which is handy for listings and
+    # costs nothing.
+    return {image_id: names.get(image_id, image_id) for image_id in bases}
 
+
+def _base_names(
+    images: Iterable[tuple[str, str | None]], taken_by_dir: frozenset[str]
+) -> dict[str, str]:
+    """``{image_id: base name}`` in the images' order; ValueError for an id that cannot be a
+    file name (see :func:`assign_names`)."""
+    bases: dict[str, str] = {}
+    for image_id, name in images:
+        if image_id in bases:
+            raise ValueError(f"image id {image_id!r} is listed twice")
+        if not _is_valid(image_id) or image_id in taken_by_dir:
+            raise ValueError(f"image id {image_id!r} cannot be a file name here")
+        bases[image_id] = sanitize(name) or image_id
+    return bases
+
+
+def _in_rounds(
+    pending: list[str], rounds: list[Callable[[str], str | None]], taken: set[str]
+) -> dict[str, str]:
+    """The names that ``rounds`` (0, 1, 2) give the ``pending`` images, adding them to
+    ``taken``: in each round, an image still unnamed gets its candidate when no other image of
+    the round has the same one and, after round 0, nobody took it. Images no round names are
+    left out."""
     names: dict[str, str] = {}
-    pending = list(bases)
-    rounds: list[Callable[[str], str | None]] = [verbatim, short_suffix, full_id]
     for round_no, candidate_of in enumerate(rounds):
         candidates = {image_id: candidate_of(image_id) for image_id in pending}
         counts = Counter(c for c in candidates.values() if c is not None)
@@ -150,10 +169,7 @@ def assign_names(
         # Names of one round are unique among themselves, so adding them only after it is safe.
         taken.update(names[image_id] for image_id in candidates if image_id in names)
         pending = still_pending
-    for image_id in pending:
-        names[image_id] = image_id
-    # Keep the caller's order, which is handy for listings and costs nothing.
-    return {image_id: names[image_id] for image_id in bases}
+    return names
 
 
 # -- names ahead of the whole listing -------------------------------------------------------------

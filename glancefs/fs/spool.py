@@ -62,6 +62,8 @@ class SpoolSpace:
         self.directory = directory
         self.max_bytes = max_bytes
         self.used = 0
+        #: Images refused for want of room (logged once each).
+        self._refused: set[str] = set()
 
     @property
     def left(self) -> int:
@@ -73,11 +75,14 @@ class SpoolSpace:
         ranges; :class:`TooLarge` when it does not fit in the bound or on the spool's
         filesystem."""
         if size > self.left:
-            raise TooLarge(
+            refusal = TooLarge(
                 f"image {image_id}: its store serves no ranges and its {size} bytes do not fit "
                 f"in the spool ({self.left} of --spool-size {self.max_bytes} left): read it "
                 "sequentially from the start, or raise --spool-size"
             )
+            refusal.quiet = image_id in self._refused  # one log line per image
+            self._refused.add(image_id)
+            raise refusal
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         disk = os.statvfs(self.directory)
         if disk.f_bavail * disk.f_frsize < size:

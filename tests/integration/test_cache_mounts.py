@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GLANCEFS, GlanceAPI, tool
+from support import GLANCEFS, GlanceAPI, entry_dir, tool, wait_verified
 
 from lab.faults import FaultProxy
 from lab.servers import GlanceServer
@@ -84,18 +84,6 @@ def proxy(glance: GlanceServer) -> Iterator[FaultProxy]:
 def make_image(api: GlanceAPI, seed: int, size: int = 24 * MiB + 12345) -> tuple[dict, bytes]:
     data = random.Random(seed).randbytes(size)
     return api.create(f"cache-{seed}-{uuid.uuid4().hex[:6]}", data), data
-
-
-def entry_dir(cache_dir: Path, data: bytes) -> Path:
-    return cache_dir / "v1" / f"sha512-{hashlib.sha512(data).hexdigest()}"
-
-
-def wait_verified(cache_dir: Path, data: bytes, timeout: float = 60) -> None:
-    """The mount verifies a complete entry in the background: wait for its manifest."""
-    deadline = time.monotonic() + timeout
-    while not (entry_dir(cache_dir, data) / "verified").exists():
-        assert time.monotonic() < deadline, f"entry of {len(data)} bytes not verified"
-        time.sleep(0.05)
 
 
 def read_file(path: Path) -> bytes:

@@ -13,14 +13,22 @@ import random
 import signal
 import subprocess
 import sys
-import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, Mount, default_sigint, tool
+from support import (
+    GlanceAPI,
+    Mount,
+    assert_uploaded,
+    interrupt_writer,
+    status_of,
+    tool,
+    transferred,
+    unique,
+    wait_for,
+)
 
 from glancefs.fs.namespace import has_readable_size
 from lab.servers import GlanceServer
@@ -31,31 +39,6 @@ MiB = 1024 * 1024
 @pytest.fixture
 def writable(glance: GlanceServer, mount_glancefs: MountFactory) -> Mount:
     return mount_glancefs(glance.url)
-
-
-def _sha512(path: Path) -> str:
-    digest = hashlib.sha512()
-    with open(path, "rb") as f:
-        while block := f.read(4 * MiB):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _status(api: GlanceAPI, name: str) -> str | None:
-    images = api.list(name=name)
-    return images[0]["status"] if images else None
-
-
-def _unique(stem: str) -> str:
-    return f"{stem}-{uuid.uuid4().hex[:6]}"
-
-
-def _wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def _sparse_raw(path: Path, size: int, extents: int = 4) -> Path:
@@ -69,25 +52,16 @@ def _sparse_raw(path: Path, size: int, extents: int = 4) -> Path:
     return path
 
 
-def _assert_uploaded(api: GlanceAPI, name: str, source: Path, disk_format: str) -> dict:
-    image = api.only(name)
-    assert image["status"] == "active"
-    assert image["size"] == source.stat().st_size
-    assert image["os_hash_value"] == _sha512(source)
-    assert (image["disk_format"], image["container_format"]) == (disk_format, "bare")
-    return image
-
-
 # -- 1. sparse and seeking writers ----------------------------------------------------------------
 
 
 def test_cp_of_a_sparse_raw_is_byte_exact(api: GlanceAPI, writable: Mount, tmp_path: Path) -> None:
     source = _sparse_raw(tmp_path / "disk.raw", 256 * MiB)
     assert source.stat().st_blocks * 512 < 8 * MiB  # really sparse
-    name = _unique("sparse") + ".raw"
+    name = unique("sparse") + ".raw"
     result = tool("cp", str(source), str(writable.path / "new" / name))
     assert result.returncode == 0, result.stderr
-    _assert_uploaded(api, name, source, "raw")
+    assert_uploaded(api, name, source, "raw")
 
 
 def test_cp_sparse_always_is_byte_exact(api: GlanceAPI, writable: Mount, tmp_path: Path) -> None:
@@ -97,10 +71,10 @@ def test_cp_sparse_always_is_byte_exact(api: GlanceAPI, writable: Mount, tmp_pat
     with open(source, "wb") as f:
         for _ in range(6):
             f.write(rng.randbytes(MiB) + bytes(3 * MiB))
-    name = _unique("always") + ".img"
+    name = unique("always") + ".img"
     result = tool("cp", "--sparse=always", str(source), str(writable.path / "new" / name))
     assert result.returncode == 0, result.stderr
-    _assert_uploaded(api, name, source, "raw")
+    assert_uploaded(api, name, source, "raw")
 
 
 def test_cp_of_a_qemu_img_qcow2_is_byte_exact(
@@ -110,16 +84,16 @@ def test_cp_of_a_qemu_img_qcow2_is_byte_exact(
     qcow2 = tmp_path / "disk.qcow2"
     made = tool("qemu-img", "convert", "-O", "qcow2", str(raw), str(qcow2))
     assert made.returncode == 0, made.stderr
-    name = _unique("converted") + ".qcow2"
+    name = unique("converted") + ".qcow2"
     result = tool("cp", str(qcow2), str(writable.path / "new" / name))
     assert result.returncode == 0, result.stderr
-    _assert_uploaded(api, name, qcow2, "qcow2")
+    assert_uploaded(api, name, qcow2, "qcow2")
 
 
 def test_ftruncate_extends_and_rsync_inplace_works(
     api: GlanceAPI, writable: Mount, tmp_path: Path
 ) -> None:
-    name = _unique("extended")
+    name = unique("extended")
     fd = os.open(writable.path / "new" / name, os.O_WRONLY | os.O_CREAT)
     try:
         os.write(fd, b"x" * 4096)
@@ -132,15 +106,15 @@ def test_ftruncate_extends_and_rsync_inplace_works(
     assert (image["status"], image["size"]) == ("active", 3 * MiB)
     assert image["os_hash_value"] == hashlib.sha512(expected).hexdigest()
 
-    local = tmp_path / _unique("inplace")
+    local = tmp_path / unique("inplace")
     local.write_bytes(random.randbytes(5 * MiB))
     result = tool("rsync", "--inplace", str(local), str(writable.path / "new") + "/")
     assert result.returncode == 0, result.stderr
-    _assert_uploaded(api, local.name, local, "raw")
+    assert_uploaded(api, local.name, local, "raw")
 
 
 def test_fsync_mid_stream_does_not_end_the_upload(api: GlanceAPI, writable: Mount) -> None:
-    name = _unique("synced")
+    name = unique("synced")
     data = random.randbytes(4 * MiB)
     fd = os.open(writable.path / "new" / name, os.O_WRONLY | os.O_CREAT)
     try:
@@ -158,20 +132,6 @@ def test_fsync_mid_stream_does_not_end_the_upload(api: GlanceAPI, writable: Moun
 # -- 2. interrupted writers ---------------------------------------------------------------------
 
 
-def _slow_copy(command: list[str], fifo: Path) -> tuple[subprocess.Popen[bytes], int]:
-    """Start ``command`` reading ``fifo`` in a session of its own with SIGINT's default
-    disposition, as in a terminal, and feed it 8 MiB; returns the process and the fd to feed."""
-    os.mkfifo(fifo)
-    process = subprocess.Popen(
-        command, start_new_session=True, preexec_fn=default_sigint,
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    feed = os.open(fifo, os.O_WRONLY)
-    for _ in range(8):
-        os.write(feed, random.randbytes(MiB))
-    return process, feed
-
-
 @pytest.mark.parametrize(
     ("tool_name", "sig"),
     [("cp", signal.SIGINT), ("cp", signal.SIGKILL), ("dd", signal.SIGTERM)],
@@ -179,25 +139,15 @@ def _slow_copy(command: list[str], fifo: Path) -> tuple[subprocess.Popen[bytes],
 def test_an_interrupted_copy_leaves_no_image(
     tool_name: str, sig: signal.Signals, api: GlanceAPI, writable: Mount, tmp_path: Path
 ) -> None:
-    name = _unique(f"killed-{tool_name}") + ".raw"
+    name = unique(f"killed-{tool_name}") + ".raw"
     target = writable.path / "new" / name
     fifo = tmp_path / "slow"
     if tool_name == "cp":
         command = ["cp", str(fifo), str(target)]
     else:
         command = ["dd", f"if={fifo}", f"of={target}", "bs=1M", "status=none"]
-    process, feed = _slow_copy(command, fifo)
-    try:
-        # Wait until Glance is receiving the data, then interrupt the writer.
-        _wait_for(lambda: _status(api, name) == "saving", "the upload to start")
-        process.send_signal(sig)
-        assert process.wait(timeout=30) == -sig
-    finally:
-        os.close(feed)
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    _wait_for(lambda: api.list(name=name) == [], "the interrupted image to be deleted")
+    interrupt_writer(api, name, command, fifo, sig)
+    wait_for(lambda: api.list(name=name) == [], "the interrupted image to be deleted")
     assert f"killed by {sig.name}" in writable.log()
     assert "uploaded and verified" not in writable.log()
 
@@ -206,18 +156,13 @@ def test_keep_failed_leaves_an_interrupted_image_queued(
     api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory, tmp_path: Path
 ) -> None:
     mount = mount_glancefs(glance.url, "--keep-failed")
-    name = _unique("kept") + ".raw"
-    process, feed = _slow_copy(["cp", str(tmp_path / "slow"), str(mount.path / "new" / name)],
-                               tmp_path / "slow")  # fmt: skip
-    try:
-        _wait_for(lambda: _status(api, name) == "saving", "the upload to start")
-        process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=30) == -signal.SIGINT
-    finally:
-        os.close(feed)
-    _wait_for(lambda: "left queued (--keep-failed)" in mount.log(), "the abort")
+    name = unique("kept") + ".raw"
+    fifo = tmp_path / "slow"
+    interrupt_writer(api, name, ["cp", str(fifo), str(mount.path / "new" / name)], fifo,
+                     signal.SIGINT)  # fmt: skip
+    wait_for(lambda: "left queued (--keep-failed)" in mount.log(), "the abort")
     # Glance notices the broken PUT and puts the image back to queued.
-    _wait_for(lambda: _status(api, name) == "queued", "the image to be queued again")
+    wait_for(lambda: status_of(api, name) == "queued", "the image to be queued again")
     image = api.only(name)
     assert (image["status"], image["size"]) == ("queued", None)
 
@@ -237,19 +182,19 @@ time.sleep(600)
 def test_a_killed_process_whose_thread_writes_leaves_no_image(
     api: GlanceAPI, writable: Mount
 ) -> None:
-    name = _unique("threaded")
+    name = unique("threaded")
     process = subprocess.Popen(
         [sys.executable, "-c", _THREAD_WRITES, str(writable.path / "new" / name)]
     )
     try:
-        _wait_for(lambda: _status(api, name) == "saving", "the upload to start")
+        wait_for(lambda: status_of(api, name) == "saving", "the upload to start")
         process.kill()
         process.wait(timeout=30)
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-    _wait_for(lambda: api.list(name=name) == [], "the image to be deleted")
+    wait_for(lambda: api.list(name=name) == [], "the image to be deleted")
     assert "killed by SIGKILL" in writable.log()
 
 
@@ -265,7 +210,7 @@ os._exit(int(sys.argv[2]))
 def test_exit_without_close_finalizes_only_a_successful_writer(
     status: int, api: GlanceAPI, writable: Mount
 ) -> None:
-    name = _unique(f"exit-{status}")
+    name = unique(f"exit-{status}")
     path = writable.path / "new" / name
     result = tool(sys.executable, "-c", _EXIT_WITHOUT_CLOSE, str(path), str(status))
     assert result.returncode == status, result.stderr
@@ -273,7 +218,7 @@ def test_exit_without_close_finalizes_only_a_successful_writer(
         image = api.only(name)
         assert (image["status"], image["size"]) == ("active", 65536)
     else:
-        _wait_for(lambda: api.list(name=name) == [], "the image to be deleted")
+        wait_for(lambda: api.list(name=name) == [], "the image to be deleted")
         assert "exiting with status 3" in writable.log()
 
 
@@ -281,13 +226,13 @@ def test_exit_without_close_finalizes_only_a_successful_writer(
 
 
 def test_setfattr_during_an_upload_is_kept(api: GlanceAPI, writable: Mount) -> None:
-    name = _unique("annotated")
+    name = unique("annotated")
     path = writable.path / "new" / name
     data = random.randbytes(12 * MiB)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     try:
         os.write(fd, data[: 4 * MiB])
-        _wait_for(lambda: _status(api, name) == "saving", "the upload to start")
+        wait_for(lambda: status_of(api, name) == "saving", "the upload to start")
         for command in (
             ["setfattr", "-n", "user.os_distro", "-v", "ubuntu", str(path)],
             ["setfattr", "-n", "user.tags", "-v", "a,b", str(path)],
@@ -312,7 +257,7 @@ def test_setfattr_during_an_upload_is_kept(api: GlanceAPI, writable: Mount) -> N
 
 
 def test_setfattr_keys_read_back_under_the_name_given(api: GlanceAPI, writable: Mount) -> None:
-    image = api.create(_unique("keys"), b"x")
+    image = api.create(unique("keys"), b"x")
     path = writable.path / image["name"]
     for key in ("user.a/b", "user.x~y", "user.~1"):
         os.setxattr(path, key, b"v")
@@ -330,17 +275,10 @@ def test_setfattr_keys_read_back_under_the_name_given(api: GlanceAPI, writable: 
 # -- 4. rsync, cp -p, tar ------------------------------------------------------------------------
 
 
-def _transferred(rsync_output: str) -> int:
-    for line in rsync_output.splitlines():
-        if line.startswith("Number of regular files transferred:"):
-            return int(line.split(":")[1].replace(",", ""))
-    raise AssertionError(f"no transfer count in {rsync_output!r}")
-
-
 def test_rsync_twice_and_after_a_remount_never_duplicates(
     api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory, tmp_path: Path
 ) -> None:
-    local = tmp_path / _unique("synced")
+    local = tmp_path / unique("synced")
     local.write_bytes(random.randbytes(3 * MiB))
     os.utime(local, ns=(1_600_000_000_123_456_789, 1_600_000_000_123_456_789))
     mount = mount_glancefs(glance.url, name="first")
@@ -350,19 +288,19 @@ def test_rsync_twice_and_after_a_remount_never_duplicates(
 
     first = rsync(mount)
     assert first.returncode == 0, first.stderr
-    assert _transferred(first.stdout) == 1
-    image = _assert_uploaded(api, local.name, local, "raw")
+    assert transferred(first.stdout) == 1
+    image = assert_uploaded(api, local.name, local, "raw")
     assert image["glancefs_mtime"] == "2020-09-13T12:26:40.123456789Z"
     assert (mount.path / local.name).stat().st_mtime_ns == 1_600_000_000_123_456_789
     second = rsync(mount)
     assert second.returncode == 0, second.stderr
-    assert _transferred(second.stdout) == 0
+    assert transferred(second.stdout) == 0
     mount.stop()
 
     again = mount_glancefs(glance.url, name="second")
     third = rsync(again)
     assert third.returncode == 0, third.stderr
-    assert _transferred(third.stdout) == 0
+    assert transferred(third.stdout) == 0
     # A changed file cannot replace the image (no --allow-delete): a clear failure, and the
     # temporary upload is deleted, not left hidden.
     os.utime(local, ns=(1_700_000_000_000_000_000, 1_700_000_000_000_000_000))
@@ -376,7 +314,7 @@ def test_rsync_twice_and_after_a_remount_never_duplicates(
 
 
 def test_cp_p_and_tar_keep_the_mtime(api: GlanceAPI, writable: Mount, tmp_path: Path) -> None:
-    local = tmp_path / _unique("preserved")
+    local = tmp_path / unique("preserved")
     local.write_bytes(b"payload" * 1000)
     os.utime(local, ns=(1_500_000_000_000_000_000, 1_500_000_000_000_000_000))
     assert tool("cp", "-p", str(local), str(writable.path / "new") + "/").returncode == 0
@@ -388,7 +326,7 @@ def test_cp_p_and_tar_keep_the_mtime(api: GlanceAPI, writable: Mount, tmp_path: 
     assert (writable.path / local.name).stat().st_mtime_ns == 1_500_000_000_000_000_000
 
     archive = tmp_path / "a.tar"
-    member = tmp_path / "tree" / _unique("untarred")
+    member = tmp_path / "tree" / unique("untarred")
     member.parent.mkdir()
     member.write_bytes(b"tarred")
     os.utime(member, (1_400_000_000, 1_400_000_000))
@@ -402,9 +340,9 @@ def test_cp_p_and_tar_keep_the_mtime(api: GlanceAPI, writable: Mount, tmp_path: 
 
 
 def test_mv_across_directories_never_copies(api: GlanceAPI, writable: Mount) -> None:
-    tag, other, third = _unique("t"), _unique("u"), _unique("v")
-    image = api.create(_unique("moved"), b"x", tags=[tag])
-    api.create(_unique("holder"), b"y", tags=[other, third])  # so that their by-tag/ exist
+    tag, other, third = unique("t"), unique("u"), unique("v")
+    image = api.create(unique("moved"), b"x", tags=[tag])
+    api.create(unique("holder"), b"y", tags=[other, third])  # so that their by-tag/ exist
     name, root = image["name"], writable.path
 
     def mv(source: Path, target: Path) -> subprocess.CompletedProcess[str]:
@@ -444,8 +382,8 @@ def test_mv_across_directories_never_copies(api: GlanceAPI, writable: Mount) -> 
 
 
 def test_du_counts_each_image_once(api: GlanceAPI, writable: Mount) -> None:
-    api.create(_unique("du"), random.randbytes(100_000), tags=["du-a", "du-b"])
-    api.create(_unique("du"), random.randbytes(50_000), tags=["du-a"])
+    api.create(unique("du"), random.randbytes(100_000), tags=["du-a", "du-b"])
+    api.create(unique("du"), random.randbytes(50_000), tags=["du-a"])
     # Every image the mount shows counts, deactivated ones (mode 0, size kept) too; images still
     # receiving data show size 0.
     expected = sum(i["size"] or 0 for i in api.list() if has_readable_size(i["status"]))
@@ -475,7 +413,7 @@ def test_a_full_spool_fails_the_upload_and_leaves_nothing(
     api: GlanceAPI, glance: GlanceServer, mount_glancefs: MountFactory, tiny_spool: Path
 ) -> None:
     mount = mount_glancefs(glance.url, "--spool-dir", str(tiny_spool))
-    name = _unique("spooled")
+    name = unique("spooled")
     result = tool("dd", "if=/dev/urandom", f"of={mount.path / 'new' / name}", "bs=1M", "count=16")
     assert result.returncode != 0
     assert "No space left on device" in result.stderr
@@ -489,13 +427,13 @@ def test_a_full_spool_fails_the_upload_and_leaves_nothing(
 
 def test_touch_sets_the_formats_from_the_extension(api: GlanceAPI, writable: Mount) -> None:
     for extension, formats in ((".vmdk", ("vmdk", "bare")), ("", ("raw", "bare"))):
-        name = _unique("touched") + extension
+        name = unique("touched") + extension
         assert tool("touch", str(writable.path / "new" / name)).returncode == 0
         image = api.only(name)
         assert image["status"] == "queued"
         assert (image["disk_format"], image["container_format"]) == formats
     # The content still corrects what the name implied while the image has no data.
-    name = _unique("corrected") + ".qcow2"
+    name = unique("corrected") + ".qcow2"
     assert tool("touch", str(writable.path / "new" / name)).returncode == 0
     data = random.randbytes(2 * MiB)
     (writable.path / "new" / name).write_bytes(data)

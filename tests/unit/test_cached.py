@@ -69,7 +69,7 @@ async def mount(
         async with trio.open_nursery() as nursery:
             state: Mount
             readers = Readers(
-                client,  # type: ignore[arg-type]
+                client,
                 nursery,
                 lambda image_id, error: state.corrupt.append((image_id, error)),
                 tuning=tuning,

@@ -30,7 +30,7 @@ async def catalog(
 ) -> AsyncIterator[tuple[Catalog, FakeClient, Clock]]:
     client, clock = FakeClient(records), Clock()
     async with trio.open_nursery() as nursery:
-        yield Catalog(client, MountConfig(**config), nursery, clock), client, clock  # type: ignore[arg-type]
+        yield Catalog(client, MountConfig(**config), nursery, clock), client, clock
 
 
 async def test_listing_keeps_compact_entries_in_server_order() -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import trio
-from fakes import FakeGlance, record
+from fakes import FakeClient, record
 
 from glancefs import IntegrityError
 from glancefs.fs.config import MountConfig
@@ -59,10 +59,10 @@ class Kernel:
 @asynccontextmanager
 async def filesystem(
     records: list[dict[str, Any]] | None = None, **config: Any
-) -> AsyncIterator[tuple[Filesystem, FakeGlance, Kernel]]:
-    glance, kernel = FakeGlance(records), Kernel()
+) -> AsyncIterator[tuple[Filesystem, FakeClient, Kernel]]:
+    glance, kernel = FakeClient(records), Kernel()
     async with trio.open_nursery() as nursery:
-        fs = build_filesystem(glance, MountConfig(**config), nursery, kernel)  # type: ignore[arg-type]
+        fs = build_filesystem(glance, MountConfig(**config), nursery, kernel)
         yield fs, glance, kernel
         nursery.cancel_scope.cancel()
 

@@ -13,7 +13,7 @@ from typing import Any
 import pyfuse3
 import pytest
 import trio
-from fakes import FakeGlance, record
+from fakes import FakeClient, record
 from pyfuse3 import FileHandleT, InodeT
 
 from glancefs.fs.config import MountConfig
@@ -30,10 +30,10 @@ CTX = pyfuse3.RequestContext()  # pid 0: no writer to judge
 @asynccontextmanager
 async def adapter(
     records: list[dict[str, Any]] | None = None,
-) -> AsyncIterator[tuple[GlanceFS, Filesystem, FakeGlance]]:
-    glance = FakeGlance(records)
+) -> AsyncIterator[tuple[GlanceFS, Filesystem, FakeClient]]:
+    glance = FakeClient(records)
     async with trio.open_nursery() as nursery:
-        fs = build_filesystem(glance, MountConfig(), nursery, KernelInvalidation(nursery))  # type: ignore[arg-type]
+        fs = build_filesystem(glance, MountConfig(), nursery, KernelInvalidation(nursery))
         yield GlanceFS(fs), fs, glance
         nursery.cancel_scope.cancel()
 

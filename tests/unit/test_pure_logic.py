@@ -10,7 +10,6 @@ from typing import Any, ClassVar
 
 import pytest
 
-from glancefs import redact
 from glancefs._exceptions import BadRequest, NotFound, ServerError, clean_text, error_for_status
 from glancefs.fs.config import ConfigError, View, parse_filter, parse_mount_options, parse_sort
 from glancefs.fs.formats import choose_formats, detect_disk_format, upload_name
@@ -18,6 +17,7 @@ from glancefs.fs.inodes import FIRST_DYNAMIC_INODE, ImageKey, InodeTable
 from glancefs.fs.namespace import BY_ID, NEW, ROOT, Directory, DirKind, file_mode, query_for
 from glancefs.fs.refusals import InvalidArgument, NoAttribute, NotPermitted, Unsupported
 from glancefs.fs.xattrs import image_xattrs, remove_patch, set_patch, tag_operation
+from glancefs.plumbing import redact
 
 FIXED = {ROOT: 1, BY_ID: 2}
 

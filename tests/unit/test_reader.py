@@ -17,8 +17,9 @@ import trio
 import trio.testing
 from fakes import DataFault, FakeClient
 
-from glancefs import ConnectError, ConnectionBudget, IntegrityError
+from glancefs import ConnectError, IntegrityError
 from glancefs.fs.read import ImageReader, Readers, ReadTuning
+from glancefs.plumbing import ConnectionBudget
 
 MiB = 1024 * 1024
 READ = 128 * 1024  # the kernel's FUSE read size here (any will do)
@@ -64,7 +65,7 @@ async def mount(
     async with trio.open_nursery() as nursery:
         state: Mount
         readers = Readers(
-            client,  # type: ignore[arg-type]
+            client,
             nursery,
             lambda image_id, error: state.corrupt.append((image_id, error)),
             tuning=tuning,

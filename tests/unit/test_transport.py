@@ -73,6 +73,7 @@ async def test_glancefs_connections_read_1_mib_and_other_clients_keep_the_defaul
         # The download went around h11, on the stream httpcore exposes as an extension.
         response = await glance.request("GET", "/v2/images/some-id/file", stream=True)
         assert "network_stream" in response.extensions, "httpcore dropped 'network_stream'"
+        assert isinstance(glance._transport, Transport), "the client's default transport"
         protocols = [
             vars(connection)["_connection"] for connection in glance._transport._pool.connections
         ]

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 import trio.testing
-from fakes import FakeGlance
+from fakes import FakeClient
 
 from glancefs import Forbidden, Image, ServerError
 from glancefs.fs import payload
@@ -61,7 +61,7 @@ def _writer(pid: int = 1, **fate: Any) -> FakeWriter:
 
 @dataclass
 class Setup:
-    glance: FakeGlance
+    glance: FakeClient
     uploads: Uploads
     changes: Changes
     spool: SpoolSpace
@@ -77,11 +77,11 @@ class Setup:
 
 @asynccontextmanager
 async def setup(tmp_path: Path, spool_size: int = 1 << 40, **policy: Any) -> AsyncIterator[Setup]:
-    glance = FakeGlance()
+    glance = FakeClient()
     spool = SpoolSpace(tmp_path / "spool", spool_size)
     async with trio.open_nursery() as nursery:
-        catalog = Catalog(glance, MountConfig(), nursery)  # type: ignore[arg-type]
-        changes = Changes(glance, catalog)  # type: ignore[arg-type]
+        catalog = Catalog(glance, MountConfig(), nursery)
+        changes = Changes(glance, catalog)
         uploads = Uploads(changes, nursery, UploadPolicy(**policy), spool)
         yield Setup(glance, uploads, changes, spool)
         nursery.cancel_scope.cancel()

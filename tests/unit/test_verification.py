@@ -16,8 +16,9 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from glancefs import IntegrityError, Verifier
+from glancefs import IntegrityError
 from glancefs.fs.read.verification import Verification
+from glancefs.plumbing import Verifier
 
 
 @dataclass(frozen=True)

@@ -240,8 +240,7 @@ class CachedImage:
             end = min(stream.stored + size, self.entry.size)
             if stream.end < end:
                 return
-            if stream.start <= stream.stored:  # else readers trimmed it already: not stored
-                await self.store(stream.stored // size, stream.slice(stream.stored, end))
+            await self.store(stream.stored // size, stream.slice(stream.stored, end))
             stream.stored = end
 
     async def store(self, index: int, block: bytes) -> None:

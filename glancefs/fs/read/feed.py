@@ -79,6 +79,7 @@ class ImageFeed:
             on_chunk=self._on_chunk,
             on_stop=lambda stream: self._hasher.stream_stopped(stream),
             broken=self._raise_if_corrupt,
+            storing=cached is not None,
         )
         self._hasher = Hasher(
             verification, self._slot, nursery, self._wakeup, self._fail, self._raise_if_corrupt
@@ -125,7 +126,10 @@ class ImageFeed:
         """The bytes, and the offset from which their buffer feeds the running hash (None:
         they came from elsewhere)."""
         cached, stream = self._cached, self._slot.stream
-        if cached is not None and (stream is None or not stream.reaches(offset)):
+        # A spool holds what its download hashed where it was served: it serves before the
+        # cache, whose bytes behind the hash would need another pass to be verified.
+        spooling = self._spooled.spool is not None
+        if cached is not None and not spooling and (stream is None or not stream.reaches(offset)):
             data = await self._read_cached(cached, offset, end, access.nearby)
             if data is not None:
                 return data, None
@@ -190,9 +194,7 @@ class ImageFeed:
         if self.corrupt is not None:
             return
         self.corrupt = error
-        self._slot.stop()
-        self._blocks.clear()
-        self._spooled.close()
+        self._drop_data()
         if self._cached is not None:
             self._cached.corrupt()
         self._on_corrupt(error)
@@ -200,25 +202,27 @@ class ImageFeed:
 
     def reset(self) -> None:
         """Forget everything this feed knew (SIGHUP): the next reads start afresh."""
-        self._slot.stop()
-        self._blocks.clear()
+        self._drop_data()
         self._spooled.reset()
         self.corrupt = None
-        self._hasher.stop()
         self._verification.reset()
         if self._verification.enabled:
             self._hasher.new_pass()
         self._wakeup.notify()
 
     async def aclose(self) -> None:
-        self._slot.stop()
+        self._drop_data()
         self._source.transfer.finished("closed")
-        self._blocks.clear()
-        self._spooled.close()
-        self._hasher.stop()
         if self._cached is not None:
             await self._cached.aclose()
         self._wakeup.notify()
+
+    def _drop_data(self) -> None:
+        """Stop the download and the hash, forget the blocks, free the spool."""
+        self._slot.stop()
+        self._hasher.stop()
+        self._blocks.clear()
+        self._spooled.close()
 
     def _raise_if_corrupt(self) -> None:
         if self.corrupt is not None:

@@ -38,9 +38,11 @@ from collections.abc import Callable
 
 import trio
 
-from glancefs import Client, Image, IntegrityError, Verifier
+from glancefs import Image, IntegrityError
+from glancefs.plumbing import Verifier
 
 from ..cache import DataCache
+from ..glance import Glance
 from ..spool import SpoolSpace, default_spool_dir
 from ..status import STATUS
 from .cached import cached_image
@@ -91,7 +93,7 @@ class Readers:
 
     def __init__(
         self,
-        client: Client,
+        client: Glance,
         nursery: trio.Nursery,
         on_corrupt: Callable[[str, IntegrityError], None],
         *,

@@ -40,7 +40,8 @@ class Wakeup:
 class StreamSlot:
     """The one stream of a feed (see the module docstring).
 
-    ``on_chunk(stream)`` runs for every chunk of every stream before the waiters wake;
+    ``on_chunk(stream)`` runs for every chunk of every stream before the waiters wake (with
+    ``storing``, it stores whole blocks in the cache: the streams keep what is not stored yet);
     ``on_stop(stream)`` when a stream is stopped (it still holds its buffer); ``broken()``
     raises when the feed can no longer serve anything (a mismatch).
     """
@@ -56,6 +57,7 @@ class StreamSlot:
         on_chunk: Callable[[Stream], Awaitable[None]],
         on_stop: Callable[[Stream], None],
         broken: Callable[[], None],
+        storing: bool = False,
     ) -> None:
         self._source = source
         self._nursery = nursery
@@ -65,6 +67,7 @@ class StreamSlot:
         self._on_chunk = on_chunk
         self._on_stop = on_stop
         self._broken = broken
+        self._storing = storing
         self.stream: Stream | None = None
 
     def window_cap(self) -> int:
@@ -84,6 +87,7 @@ class StreamSlot:
             on_chunk=self._on_chunk,
             notify=self._wakeup.notify,
             spooling=spooling,
+            storing=self._storing,
         )
         self.stream = stream
         self._budget.open_streams += 1

@@ -18,9 +18,11 @@ import logging
 
 import trio
 
-from glancefs import Client, GlanceError, Image, ImageData, is_retryable
+from glancefs import GlanceError, Image, ImageData
+from glancefs.plumbing import is_retryable
 
 from ..background import raise_again
+from ..glance import Glance
 from ..status import Transfer
 from .blocks import BlockLRU
 
@@ -59,7 +61,7 @@ class ImageSource:
 
     def __init__(
         self,
-        client: Client,
+        client: Glance,
         image: Image,
         transfer: Transfer,
         *,

@@ -26,7 +26,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import trio
 
-from glancefs import GlanceError, TransportError, is_retryable
+from glancefs import GlanceError, TransportError
+from glancefs.plumbing import is_retryable
 
 from ..background import failure_of
 from .policy import ReadTuning
@@ -56,6 +57,7 @@ class Stream:
         on_chunk: Callable[[Stream], Awaitable[None]] | None,
         notify: Callable[[], None],
         spooling: bool = False,
+        storing: bool = False,
     ) -> None:
         self.source = source
         self.size = source.size
@@ -76,7 +78,9 @@ class Stream:
         self.readers_waiting = 0
         self.wants_more = trio.Event()  # set when a read or the hash made room in the window
         self.cancel_scope = trio.CancelScope()
-        #: Bytes before this were handed to the cache, in whole blocks.
+        #: Whether ``on_chunk`` hands whole blocks to the cache, and the bytes before which it
+        #: did: they are kept until then.
+        self.storing = storing
         self.stored = origin
         self._tuning = tuning
         self._window_cap = window_cap
@@ -110,10 +114,12 @@ class Stream:
 
     def trim(self) -> None:
         """Drop whole chunks nobody needs any more: behind the readers' keep-behind (a spooling
-        stream's readers read the spool), and behind the hash."""
+        stream's readers read the spool), behind the hash, and behind what went to the cache."""
         keep_from = self.end if self.spooling else self.furthest - self._tuning.keep_behind
         if self.hash_at is not None:
             keep_from = min(keep_from, self.hash_at)
+        if self.storing:
+            keep_from = min(keep_from, self.stored)
         while self.chunks and self.start + len(self.chunks[0]) <= keep_from:
             self.start += len(self.chunks.popleft())
 

@@ -24,7 +24,8 @@ import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from glancefs import IntegrityError, Verifier
+from glancefs import IntegrityError
+from glancefs.plumbing import Verifier
 
 from ..extents import Extents
 
