@@ -63,6 +63,29 @@ def stores_api(stores_glance: GlanceServer) -> Iterator[GlanceAPI]:
 
 
 @pytest.fixture(scope="session")
+def glance_storing_in(
+    stores: StoresLab, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], GlanceServer]]:
+    """``glance_storing_in(store)``: a Glance on the session's Ceph and Swift whose default store
+    is ``store`` (``ceph`` or ``swift``), for a mount, which uploads into the default store;
+    started on first use (one per store, a catalog of its own) and shared by the session."""
+    servers: dict[str, GlanceServer] = {}
+
+    def glance_for(store: str) -> GlanceServer:
+        if store not in servers:
+            workdir = tmp_path_factory.mktemp(f"glance-{store}")
+            servers[store] = GlanceServer(workdir, stores=stores.stores, default_store=store)
+            servers[store].start()
+        return servers[store]
+
+    try:
+        yield glance_for
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
 def production(
     tmp_path_factory: pytest.TempPathFactory, ceph: CephCluster
 ) -> Iterator[ProductionLab]:
