@@ -155,7 +155,7 @@ class OpenFiles:
         return await open_file.upload.write(offset, data)
 
     async def flush(self, handle: int) -> None:
-        """A close of the file: an upload finalizes (unless its writer is dying)."""
+        """A close of the file: an upload publishes, waits for its writer, or aborts."""
         open_file = self._files.get(handle)
         if open_file is not None and open_file.upload is not None:
             try:
@@ -165,7 +165,8 @@ class OpenFiles:
                 self._kernel.drop_attributes(open_file.inode)
 
     async def release(self, handle: int) -> None:
-        """The last close of the handle: its reader goes, its upload finalizes or aborts."""
+        """The last close of the handle: its reader goes, its upload may decide (publish,
+        wait or abort)."""
         open_file = self._files.pop(handle, None)
         if open_file is None:
             return

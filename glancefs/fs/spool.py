@@ -15,7 +15,7 @@ Two users share it, one :class:`SpoolSpace` per mount:
 - **Uploads written out of order.** An upload whose writer goes back (``qemu-img convert`` and
   ``create``, an image tool rewriting its header) is written to a spool file at the writer's
   offsets (:meth:`SpoolFile.write`, :meth:`SpoolFile.truncate`) and sent whole at its end
-  (:mod:`glancefs.fs.uploader`).
+  (:mod:`glancefs.fs.payload`).
 
 :class:`SpoolSpace` is the mount's spool directory (``--spool-dir``, else ``spool`` under the
 user's cache directory, 0700) and its bound (``--spool-size``, for reads and uploads together):

@@ -51,6 +51,7 @@ from .formats import Formats, formats_of_name
 from .payload import Ending, Payload, UploadFailed
 from .refusals import AccessDenied, Busy, LocalFailure, OutOfSpace, Refusal
 from .spool import SpoolSpace
+from .status import STATUS
 from .writers import Writer
 
 __all__ = ["Stage", "UploadFailed", "UploadPolicy", "UploadSession", "Uploads"]
@@ -168,7 +169,7 @@ class UploadSession:
 
     async def change(self, what: str, apply: MetadataChange, *, formats: bool = False) -> bool:
         """Change the image's metadata: now if no data is on its way to Glance, else once the
-        data is in (before the close that finalizes returns; True: it waits). ``formats``: the
+        data is in (before the close that publishes returns; True: it waits). ``formats``: the
         change sets the disk or container format, which cannot wait (the data is declared with
         them)."""
         async with self._lock:
@@ -244,6 +245,7 @@ class UploadSession:
         self.stage = Stage.OPEN
         self.handles += 1
         self._reopened = True
+        STATUS.upload_goes_on(self.image_id)
 
     def joins(self, writer: Writer | None) -> bool:
         """Whether an open for writing by ``writer`` belongs to this session: its own writer
@@ -267,6 +269,9 @@ class UploadSession:
 
     def _wait_for(self, writer: Writer, ending: Ending) -> None:
         self.stage = Stage.WAITING
+        STATUS.upload_waiting(
+            self.image_id, self._payload.image.name, ending.value, self.size, writer.process
+        )
         self._watch = trio.CancelScope()
         self._nursery.start_soon(self._watch_writer, writer, self._watch)
         log.info(
@@ -312,11 +317,15 @@ class UploadSession:
     async def _end(self, ending: Ending) -> Image | None:
         """End as ``ending`` says: nothing stays queued, a size waits for the next writer, a
         header or data is published."""
+        STATUS.upload_goes_on(self.image_id)
         if ending is Ending.EMPTY:
             self.stage = Stage.ENDED
             return None
         if ending is Ending.SIZE:
             self.stage = Stage.SIZED
+            STATUS.upload_waiting(
+                self.image_id, self._payload.image.name, ending.value, self.size, None
+            )
             log.info("image %s: %d bytes set as its size: it stays queued for the next writer",
                      self.image_id, self.size)  # fmt: skip
             return None
@@ -374,6 +383,7 @@ class UploadSession:
             return
         self._failure = failure
         self.stage = Stage.ENDED
+        STATUS.upload_goes_on(self.image_id)
         if self._watch is not None:
             self._watch.cancel()
         await self._payload.abort(reason)
