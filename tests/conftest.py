@@ -3,6 +3,7 @@ stores, and a production-shaped one), and real glancefs mounts that always unmou
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -131,6 +132,14 @@ def mount_glancefs(tmp_path: Path) -> Iterator[MountFactory]:
     yield start
     for mount in mounts:
         mount.stop()
+
+
+@pytest.fixture
+def blank_qcow2(tmp_path: Path) -> bytes:
+    """What ``qemu-img create -f qcow2`` writes of a 1 GiB image: its header and empty tables."""
+    blank = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", blank, "1G"], check=True)
+    return blank.read_bytes()
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import subprocess
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -212,14 +211,6 @@ async def test_a_size_then_a_reopen_by_its_writer_is_one_upload() -> None:
         assert image["status"] == "active"
         assert glance.data[image["id"]] == bytes(MiB) + b"d" * 4096 + bytes(MiB - 4096)
         assert glance.named("disk.raw") == [image]
-
-
-@pytest.fixture
-def blank_qcow2(tmp_path: Path) -> bytes:
-    """What qemu-img create -f qcow2 writes of a 1 GiB image: its header and empty tables."""
-    blank = tmp_path / "blank.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", blank, "1G"], check=True)
-    return blank.read_bytes()
 
 
 @pytest.fixture

@@ -318,15 +318,15 @@ async def test_qemu_img_a_header_then_the_data_out_of_order(fmt: str, tmp_path: 
         assert s.glance.upload_sizes[image.id] == len(final)
 
 
-async def test_a_header_in_one_open_is_published_at_its_close(tmp_path: Path) -> None:
+async def test_a_header_in_one_open_is_published_at_its_close(
+    blank_qcow2: bytes, tmp_path: Path
+) -> None:
     """cp of an empty qcow2: a writer that did not close the file before is done."""
-    _qemu_img("create", "-q", "-f", "qcow2", tmp_path / "blank.qcow2", "1G")
-    header = (tmp_path / "blank.qcow2").read_bytes()
     async with setup(tmp_path) as s:
         session = await s.session("blank.qcow2", _writer())
-        await session.write(0, header)
+        await session.write(0, blank_qcow2)
         assert await session.close() is not None
-        assert s.glance.data[session.image_id] == header
+        assert s.glance.data[session.image_id] == blank_qcow2
 
 
 async def _header_after_a_reopen(s: Setup, header: bytes, writer: Writer) -> UploadSession:
@@ -344,31 +344,24 @@ async def _header_after_a_reopen(s: Setup, header: bytes, writer: Writer) -> Upl
     return session
 
 
-async def test_a_header_left_by_a_writer_that_exits_is_published(tmp_path: Path) -> None:
-    """qemu-img create -f qcow2: the header is the whole image, once the writer is gone."""
-    _qemu_img("create", "-q", "-f", "qcow2", tmp_path / "blank.qcow2", "1G")
-    header = (tmp_path / "blank.qcow2").read_bytes()
+@pytest.mark.parametrize("seen_by", ["the watch", "the next open"])
+async def test_a_header_left_by_a_writer_that_exits_is_published(
+    seen_by: str, blank_qcow2: bytes, tmp_path: Path
+) -> None:
+    """qemu-img create -f qcow2: the header is the whole image, once the writer is gone; the
+    watch on the writer sees it exit, or an open of the image before the watch does."""
     async with setup(tmp_path) as s:
         writer = _writer()
-        session = await _header_after_a_reopen(s, header, writer)
-        writer.gone.set()
-        await trio.testing.wait_all_tasks_blocked()
+        session = await _header_after_a_reopen(s, blank_qcow2, writer)
+        if seen_by == "the watch":
+            writer.gone.set()
+            await trio.testing.wait_all_tasks_blocked()
+        else:
+            object.__setattr__(writer, "gone", trio.Event())  # the watch never wakes
+            writer.gone.set()
+            assert await s.uploads.settle(session.image_id) is True
         assert s.glance.record(session.image_id)["status"] == "active"
-        assert s.glance.data[session.image_id] == header
-        assert s.uploads.of(session.image_id) is None
-
-
-async def test_an_open_after_the_writer_left_finds_what_it_left(tmp_path: Path) -> None:
-    # The exit is seen by the open itself (before the watch notices): deterministic.
-    _qemu_img("create", "-q", "-f", "qcow2", tmp_path / "blank.qcow2", "1G")
-    header = (tmp_path / "blank.qcow2").read_bytes()
-    async with setup(tmp_path) as s:
-        writer = _writer()
-        session = await _header_after_a_reopen(s, header, writer)
-        object.__setattr__(writer, "gone", trio.Event())  # the watch never wakes
-        writer.gone.set()
-        assert await s.uploads.settle(session.image_id) is True
-        assert s.glance.record(session.image_id)["status"] == "active"
+        assert s.glance.data[session.image_id] == blank_qcow2
         assert s.uploads.of(session.image_id) is None
 
 
