@@ -4,14 +4,14 @@ is clear, then streamed in one PUT, or kept in the spool and sent whole at the e
 A :class:`Payload` is in one of three modes:
 
 - **held** (from the start): nothing is sent. Writes are kept in memory as long as each comes at
-  or past the end of the previous ones (the gap is a hole, read as zeros), up to
-  :data:`HOLD_BYTES`. Zeros written inside a size the writer set first (``ftruncate``, then the
-  first block zeroed, as ``qemu-img create`` does) are holes too. A payload that ends held is
-  sent whole, its size known.
-- **streamed**: once :data:`HOLD_BYTES` came in order, the disk format is chosen from the first
-  MiB and one PUT starts: every later write must come at or past the end (a hole is sent as
-  zeros, generated, never stored), through a small channel (a writer that outruns Glance waits:
-  memory stays bounded whatever the file size). A plain sequential writer never touches disk.
+  or past the end of the previous ones (the gap is a hole, read as zeros). Zeros written inside a
+  size the writer set first (``ftruncate``, then the first block zeroed, as ``qemu-img create``
+  does) are holes too. A payload that ends held is sent whole, its size known.
+- **streamed**: once the first MiB came without a gap from offset 0 (``cp``, ``dd``: the disk
+  format is known), or :data:`HOLD_BYTES` came in order with gaps, one PUT starts: every later
+  write must come at or past the end (a hole is sent as zeros, generated, never stored), through
+  a small channel (a writer that outruns Glance waits: memory stays bounded whatever the file
+  size). A plain sequential writer never touches disk.
 - **spooled**: a write behind the end while nothing is sent yet (an image tool going back to
   its header), a writer that comes back to a file it left with only a format's header, or
   ``--spool-dir``: every byte goes to a file of the mount's spool (:mod:`glancefs.fs.spool`),
@@ -57,8 +57,10 @@ log = logging.getLogger("glancefs.upload")
 CHUNK_BYTES = 1024 * 1024
 #: Chunks in flight between the writer and the PUT: with CHUNK_BYTES, the memory bound per upload.
 QUEUED_CHUNKS = 4
-#: Bytes written in order that a payload holds before it streams them: a writer that goes back
-#: before then (an image tool rewriting its header) is spooled instead.
+#: Bytes written in order, with gaps, that a payload holds before it streams them: an image tool
+#: writes its header and tables apart (vhdx: 1 MiB of tables at 2 MiB, then back to 192 KiB) and
+#: goes back before then, so it is spooled instead. Without a gap from offset 0, the first
+#: DETECTION_BYTES are enough.
 HOLD_BYTES = 4 * CHUNK_BYTES
 _THREAD_THRESHOLD = 256 * 1024
 #: One chunk of zeros, shared by every hole.
@@ -203,6 +205,8 @@ class Payload:
         self._held_bytes = 0
         #: The end of the last write (held), or of what went to the PUT and ``_pending``.
         self._end = 0
+        #: Held: every write came right at the end of the one before, the first at 0.
+        self._gapless = True
         #: The writer has been here before and left only a header: it will go back.
         self._rewrites = False
         self._spool: SpoolFile | None = None
@@ -252,6 +256,7 @@ class Payload:
         return len(data)
 
     async def _hold(self, offset: int, data: bytes) -> None:
+        self._gapless = self._gapless and offset == self._end
         self._held.append((offset, bytes(data)))
         self._held_bytes += len(data)
         self._end = offset + len(data)
@@ -259,15 +264,15 @@ class Payload:
         if self._declared is not None and self._end > self._declared:
             self._declared = None  # nothing was sent: the size is simply not known first
         self.size = max(self.size, self._end)
-        if self._held_bytes >= HOLD_BYTES:
+        if self._held_bytes >= HOLD_BYTES or (self._gapless and self._end >= DETECTION_BYTES):
             await self._start_streaming()
 
     async def _stream(self, offset: int, data: bytes) -> None:
         if offset < self._end:
             raise InvalidArgument(
                 f"image {self._id}: write at offset {offset}, behind the {self._end} bytes "
-                f"written in order and streamed to Glance already; for a writer that goes back "
-                f"after its first {HOLD_BYTES // CHUNK_BYTES} MiB, mount with --spool-dir"
+                "written in order and streamed to Glance already; for a writer that goes back "
+                "that far, mount with --spool-dir"
             )
         if self._declared is not None and offset + len(data) > self._declared:
             raise UploadFailed(

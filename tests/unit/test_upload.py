@@ -162,10 +162,12 @@ async def test_a_sequential_writer_streams_without_a_size_and_never_spools(
         s.glance.hold_upload = trio.Event()
         session = await s.session()
         data = random.randbytes(HOLD_BYTES + 3 * MiB)
-        await session.write(0, data[:HOLD_BYTES])
+        await session.write(0, data[: MiB - 1])
+        assert ("upload", session.image_id) not in s.glance.calls
+        await session.write(MiB - 1, data[MiB - 1 : MiB])  # the first MiB: the format is known
         assert ("upload", session.image_id) in s.glance.calls  # streaming from here on
         s.glance.hold_upload.set()
-        await session.write(HOLD_BYTES, data[HOLD_BYTES:])
+        await session.write(MiB, data[MiB:])
         await session.close()
         assert s.glance.data[session.image_id] == data
         assert s.glance.upload_sizes[session.image_id] is None  # chunked: not known first
@@ -187,6 +189,21 @@ async def test_a_write_behind_before_anything_is_sent_goes_to_the_spool(tmp_path
         assert s.glance.data[image.id] == expected
         assert s.glance.upload_sizes[image.id] == len(expected)
         assert s.spool.used == 0  # given back
+
+
+async def test_writes_apart_are_held_longer_than_a_first_mib(tmp_path: Path) -> None:
+    """qemu-img's vhdx header: bytes at 0, at 64 KiB, 1 MiB of tables at 2 MiB, then back to
+    192 KiB: held until then (not streamed after a MiB), so spooled."""
+    async with setup(tmp_path) as s:
+        session = await s.session("disk.vhdx")
+        await session.write(0, b"vhdxfile")
+        await session.write(65536, b"head" * 20)
+        await session.write(2 * MiB, b"\2" * MiB)
+        assert ("upload", session.image_id) not in s.glance.calls
+        await session.write(196608, b"regi" * 10)
+        assert s.spool.used == 3 * MiB
+        await session.close()
+        assert s.glance.data[session.image_id][196608:196612] == b"regi"
 
 
 async def test_a_write_behind_what_was_streamed_aborts_and_deletes_the_created_image(
