@@ -319,9 +319,10 @@ class Payload:
         assert self._spool is not None
         if not self._spool.reserve(size):
             raise TooLarge(
-                f"image {self._id}: its writer writes out of order, so the upload is spooled, "
-                f"and {size} bytes do not fit in the spool ({self._space.left + self._spool.size}"
-                f" of --spool-size {self._space.max_bytes} left); raise --spool-size"
+                f"image {self._id}: written out of order, the upload is spooled, and its "
+                f"{size} bytes do not fit in the spool (--spool-size {self._space.max_bytes}, "
+                f"{self._space.used - self._spool.size} bytes used by other files); raise "
+                "--spool-size"
             )
 
     async def _to_spool(self) -> None:

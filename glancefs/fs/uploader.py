@@ -28,7 +28,9 @@ writer exits.
 Aborted, for any reason (a refused write, a full spool, Glance failing, a bug, a cancelled task,
 a writer killed by a signal, the mount ending): the PUT is broken off, the image this mount
 created is deleted (or left queued with ``--keep-failed``); never active. Each step turns every
-exception into that abort before raising it, and every later close raises it again.
+exception into that abort, logged in one line, before it raises an
+:class:`~glancefs.fs.refusals.UploadAborted` with the failure's errno, as every later request
+to the upload does.
 """
 
 from __future__ import annotations
@@ -45,11 +47,18 @@ import trio
 
 from glancefs import GlanceError, Image, OverLimit
 
-from .background import raise_again
 from .changes import Changes
 from .formats import Formats, formats_of_name
 from .payload import Ending, Payload, UploadFailed
-from .refusals import AccessDenied, Busy, LocalFailure, OutOfSpace, Refusal
+from .refusals import (
+    AccessDenied,
+    Busy,
+    LocalFailure,
+    OutOfSpace,
+    Refusal,
+    UploadAborted,
+    errno_of,
+)
 from .spool import SpoolSpace
 from .status import STATUS
 from .writers import Writer
@@ -123,7 +132,7 @@ class UploadSession:
         self.stage = Stage.OPEN
         self.handles = 1
         self._deferred: list[_Deferred] = []
-        self._failure: Exception | None = None
+        self._failure: Refusal | GlanceError | None = None
         #: Writes, reads and immediate metadata changes one at a time (a PATCH racing the PUT's
         #: start would be lost).
         self._lock = trio.Lock()
@@ -145,19 +154,20 @@ class UploadSession:
         return self._payload.finished
 
     async def write(self, offset: int, data: bytes) -> int:
+        self._refuse_if_aborted()
         async with self._lock:
             return await self._guarded(f"write at {offset}", self._payload.write(offset, data))
 
     async def truncate(self, size: int) -> None:
         """``ftruncate`` (or ``O_TRUNC``) on the file (see :meth:`Payload.truncate`)."""
+        self._refuse_if_aborted()
         async with self._lock:
             await self._guarded(f"truncate to {size}", self._payload.truncate(size))
 
     async def read(self, offset: int, size: int) -> bytes:
         """The bytes written so far (image tools read back their headers); a refused read
         leaves the upload as it is."""
-        if self._failure is not None:
-            raise_again(self._failure)
+        self._refuse_if_aborted()
         async with self._lock:
             try:
                 return await self._payload.read(offset, size)
@@ -193,8 +203,7 @@ class UploadSession:
         """A close of one of its files (FLUSH): publish, wait for the writer, or abort (see the
         module docstring); returns the active image when it published. Raises why the upload
         failed."""
-        if self._failure is not None:
-            raise_again(self._failure)
+        self._refuse_if_aborted()
         if self.stage is not Stage.OPEN or self.finished:
             return None
         writer = self.writer
@@ -347,40 +356,44 @@ class UploadSession:
                 raise
             log.info("image %s: %s applied after the upload", image.id, change.what)
 
+    def _refuse_if_aborted(self) -> None:
+        if self._failure is not None:
+            raise UploadAborted(str(self._failure), errno_of(self._failure))
+
     async def _guarded(self, what: str, step: Awaitable[T]) -> T:
-        """Run one step; any exception aborts the session first, then is raised (as a Refusal
-        or GlanceError the operations can translate), and every later close raises it too."""
+        """Run one step; any exception aborts the session first (the one log line), then the
+        step raises :class:`UploadAborted` with its errno, as every later request does."""
+        failure: Refusal | GlanceError
+        reason: str | None = None
         try:
             return await step
         except OverLimit as error:
-            refusal = OutOfSpace(f"image {self.image_id}: {error}")
-            await self._abort(str(error), refusal)
-            raise refusal from None
+            failure = OutOfSpace(f"{what}: {error}")
         except (Refusal, GlanceError) as error:
-            await self._abort(str(error), error)
-            raise
+            failure = error
         except OSError as error:
             code = error.errno or errno.EIO
-            local = LocalFailure(f"image {self.image_id}: {what}: spool: {os.strerror(code)}", code)
-            await self._abort(str(local), local)
-            raise local from None
+            failure = LocalFailure(f"{what}: spool: {os.strerror(code)}", code)
         except Exception as error:
             log.exception("image %s: %s: internal error", self.image_id, what)
-            internal = UploadFailed(f"image {self.image_id}: {what}: internal error")
-            await self._abort(f"{what}: internal error: {error}", internal)
-            raise internal from None
+            failure = UploadFailed(f"image {self.image_id}: {what}: internal error")
+            reason = f"{what}: internal error: {error}"
         except BaseException:
             # Cancelled (the mount is ending): clean up all the same, within a bounded time.
             with trio.CancelScope(shield=True), trio.move_on_after(_CLEANUP_SECONDS):
                 cancelled = UploadFailed(f"image {self.image_id}: {what} was cancelled")
                 await self._abort(f"{what} was cancelled", cancelled)
             raise
+        await self._abort(reason or str(failure), failure)
+        self._refuse_if_aborted()
+        raise AssertionError("unreachable: the abort kept a failure")
 
-    async def _abort(self, reason: str, failure: Exception) -> None:
+    async def _abort(self, reason: str, failure: Refusal | GlanceError) -> None:
         """Abort the upload once, keeping ``failure`` for every later close to raise; the
         image this mount created is deleted (or kept queued)."""
         if self._failure is not None:
             return
+        reason = reason.removeprefix(f"image {self.image_id}: ")  # the log line names it
         self._failure = failure
         self.stage = Stage.ENDED
         STATUS.upload_goes_on(self.image_id)

@@ -26,9 +26,9 @@ from glancefs.fs.catalog import Catalog
 from glancefs.fs.changes import Changes
 from glancefs.fs.config import MountConfig
 from glancefs.fs.payload import CHUNK_BYTES, HOLD_BYTES
-from glancefs.fs.refusals import Busy, InvalidArgument, LocalFailure, TooLarge
+from glancefs.fs.refusals import Busy, LocalFailure, UploadAborted
 from glancefs.fs.spool import SpoolSpace
-from glancefs.fs.uploader import Stage, UploadFailed, UploadPolicy, Uploads, UploadSession
+from glancefs.fs.uploader import Stage, UploadPolicy, Uploads, UploadSession
 from glancefs.fs.writers import Writer
 
 MiB = 1024 * 1024
@@ -127,8 +127,9 @@ async def _refused_write(session: UploadSession, *, streaming: bool = False) -> 
     refused (EINVAL), aborting."""
     if not streaming:
         await session.write(0, b"x" * HOLD_BYTES)
-    with pytest.raises(InvalidArgument, match="streamed to Glance already"):
+    with pytest.raises(UploadAborted, match="streamed to Glance already") as refused:
         await session.write(0, b"y")
+    assert refused.value.errno == errno.EINVAL
 
 
 # -- one open: sequential writers -----------------------------------------------------------
@@ -213,8 +214,9 @@ async def test_a_write_behind_what_was_streamed_aborts_and_deletes_the_created_i
         session = await s.session()
         await _refused_write(session)
         assert s.glance.named("disk.raw") == []
-        with pytest.raises(InvalidArgument):  # close reports it too
+        with pytest.raises(UploadAborted) as again:  # close reports it too
             await session.close()
+        assert again.value.errno == errno.EINVAL
         await s.uploads.release(session)
         assert [c for c in s.glance.calls if c[0] == "delete"] == [("delete", session.image_id)]
 
@@ -425,9 +427,10 @@ async def test_a_writer_that_writes_past_the_size_it_announced_fails(tmp_path: P
         session = await s.session()
         await session.truncate(HOLD_BYTES + MiB)  # the size first
         await session.write(0, b"x" * HOLD_BYTES)  # streamed, that size announced
-        with pytest.raises(UploadFailed, match="announced"):
+        with pytest.raises(UploadAborted, match="announced") as refused:
             await session.write(HOLD_BYTES + MiB, b"more")
-        with pytest.raises(UploadFailed):
+        assert refused.value.errno == errno.EIO
+        with pytest.raises(UploadAborted):
             await session.close()
         assert s.glance.named("disk.raw") == []
 
@@ -437,7 +440,7 @@ async def test_a_spool_too_small_for_an_out_of_order_writer_gives_efbig(tmp_path
         session = await s.session("disk.qcow2")
         await session.write(MiB, b"b" * 4096)
         await session.write(0, b"a" * 4096)  # spooled: 1 MiB + 4 KiB
-        with pytest.raises(TooLarge, match="--spool-size") as refused:
+        with pytest.raises(UploadAborted, match="--spool-size") as refused:
             await session.write(3 * MiB, b"c" * 4096)
         assert refused.value.errno == errno.EFBIG
         assert s.glance.named("disk.qcow2") == []
@@ -525,8 +528,9 @@ async def test_a_bug_below_aborts_and_cleans_up(tmp_path: Path) -> None:
         s.glance.fail["upload"] = RuntimeError("a bug")
         session = await s.session()
         await session.write(0, b"x" * 10)
-        with pytest.raises(UploadFailed, match="internal error"):
+        with pytest.raises(UploadAborted, match="internal error") as failed:
             await session.close()
+        assert failed.value.errno == errno.EIO
         assert s.glance.named("disk.raw") == []
 
 
@@ -552,7 +556,7 @@ async def test_a_cancelled_write_still_cleans_up(
             nursery.cancel_scope.cancel()
         assert len(written) < 16
         assert s.glance.named("disk.raw") == []
-        with pytest.raises(UploadFailed, match="cancelled"):
+        with pytest.raises(UploadAborted, match="cancelled"):
             await session.close()
 
 
@@ -560,11 +564,11 @@ async def test_a_spool_failure_aborts_with_its_errno(tmp_path: Path) -> None:
     async with setup(tmp_path, spool_size=1 << 63, spool_all=True) as s:
         session = await s.session()
         await session.write(0, b"x" * 10)
-        with pytest.raises(LocalFailure) as failed:
+        with pytest.raises(UploadAborted, match="spool") as failed:
             await session.write(1 << 62, b"y")  # past any file size: EFBIG/EINVAL
         assert failed.value.errno in (errno.EFBIG, errno.EINVAL)
         assert s.glance.named("disk.raw") == []
-        with pytest.raises(LocalFailure):
+        with pytest.raises(UploadAborted):
             await session.close()
 
 
