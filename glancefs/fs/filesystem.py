@@ -127,14 +127,18 @@ class Filesystem:
 
     async def open(self, inode: int, *, write: bool, pid: int) -> Opened:
         """Open an image for reading, or for writing its data (``write``) by thread ``pid``."""
-        key = self.tree.key(inode)
-        # An upload whose writer left it and exited ends first: the open finds the image as it
-        # left it (published, say, after qemu-img create).
-        settled = isinstance(key, ImageKey) and await self._uploads.settle(key.image_id)
-        image = await self.tree.image_of(inode, fresh=write or settled)
+        image = await self._settled_image(inode, fresh=write)
         if image is None:
             raise NoEntry(f"inode {inode} is a directory")
         return await self.files.open(inode, image, write=write, pid=pid)
+
+    async def _settled_image(self, inode: int, *, fresh: bool = False) -> Image | None:
+        """The image's record once an upload whose writer left it and exited has ended: an open
+        or a truncate finds the image as the writer left it (published, say, after qemu-img
+        create), whether or not the watch on the writer has seen it exit yet."""
+        key = self.tree.key(inode)
+        settled = isinstance(key, ImageKey) and await self._uploads.settle(key.image_id)
+        return await self.tree.image_of(inode, fresh=fresh or settled)
 
     async def create(self, parent: int, name: str, pid: int) -> tuple[Opened, Attributes]:
         """A new queued image ``name`` in new/, open for writing its data by thread ``pid``."""
@@ -160,7 +164,7 @@ class Filesystem:
         """truncate or ftruncate (``size``) and utime (``mtime_ns``); chmod and chown are
         accepted and ignored, so that cp -p, rsync -a and tar x work."""
         key = self.tree.key(inode)
-        image = await self.tree.image_of(inode)
+        image = await self._settled_image(inode)
         session = self.files.upload_of(handle, image)
         if size is not None:
             what = image.id if image else "a directory"
