@@ -41,6 +41,8 @@ import trio
 __all__ = ["Writer"]
 
 _PF_EXITING = 0x4
+#: How often a writer is looked at where no pidfd tells when it exits.
+_POLL_SECONDS = 1.0
 # Positions in the fields after the command name's closing parenthesis (field 3 is index 0).
 _FLAGS = 9 - 3
 _START_TIME = 22 - 3
@@ -123,6 +125,10 @@ class Writer:
         try:
             pidfd = os.pidfd_open(self.process)
         except ProcessLookupError:
+            return
+        except OSError:  # no pidfds (a kernel before 5.3, a seccomp filter): look every second
+            while self.running():  # noqa: ASYNC110 (nothing else tells when it exits)
+                await trio.sleep(_POLL_SECONDS)
             return
         try:
             if self.running():  # the pid is still the writer's (not reused) and it runs
