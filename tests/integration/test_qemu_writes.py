@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from support import GlanceAPI, Mount, default_sigint, tool, unique, wait_for
+from support import GLANCEFS, GlanceAPI, Mount, default_sigint, tool, unique, wait_for
 
 from lab.faults import IMAGE_DATA, FaultProxy
 from lab.servers import GlanceServer
@@ -172,6 +172,8 @@ def test_a_size_alone_waits_queued_for_the_next_writer(
             image = target.api.only(name)
             assert (image["status"], image["size"]) == ("queued", None)
             assert target_path.stat().st_size == 8 * MiB
+            status = _ok(tool(GLANCEFS, "status", str(writable.path), timeout=60)).stdout
+            assert f"{name} ({image['id']})  8.0 MiB, only a size; waits for the next" in status
         dd = ["dd", f"if={data}", f"of={path}", "bs=1M", "seek=3", "conv=notrunc", "status=none"]
         _ok(tool(*dd))
     _assert_same_image("raw", local, _glance_copy(target, name, tmp_path / "glance.raw", request))
