@@ -143,6 +143,17 @@ def blank_qcow2(tmp_path: Path) -> bytes:
 
 
 @pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process to stand for a writer of an upload, which the test ends (or its teardown)."""
+    process = subprocess.Popen(["sleep", "600"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture
 def mounted(glance: GlanceServer, mount_glancefs: MountFactory) -> Mount:
     """glancefs mounted on the session's Glance with default options."""
     return mount_glancefs(glance.url)

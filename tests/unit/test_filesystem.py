@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -211,17 +211,6 @@ async def test_a_size_then_a_reopen_by_its_writer_is_one_upload() -> None:
         assert image["status"] == "active"
         assert glance.data[image["id"]] == bytes(MiB) + b"d" * 4096 + bytes(MiB - 4096)
         assert glance.named("disk.raw") == [image]
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    """A process to stand for a writer, which the test ends."""
-    process = subprocess.Popen(["sleep", "600"])
-    try:
-        yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 async def test_a_header_left_by_a_writer_that_exits_is_published_before_the_next_open(

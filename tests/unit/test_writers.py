@@ -5,23 +5,12 @@ from __future__ import annotations
 import errno
 import os
 import subprocess
-from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
 
 from glancefs.fs.writers import Writer
-
-
-@pytest.fixture
-def sleeper() -> Iterator[subprocess.Popen[bytes]]:
-    process = subprocess.Popen(["sleep", "600"])
-    try:
-        yield process
-    finally:
-        process.kill()
-        process.wait()
 
 
 @pytest.mark.parametrize("pidfds", [True, False], ids=["pidfd", "no pidfd"])
