@@ -333,10 +333,11 @@ class ImagesManager:
         """Upload the image's data in one streamed request; returns once Glance has accepted it.
 
         ``data`` is bytes, a binary file (read in 8 MiB pieces in a worker thread) or an async
-        iterable of bytes; ``size``, when known, is sent as Content-Length (a regular file's size
-        is found by itself), else the body is sent chunked. ``backend`` names the store to write
-        to when Glance has several. Bytes are sent again after a transport failure; a file or an
-        iterable is sent once.
+        iterable of bytes; ``size``, when known, is sent as Content-Length and as
+        ``x-openstack-image-size`` (a regular file's size is found by itself), else the body is
+        sent chunked. A body that is not ``size`` bytes long fails before its end is sent.
+        ``backend`` names the store to write to when Glance has several. Bytes are sent again
+        after a transport failure; a file or an iterable is sent once.
         """
         headers = {"X-Image-Meta-Store": backend} if backend else {}
         await self._put_data(api_path("/v2/images", image_id, "file"), data, size, headers)
@@ -363,7 +364,10 @@ class ImagesManager:
                 size = _remaining_file_size(data)
             body = _read_file(data)
         if size is not None:
-            headers["Content-Length"] = str(size)
+            # Glance (31 and later) takes the image's size from x-openstack-image-size: the rbd
+            # store then makes the image that large at once instead of growing it as data
+            # arrives, and a quota can refuse the upload before the data is sent.
+            headers["Content-Length"] = headers["x-openstack-image-size"] = str(size)
         await self._client.request("PUT", path, content=body, headers=headers)
 
     async def image_import(

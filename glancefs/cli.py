@@ -224,17 +224,19 @@ def run() -> None:
 @click.option(
     "--spool-dir",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
-    help="Accept writes at any offset: spool uploads here, send them on close. Reads of "
-    "images on stores without ranges (rbd, swift) keep their download here too "
-    "[reads' default: $XDG_CACHE_HOME/glancefs/spool, /var/cache/glancefs/spool for root].",
+    help="The spool: where reads of images on stores without ranges (rbd, swift) keep their "
+    "download, and uploads whose writer goes back (qemu-img) their data. Given, it also spools "
+    "every upload from its first byte: writes at any offset, sent on close "
+    "[default: $XDG_CACHE_HOME/glancefs/spool, /var/cache/glancefs/spool for root].",
 )
 @click.option(
     "--spool-size",
     metavar="SIZE",
     default="16G",
     show_default=True,
-    help="Bound of the reads' spool, all images together: 500M, 10G (powers of 1024). An "
-    "image that does not fit is read only sequentially from its start (EFBIG otherwise).",
+    help="Bound of the spool, reads and uploads together: 500M, 10G (powers of 1024). An "
+    "image that does not fit is read only sequentially from its start, and a write that would "
+    "make a spooled upload larger fails (EFBIG).",
 )
 @click.option(
     "--cache-dir",

@@ -33,8 +33,10 @@ _ERRNOS = [
      "rmdir, symlink, link, mknod; setfattr of a read-only field; Glance 403"),
     ("EROFS", "any change on a read-only mount (--read-only, or credentials with only the "
      "reader role)"),
-    ("EINVAL", "a write at another offset than the previous one ended (without --spool-dir); a "
+    ("EINVAL", "a write behind the data already streamed to Glance (without --spool-dir); a "
      "name Glance cannot store; a bad attribute value (Glance 400)"),
+    ("EFBIG", "a read or an upload that needs more of the spool than --spool-size leaves"),
+    ("EBUSY", "an open for writing of an image another process is writing"),
     ("EXDEV", "mv between directories"),
     ("EEXIST", "mv with RENAME_NOREPLACE over an existing image"),
     ("ENOSPC", "an upload or attribute over the quota (Glance 413)"),

@@ -55,8 +55,9 @@ Faults
 Counts
     Every request is counted when it arrives, faulted or not: :meth:`FaultProxy.count` and
     :meth:`FaultProxy.counts` per (method, path without query), :meth:`FaultProxy.data_gets`
-    for image-data GETs (with the Range header seen).  :meth:`FaultProxy.reset_counts` empties
-    them and the recorded flips.  All are thread-safe.
+    for image-data GETs (with the Range header seen), :meth:`FaultProxy.requests` for the heads
+    themselves (method, target and headers, as the client sent them: what went over the wire).
+    :meth:`FaultProxy.reset_counts` empties them and the recorded flips.  All are thread-safe.
 
 Pitfalls: upstream must be plain http; ``Expect: 100-continue`` is answered by the proxy itself
 (it does not forward Expect); a response without any framing is relayed until upstream closes,
@@ -310,6 +311,7 @@ class FaultProxy:
         self._rules: list[Rule] = []
         self._counts: Counter[tuple[str, str]] = Counter()
         self._data_gets: list[DataGet] = []
+        self._requests: list[Request] = []
         self._flips: list[Flip] = []
         self._stopping = False
         self._sockets: set[socket.socket] = set()
@@ -432,6 +434,18 @@ class FaultProxy:
         with self._cond:
             return [d for d in self._data_gets if image_id is None or d.image_id == image_id]
 
+    def requests(self, method: str | None = None, path: str | None = None) -> list[Request]:
+        """The heads of the requests seen with this method and whose target (path and query)
+        matches the regex ``path``, in arrival order."""
+        pattern = re.compile(path) if path is not None else None
+        with self._cond:
+            return [
+                r
+                for r in self._requests
+                if (method is None or r.method == method)
+                and (pattern is None or pattern.search(r.target))
+            ]
+
     @property
     def flips(self) -> list[Flip]:
         """Bytes changed by flip_byte rules, in order."""
@@ -443,6 +457,7 @@ class FaultProxy:
         with self._cond:
             self._counts.clear()
             self._data_gets.clear()
+            self._requests.clear()
             self._flips.clear()
 
     # -- connections ------------------------------------------------------------------------------
@@ -496,6 +511,7 @@ class FaultProxy:
         """Count the request and choose the rule that applies to it, if any."""
         with self._cond:
             self._counts[(request.method, request.path)] += 1
+            self._requests.append(request)
             image_id = request.image_id
             if request.method == "GET" and image_id is not None:
                 self._data_gets.append(DataGet(image_id, request.header("Range")))

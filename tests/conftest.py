@@ -3,6 +3,7 @@ stores, and a production-shaped one), and real glancefs mounts that always unmou
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -63,6 +64,29 @@ def stores_api(stores_glance: GlanceServer) -> Iterator[GlanceAPI]:
 
 
 @pytest.fixture(scope="session")
+def glance_storing_in(
+    stores: StoresLab, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Callable[[str], GlanceServer]]:
+    """``glance_storing_in(store)``: a Glance on the session's Ceph and Swift whose default store
+    is ``store`` (``ceph`` or ``swift``), for a mount, which uploads into the default store;
+    started on first use (one per store, a catalog of its own) and shared by the session."""
+    servers: dict[str, GlanceServer] = {}
+
+    def glance_for(store: str) -> GlanceServer:
+        if store not in servers:
+            workdir = tmp_path_factory.mktemp(f"glance-{store}")
+            servers[store] = GlanceServer(workdir, stores=stores.stores, default_store=store)
+            servers[store].start()
+        return servers[store]
+
+    try:
+        yield glance_for
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
+@pytest.fixture(scope="session")
 def production(
     tmp_path_factory: pytest.TempPathFactory, ceph: CephCluster
 ) -> Iterator[ProductionLab]:
@@ -108,6 +132,14 @@ def mount_glancefs(tmp_path: Path) -> Iterator[MountFactory]:
     yield start
     for mount in mounts:
         mount.stop()
+
+
+@pytest.fixture
+def blank_qcow2(tmp_path: Path) -> bytes:
+    """What ``qemu-img create -f qcow2`` writes of a 1 GiB image: its header and empty tables."""
+    blank = tmp_path / "blank.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", blank, "1G"], check=True)
+    return blank.read_bytes()
 
 
 @pytest.fixture

@@ -225,6 +225,7 @@ class FakeImages:
         self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
     ) -> None:
         self.client.called("upload", image_id)
+        self.client.upload_sizes[image_id] = size
         r = self.client.record(image_id)
         r["status"] = "saving"
         chunks = []
@@ -233,6 +234,8 @@ class FakeImages:
             if self.client.hold_upload is not None:
                 await self.client.hold_upload.wait()
         body = b"".join(chunks)
+        if size is not None and len(body) != size:  # the client fails such a body
+            raise AssertionError(f"{len(body)} bytes sent, {size} announced")
         self.client.data[image_id] = body
         r.update(status="active", size=len(body), os_hash_algo="sha512",
                  os_hash_value=hashlib.sha512(body).hexdigest(),
@@ -299,6 +302,8 @@ class FakeClient:
         self.calls: list[tuple[str, str]] = []
         self.fail: dict[str, Exception] = {}
         self.hold_upload: trio.Event | None = None
+        #: The size each upload announced (x-openstack-image-size), None when it sent none.
+        self.upload_sizes: dict[str, int | None] = {}
 
     def record(self, image_id: str) -> dict[str, Any]:
         for r in self.images.records:

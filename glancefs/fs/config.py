@@ -156,11 +156,11 @@ class MountConfig:
     keep_failed: bool = False
     #: Formats of an upload whose content and name tell none.
     default_formats: tuple[str, str] = ("raw", "bare")
-    #: Where uploads are spooled, so that writes may come at any offset (None: stream them),
-    #: and where the reads of stores without ranges keep their download (None: the default
-    #: under the user's cache directory, :func:`glancefs.fs.read.default_spool_dir`).
+    #: The spool's directory (None: the default under the user's cache directory,
+    #: :func:`glancefs.fs.spool.default_spool_dir`); given, every upload is spooled from its
+    #: first byte (else only those whose writer goes back).
     spool_dir: Path | None = None
-    #: The bytes the reads' spool files may use together (``--spool-size``).
+    #: The bytes the spool's files may use together, reads and uploads (``--spool-size``).
     spool_size: int = DEFAULT_SPOOL_SIZE
     #: Seconds new/ keeps listing an image this mount created there.
     keep_new: float = 300.0

@@ -95,14 +95,14 @@ class OpenFiles:
         self._files: dict[int, _OpenFile] = {}
         self._handles = itertools.count(1)
 
-    def open(
+    async def open(
         self, inode: int, image: Image, *, write: bool, pid: int, created: bool = False
     ) -> Opened:
         """Open ``image`` (inode ``inode``) for reading, or for its upload (``write``) by the
         thread ``pid``; ``created``: this mount has just created it (a failed upload deletes
         it)."""
         if write:
-            return self._open_for_upload(inode, image, pid, created=created)
+            return await self._open_for_upload(inode, image, pid, created=created)
         open_file = _OpenFile(inode, image)
         keep_cache = False
         if image.status == "active":
@@ -118,14 +118,17 @@ class OpenFiles:
             return Opened(handle, direct_io=True, keep_cache=False)
         return Opened(handle, keep_cache=keep_cache)
 
-    def _open_for_upload(self, inode: int, image: Image, pid: int, *, created: bool) -> Opened:
+    async def _open_for_upload(
+        self, inode: int, image: Image, pid: int, *, created: bool
+    ) -> Opened:
         if self._config.read_only:
             raise ReadOnly(f"write {image.id}: the mount is read-only")
         if image.status != "queued":
             raise AccessDenied(
                 f"write {image.id}: image is {image.status}; only queued images take data"
             )
-        session = self._uploads.open(image, created=created, writer=Writer.of(pid, inode))
+        writer = Writer.of(pid, inode)
+        session = await self._uploads.open(image, created=created, writer=writer)
         return Opened(self._add(_OpenFile(inode, image, upload=session)), direct_io=True)
 
     def _add(self, open_file: _OpenFile) -> int:
@@ -135,11 +138,15 @@ class OpenFiles:
 
     async def read(self, handle: int, offset: int, size: int) -> bytes:
         """Bytes of the image from ``offset`` (fewer at its end); raises the
-        :class:`~glancefs.IntegrityError` of an image found corrupt."""
+        :class:`~glancefs.IntegrityError` of an image found corrupt. A queued image reads as
+        what its upload holds so far (image tools read back what they wrote), else as empty."""
         open_file = self._files[handle]
-        if open_file.reader is None:
+        if open_file.reader is not None:
+            return await open_file.reader.read(offset, size)
+        session = open_file.upload or self._uploads.of(open_file.image.id)
+        if session is None:
             return b""
-        return await open_file.reader.read(offset, size)
+        return await session.read(offset, size)
 
     async def write(self, handle: int, offset: int, data: bytes) -> int:
         open_file = self._files[handle]
@@ -148,7 +155,7 @@ class OpenFiles:
         return await open_file.upload.write(offset, data)
 
     async def flush(self, handle: int) -> None:
-        """A close of the file: an upload finalizes (unless its writer is dying)."""
+        """A close of the file: an upload publishes, waits for its writer, or aborts."""
         open_file = self._files.get(handle)
         if open_file is not None and open_file.upload is not None:
             try:
@@ -158,7 +165,8 @@ class OpenFiles:
                 self._kernel.drop_attributes(open_file.inode)
 
     async def release(self, handle: int) -> None:
-        """The last close of the handle: its reader goes, its upload finalizes or aborts."""
+        """The last close of the handle: its reader goes, its upload may decide (publish,
+        wait or abort)."""
         open_file = self._files.pop(handle, None)
         if open_file is None:
             return

@@ -17,7 +17,6 @@ Everything it uses is built by :func:`glancefs.fs.mount.build_filesystem` and pa
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -128,10 +127,14 @@ class Filesystem:
 
     async def open(self, inode: int, *, write: bool, pid: int) -> Opened:
         """Open an image for reading, or for writing its data (``write``) by thread ``pid``."""
-        image = await self.tree.image_of(inode, fresh=write)
+        key = self.tree.key(inode)
+        # An upload whose writer left it and exited ends first: the open finds the image as it
+        # left it (published, say, after qemu-img create).
+        settled = isinstance(key, ImageKey) and await self._uploads.settle(key.image_id)
+        image = await self.tree.image_of(inode, fresh=write or settled)
         if image is None:
             raise NoEntry(f"inode {inode} is a directory")
-        return self.files.open(inode, image, write=write, pid=pid)
+        return await self.files.open(inode, image, write=write, pid=pid)
 
     async def create(self, parent: int, name: str, pid: int) -> tuple[Opened, Attributes]:
         """A new queued image ``name`` in new/, open for writing its data by thread ``pid``."""
@@ -146,7 +149,7 @@ class Filesystem:
         image = await self._changes.create(name, formats)
         key = ImageKey(image.id)
         inode = self.tree.remember(key)
-        opened = self.files.open(inode, image, write=True, pid=pid, created=True)
+        opened = await self.files.open(inode, image, write=True, pid=pid, created=True)
         return opened, self.tree.attributes(key, image)
 
     # -- changing the catalog ---------------------------------------------------------------
@@ -172,10 +175,7 @@ class Filesystem:
         if mtime_ns is not None and image is not None:
             await self._record_mtime(image, mtime_ns, session)
             image = await self.tree.image_of(inode)
-        attrs = self.tree.attributes(key, image)
-        if session is not None and not session.finished:
-            attrs = dataclasses.replace(attrs, size=session.written)
-        return attrs
+        return self.tree.attributes(key, image)
 
     async def _record_mtime(
         self, image: Image, mtime_ns: int, session: UploadSession | None

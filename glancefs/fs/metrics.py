@@ -17,7 +17,7 @@ glancefs_uploads_total{outcome}           uploads ended: uploaded, failed, abort
 glancefs_errors_total{errno}              FUSE requests refused, by errno name
 glancefs_open_files                       image files open for reading or uploading
 glancefs_streams                          prefetching downloads running
-glancefs_spool_bytes                      image data in the reads' spool (stores without ranges)
+glancefs_spool_bytes                      image data in the spool (reads without ranges, uploads)
 glancefs_cache_hits_total                 reads answered from the data cache (``--cache-dir``)
 glancefs_cache_hit_bytes_total            their bytes
 glancefs_cache_misses_total               reads that found a cache block missing
@@ -107,7 +107,7 @@ class _RegistryCollector(Collector):
         )
         yield GaugeMetricFamily("glancefs_streams", "Prefetching downloads.", counters["streams"])
         yield GaugeMetricFamily(
-            "glancefs_spool_bytes", "Image data in the reads' spool.", counters["spool_bytes"]
+            "glancefs_spool_bytes", "Image data in the spool.", counters["spool_bytes"]
         )
         cache = counters["cache"] or {}
         for name, key, text in _CACHE_COUNTERS:

@@ -37,7 +37,8 @@ from .inodes import InodeTable
 from .metrics import MetricsServer
 from .namespace import FIXED_INODES
 from .operations import GlanceFS, KernelInvalidation
-from .read import Readers, SpoolSpace, default_spool_dir
+from .read import Readers
+from .spool import SpoolSpace, default_spool_dir
 from .status import STATUS, ErrorLog, options_of
 from .tree import Tree
 from .uploader import UploadPolicy, Uploads
@@ -167,8 +168,10 @@ def build_filesystem(
     s3ql's mount builds its Operations' parts); background work runs in ``nursery``."""
     catalog = Catalog(client, config, nursery)
     changes = Changes(client, catalog)
-    policy = UploadPolicy(config.default_formats, config.spool_dir, config.keep_failed)
-    uploads = Uploads(changes, nursery, policy)
+    # One spool for the reads of stores without ranges and the uploads written out of order.
+    spool = SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size)
+    policy = UploadPolicy(config.default_formats, config.spool_dir is not None, config.keep_failed)
+    uploads = Uploads(changes, nursery, policy, spool)
     inodes = InodeTable(FIXED_INODES)
     readers = Readers(
         client,
@@ -178,9 +181,9 @@ def build_filesystem(
         prefetch_memory=config.prefetch_memory,
         cache=cache,
         cache_fill=config.cache is not None and config.cache.fill,
-        spool=SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size),
+        spool=spool,
     )
-    tree = Tree(config, catalog, inodes)
+    tree = Tree(config, catalog, inodes, uploads)
     files = OpenFiles(config, readers, uploads, kernel)
     return Filesystem(config, catalog, changes, uploads, readers, tree, files)
 

@@ -20,19 +20,11 @@ import pyfuse3
 import trio
 from pyfuse3 import FileHandleT, InodeT
 
-from glancefs import (
-    BadRequest,
-    Forbidden,
-    GlanceError,
-    IntegrityError,
-    NotFound,
-    OverLimit,
-    Unauthorized,
-)
+from glancefs import GlanceError, IntegrityError
 
 from .files import Opened
 from .filesystem import Capacity, Filesystem
-from .refusals import Refusal
+from .refusals import Refusal, errno_of
 from .status import STATUS
 from .tree import Attributes
 
@@ -44,20 +36,6 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_TRUNC | os.O_APPEND
-
-
-def _errno_of(error: GlanceError) -> int:
-    if isinstance(error, NotFound):
-        return errno.ENOENT
-    if isinstance(error, Forbidden):
-        return errno.EPERM
-    if isinstance(error, Unauthorized):
-        return errno.EACCES
-    if isinstance(error, OverLimit):
-        return errno.EDQUOT
-    if isinstance(error, BadRequest):
-        return errno.EINVAL
-    return errno.EIO
 
 
 def _boundary(
@@ -76,7 +54,7 @@ def _boundary(
             STATUS.refused(refusal.errno)
             raise pyfuse3.FUSEError(refusal.errno) from None
         except GlanceError as error:
-            code = _errno_of(error)
+            code = errno_of(error)
             if code != errno.ENOENT:
                 log.error("%s: %s: %s", method.__name__, errno.errorcode[code], error)
             STATUS.refused(code)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import errno
 
+from glancefs import BadRequest, Forbidden, GlanceError, NotFound, OverLimit, Unauthorized
+
 __all__ = [
     "AccessDenied",
     "Busy",
@@ -24,6 +26,8 @@ __all__ = [
     "Refusal",
     "TooLarge",
     "Unsupported",
+    "UploadAborted",
+    "errno_of",
 ]
 
 
@@ -95,3 +99,32 @@ class OutOfSpace(Refusal):
     """A Glance quota (properties, tags, storage) is full."""
 
     errno = errno.ENOSPC
+
+
+class UploadAborted(Refusal):
+    """Every request to an upload that failed, the one that met the failure included: the abort
+    logged why, in one line; the caller gets the failure's errno."""
+
+    quiet = True
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.errno = code
+
+
+def errno_of(error: Refusal | GlanceError) -> int:
+    """The errno a caller gets for ``error``: a refusal's own; for Glance's answers 404 ENOENT,
+    403 EPERM, 401 EACCES, 413 EDQUOT, 400 EINVAL, anything else EIO."""
+    if isinstance(error, Refusal):
+        return error.errno
+    if isinstance(error, NotFound):
+        return errno.ENOENT
+    if isinstance(error, Forbidden):
+        return errno.EPERM
+    if isinstance(error, Unauthorized):
+        return errno.EACCES
+    if isinstance(error, OverLimit):
+        return errno.EDQUOT
+    if isinstance(error, BadRequest):
+        return errno.EINVAL
+    return errno.EIO

@@ -56,8 +56,8 @@ class Transfer:
     ignored, so every exit path of an upload may call it.
 
     A transfer is listed from its first byte on: a file opened and served from the page cache
-    (or a ``touch`` in new/) moves nothing and is not one. A spooled upload (``--spool-dir``)
-    therefore appears when it is sent, at close.
+    (or a ``touch`` in new/) moves nothing and is not one. An upload held in memory or spooled
+    (its writer went back, or ``--spool-dir``) therefore appears when it is sent, at its end.
     """
 
     def __init__(
@@ -145,8 +145,10 @@ class MountStatus:
         self.uploads: Counter[str] = Counter()
         self.errnos: Counter[str] = Counter()
         self.streams = 0
-        #: Bytes in the reads' spool files (stores without ranges) right now.
+        #: Bytes in the spool's files (reads without ranges, uploads out of order) right now.
         self.spool_bytes = 0
+        #: Uploads whose writer closed the file before their end, by image id: what waits.
+        self.waiting_uploads: dict[str, dict[str, Any]] = {}
         #: The data cache's counters (``CacheStats`` as a dict, refreshed by the mount while it
         #: runs: the metrics thread must not walk the cache's own tables); None: no cache.
         self.cache: Mapping[str, int] | None = None
@@ -193,8 +195,24 @@ class MountStatus:
         with self.lock:
             self.streams += delta
 
+    def upload_waiting(
+        self, image_id: str, name: str | None, what: str, size: int, writer: int | None
+    ) -> None:
+        """An upload waits: for its writer (the pid ``writer``) to come back or exit, or
+        (``writer`` None) for the next writer; ``what`` the file holds so far."""
+        with self.lock:
+            self.waiting_uploads[image_id] = {
+                "image_id": image_id, "name": name, "holds": what, "size": size,
+                "writer": writer, "since": self.wall(),
+            }  # fmt: skip
+
+    def upload_goes_on(self, image_id: str) -> None:
+        """The upload waits no more: a writer opened the file, or it ended."""
+        with self.lock:
+            self.waiting_uploads.pop(image_id, None)
+
     def spooled(self, delta: int) -> None:
-        """``delta`` bytes written to the reads' spool (negative: a spool file was freed)."""
+        """``delta`` bytes written to the spool (negative: a spool file was freed)."""
         with self.lock:
             self.spool_bytes += delta
 
@@ -260,6 +278,7 @@ class MountStatus:
             now = self.clock()
             problems = self.problems()
             transfers = [t.as_dict(now) for t in self.transfers.values()]
+            waiting = list(self.waiting_uploads.values())
             errors = list(self.recent_errors)
             description = dict(self.description)
         counters["requests"] = [
@@ -276,6 +295,7 @@ class MountStatus:
             "healthy": not problems,
             "problems": problems,
             "transfers": transfers,
+            "waiting": waiting,
             "errors": errors,
             "counters": counters,
             "cache": cache,
@@ -343,6 +363,19 @@ def _transfer_line(transfer: Mapping[str, Any], bars: bool) -> str:
     return "    " + "  ".join(parts)
 
 
+def _waiting_line(upload: Mapping[str, Any]) -> str:
+    name = upload["name"] or "-"
+    until = (
+        f"its writer (pid {upload['writer']}) to open it again or exit"
+        if upload["writer"] is not None
+        else "the next writer"
+    )
+    return (
+        f"    {name} ({upload['image_id']})  {format_bytes(upload['size'])}, "
+        f"{upload['holds']}; waits for {until}"
+    )
+
+
 def render(mountpoint: str, state: str, snapshot: Mapping[str, Any] | None, *, bars: bool) -> str:
     """The text of one mount in ``glancefs status`` (``bars``: progress bars, for ``--watch``)."""
     if snapshot is None:
@@ -377,6 +410,10 @@ def render(mountpoint: str, state: str, snapshot: Mapping[str, Any] | None, *, b
     transfers = snapshot["transfers"]
     lines.append(f"  transfers  {len(transfers) or 'none'}")
     lines += [_transfer_line(t, bars) for t in transfers]
+    waiting = snapshot.get("waiting", [])
+    if waiting:
+        lines.append(f"  waiting    {len(waiting)} uploads (written in part, not yet the end)")
+        lines += [_waiting_line(w) for w in waiting]
     errors = snapshot["errors"]
     if errors:
         lines.append("  last errors")

@@ -31,6 +31,7 @@ from .namespace import (
 )
 from .naming import is_id_shaped
 from .refusals import NoEntry
+from .uploader import Uploads
 
 __all__ = ["Attributes", "DirectoryReply", "Tree"]
 
@@ -63,10 +64,13 @@ class Tree:
     """Names, inode numbers and attributes of Glance's image catalog as a directory tree (see
     :mod:`glancefs.fs.namespace`)."""
 
-    def __init__(self, config: MountConfig, catalog: Catalog, inodes: InodeTable) -> None:
+    def __init__(
+        self, config: MountConfig, catalog: Catalog, inodes: InodeTable, uploads: Uploads
+    ) -> None:
         self._config = config
         self._catalog = catalog
         self._inodes = inodes
+        self._uploads = uploads
         #: Per directory handle: its fixed entries (sub-directories) and the listing it snapshots.
         self._open_dirs: dict[int, tuple[tuple[tuple[str, Key], ...], Listing]] = {}
         self._handles = itertools.count(1)
@@ -147,6 +151,9 @@ class Tree:
             return Attributes(inode, mode, 2, 0, 0, self._mounted_ns, uid, gid, ttl)
         mode = file_mode(image.status, read_only=self._config.read_only)
         size = (image.size or 0) if has_readable_size(image.status) else 0
+        if image.status == "queued":
+            # The size its writer sees, while its upload has not ended (qemu-img checks it).
+            size = self._uploads.size_of(image.id) or size
         mtime = image.updated_ns if isinstance(image, Entry) else file_mtime_ns(image)
         links = self._link_count(image)
         return Attributes(inode, mode, links, size, (size + 511) // 512, mtime, uid, gid, ttl)

@@ -21,7 +21,12 @@ while the writer ends normally (``tee`` sees a short input and exits 0); a descr
 another process (fork, SCM_RIGHTS) that goes on writing after the opener closed its own;
 ``exit_code`` and ``fdinfo`` of another user's process, which only a privileged mount may read.
 
-Reads ``/proc`` only: no other I/O.
+A writer may also close the file before it is done and open it again (``qemu-img`` creates its
+output, closes it, and reopens it for the data): :meth:`Writer.running` tells whether it still
+runs, and :meth:`Writer.exited` waits for its end (a pidfd, which becomes readable when the
+process exits; it does not tell the exit status of a process that is not our child).
+
+Reads ``/proc`` and waits on pidfds: no other I/O.
 """
 
 from __future__ import annotations
@@ -30,6 +35,8 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+
+import trio
 
 __all__ = ["Writer"]
 
@@ -103,6 +110,25 @@ class Writer:
             if writable and fields.get("ino", "").strip() == str(self.inode):
                 return True
         return False
+
+    def running(self) -> bool:
+        """Whether the writer still runs: not gone, not exiting."""
+        fields = _stat_fields(self.process)
+        if fields is None or len(fields) <= _START_TIME or fields[_START_TIME] != self.started:
+            return False
+        return not int(fields[_FLAGS]) & _PF_EXITING
+
+    async def exited(self) -> None:
+        """Return once the writer has exited (at once if it is gone already)."""
+        try:
+            pidfd = os.pidfd_open(self.process)
+        except ProcessLookupError:
+            return
+        try:
+            if self.running():  # the pid is still the writer's (not reused) and it runs
+                await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            os.close(pidfd)
 
     def interruption(self) -> str | None:
         """Why a close by this writer now is not deliberate, or None when it is.

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -42,13 +42,9 @@ def store(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(scope="module")
-def store_glance(
-    store: str, stores: StoresLab, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[GlanceServer]:
+def store_glance(store: str, glance_storing_in: Callable[[str], GlanceServer]) -> GlanceServer:
     """A Glance on the session's Ceph and Swift whose default store is ``store``."""
-    workdir = tmp_path_factory.mktemp(f"glance-{store}")
-    with GlanceServer(workdir, stores=stores.stores, default_store=store) as server:
-        yield server
+    return glance_storing_in(store)
 
 
 @pytest.fixture(scope="module")

@@ -131,11 +131,11 @@ def test_touch_leaves_a_queued_image(api: GlanceAPI, writable: Mount) -> None:
     assert api.get(image["id"])["status"] == "active"
 
 
-def test_write_behind_the_end_is_einval(api: GlanceAPI, writable: Mount) -> None:
+def test_write_behind_what_was_streamed_is_einval(api: GlanceAPI, writable: Mount) -> None:
     name = f"behind-{uuid.uuid4().hex[:6]}"
     fd = os.open(writable.path / "new" / name, os.O_WRONLY | os.O_CREAT)
     try:
-        os.write(fd, b"a" * 4096)
+        os.write(fd, b"a" * (8 * MiB))  # in order: streamed to Glance
         os.pwrite(fd, b"b" * 4096, 10 * MiB)  # past the end: a hole, accepted
         with pytest.raises(OSError) as refused:
             os.pwrite(fd, b"c" * 4096, 0)
@@ -144,7 +144,23 @@ def test_write_behind_the_end_is_einval(api: GlanceAPI, writable: Mount) -> None
         with pytest.raises(OSError):
             os.close(fd)  # close reports the failure too
     assert api.list(name=name) == []  # the image it created is gone
-    assert "behind the end" in writable.log()
+    assert "streamed to Glance already" in writable.log()
+
+
+def test_write_behind_before_anything_was_sent_is_spooled(api: GlanceAPI, writable: Mount) -> None:
+    name = f"spooled-{uuid.uuid4().hex[:6]}"
+    fd = os.open(writable.path / "new" / name, os.O_RDWR | os.O_CREAT)
+    try:
+        os.write(fd, b"a" * 4096)
+        os.pwrite(fd, b"b" * 4096, 10 * MiB)
+        os.pwrite(fd, b"c" * 4096, 0)  # behind: the upload goes to the spool
+        assert os.pread(fd, 8192, 0) == b"c" * 4096 + bytes(4096)
+    finally:
+        os.close(fd)
+    expected = b"c" * 4096 + bytes(10 * MiB - 4096) + b"b" * 4096
+    image = api.only(name)
+    assert (image["status"], image["size"]) == ("active", len(expected))
+    assert image["os_hash_value"] == hashlib.sha512(expected).hexdigest()
 
 
 def test_writing_an_active_image_is_eacces(api: GlanceAPI, writable: Mount) -> None:

@@ -132,6 +132,12 @@ def test_uploads_chunked_and_with_content_length(
         assert image["size"] == len(data)
         assert image["checksum"] == hashlib.md5(data).hexdigest()
     assert proxy.count("PUT", IMAGE_DATA) == 2
+    chunked_put, sized_put = proxy.requests("PUT", IMAGE_DATA)
+    assert chunked_put.header("Transfer-Encoding") == "chunked"
+    assert chunked_put.header("Content-Length") is None
+    assert sized_put.header("content-length") == str(len(data))  # any case
+    proxy.reset_counts()
+    assert proxy.requests() == []
 
 
 def timed_get(port: int, image_id: str) -> tuple[bytes, int, bytes, float]:

@@ -6,7 +6,8 @@ change is checked in the fake's records."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator
+import subprocess
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +23,7 @@ from glancefs.fs.filesystem import Filesystem, capacity_of
 from glancefs.fs.inodes import ImageKey, InodeTable
 from glancefs.fs.mount import build_filesystem
 from glancefs.fs.namespace import FIXED_INODES, NEW, ROOT
+from glancefs.fs.payload import HOLD_BYTES
 from glancefs.fs.refusals import (
     AccessDenied,
     Exists,
@@ -188,6 +190,60 @@ def test_a_corrupt_image_has_the_kernel_drop_its_pages() -> None:
     assert kernel.pages == [inode]
 
 
+async def test_a_size_then_a_reopen_by_its_writer_is_one_upload() -> None:
+    """qemu-img convert -O raw: the output created with a size and closed, stat, opened again
+    for the data (read back, too), closed: one image, published at the last close."""
+    async with filesystem() as (fs, glance, _):
+        opened, attrs = await fs.create(NEW_INODE, "disk.raw", PID)
+        await fs.setattr(attrs.inode, opened.handle, size=2 * MiB, mtime_ns=None)
+        await _close(fs, opened.handle)  # only a size, and its writer runs: not the end
+        [image] = glance.named("disk.raw")
+        assert image["status"] == "queued"
+        assert (await fs.tree.getattr(attrs.inode)).size == 2 * MiB
+
+        again = await fs.open(attrs.inode, write=True, pid=PID)
+        await fs.files.write(again.handle, MiB, b"d" * 4096)
+        assert await fs.files.read(again.handle, MiB - 2, 4) == b"\0\0dd"
+        reader = await fs.open(attrs.inode, write=False, pid=PID)  # qemu-img info, meanwhile
+        assert await fs.files.read(reader.handle, MiB, 2) == b"dd"
+        await fs.files.release(reader.handle)
+        await _close(fs, again.handle)
+        assert image["status"] == "active"
+        assert glance.data[image["id"]] == bytes(MiB) + b"d" * 4096 + bytes(MiB - 4096)
+        assert glance.named("disk.raw") == [image]
+
+
+@pytest.fixture
+def sleeper() -> Iterator[subprocess.Popen[bytes]]:
+    """A process to stand for a writer, which the test ends."""
+    process = subprocess.Popen(["sleep", "600"])
+    try:
+        yield process
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def test_a_header_left_by_a_writer_that_exits_is_published_before_the_next_open(
+    blank_qcow2: bytes, sleeper: subprocess.Popen[bytes]
+) -> None:
+    """qemu-img create -f qcow2, then qemu-img info: the open finds the image active."""
+    async with filesystem() as (fs, glance, _):
+        opened, attrs = await fs.create(NEW_INODE, "blank.qcow2", sleeper.pid)
+        await _close(fs, opened.handle)  # nothing written, and its writer runs
+        again = await fs.open(attrs.inode, write=True, pid=sleeper.pid)
+        await fs.files.write(again.handle, 0, blank_qcow2)
+        await _close(fs, again.handle)  # only a header, after a reopen
+        [image] = glance.named("blank.qcow2")
+        assert image["status"] == "queued"
+        sleeper.kill()
+        await trio.to_thread.run_sync(sleeper.wait)
+        reader = await fs.open(attrs.inode, write=False, pid=PID)  # no waiting for it
+        assert image["status"] == "active"
+        assert glance.data[image["id"]] == blank_qcow2
+        await fs.files.release(reader.handle)
+
+
 # -- truncate and utime ---------------------------------------------------------------------
 
 
@@ -308,7 +364,7 @@ async def test_xattrs_show_the_record_and_change_it() -> None:
 async def test_setxattr_during_an_upload_is_applied_after_the_data() -> None:
     async with filesystem() as (fs, glance, _):
         glance.hold_upload = trio.Event()
-        inode, handle = await _upload(fs, "tagged.raw", b"x" * (2 * MiB))
+        inode, handle = await _upload(fs, "tagged.raw", b"x" * HOLD_BYTES)  # streaming
         await fs.setxattr(inode, "user.os_distro", b"ubuntu")
         await fs.setxattr(inode, "user.tags.add", b"t")
         [image] = glance.named("tagged.raw")

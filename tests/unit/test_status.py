@@ -136,6 +136,22 @@ def test_render_shows_what_matters(registry: MountStatus) -> None:
     ) in text
 
 
+def test_uploads_waiting_for_a_writer_are_shown_until_they_go_on(registry: MountStatus) -> None:
+    registry.upload_waiting("id-4", "disk.qcow2", "only a format's header", 196616, 4242)
+    registry.upload_waiting("id-5", "sized.raw", "only a size", 8 * 1024 * 1024, None)
+    text = render("/mnt/g", "ok", registry.snapshot(), bars=False)
+    assert "waiting    2 uploads (written in part, not yet the end)" in text
+    assert (
+        "disk.qcow2 (id-4)  192.0 KiB, only a format's header; waits for its writer (pid 4242) "
+        "to open it again or exit"
+    ) in text
+    assert "sized.raw (id-5)  8.0 MiB, only a size; waits for the next writer" in text
+    registry.upload_goes_on("id-4")
+    registry.upload_goes_on("id-5")
+    assert registry.snapshot()["waiting"] == []
+    assert "waiting" not in render("/mnt/g", "ok", registry.snapshot(), bars=False)
+
+
 #: What ``dataclasses.asdict(DataCache.stats())`` gives, as the mount copies it in.
 _CACHE_FIGURES = dataclasses.asdict(
     CacheStats(

@@ -17,8 +17,9 @@ import trio
 from fakes import DataFault, FakeClient, data_record
 
 from glancefs import Image, IntegrityError
-from glancefs.fs.read import ImageReader, Readers, ReadTuning, SpoolSpace
+from glancefs.fs.read import ImageReader, Readers, ReadTuning
 from glancefs.fs.refusals import TooLarge
+from glancefs.fs.spool import SpoolSpace
 from glancefs.fs.status import STATUS
 
 MiB = 1024 * 1024

@@ -9,20 +9,18 @@ The parts, each of its own module (ARCHITECTURE.md places them):
 * :mod:`.verification`: what is verified of the bytes served (pure bookkeeping);
 * :mod:`.stream`: the one download and its buffer, its window and its connection;
 * :mod:`.source`: every download of image data, counted in one place; which stores take ranges;
-* :mod:`.spool`: local disk for the one download of a store without ranges;
+* :mod:`.spooled`: reads of a store without ranges, through the mount's spool
+  (:mod:`glancefs.fs.spool`);
 * :mod:`.blocks`: the last few blocks in memory;
 * :mod:`.cached`: the persistent data cache's use by a feed.
 """
 
 from .policy import PrefetchBudget, ReadTuning
 from .readers import ImageReader, Readers
-from .spool import SpoolSpace, default_spool_dir
 
 __all__ = [
     "ImageReader",
     "PrefetchBudget",
     "ReadTuning",
     "Readers",
-    "SpoolSpace",
-    "default_spool_dir",
 ]

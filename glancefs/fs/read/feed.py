@@ -28,13 +28,13 @@ import trio
 from glancefs import GlanceError, IntegrityError, RangesRefused
 
 from ..background import raise_again
+from ..spool import SpoolSpace
 from .blocks import BlockLRU
 from .cached import CachedImage
 from .hasher import Hasher
 from .policy import Access, PrefetchBudget, ReadTuning
 from .slot import StreamSlot, Wakeup
 from .source import ImageSource, RangeSupport
-from .spool import SpoolSpace
 from .spooled import SpooledReads
 from .stream import Stream
 from .verification import Verification

@@ -43,12 +43,12 @@ from glancefs.plumbing import Verifier
 
 from ..cache import DataCache
 from ..glance import Glance
+from ..spool import SpoolSpace, default_spool_dir
 from ..status import STATUS
 from .cached import cached_image
 from .feed import ImageFeed
 from .policy import AccessPattern, PrefetchBudget, ReadTuning
 from .source import ImageSource, RangeSupport
-from .spool import SpoolSpace, default_spool_dir
 from .verification import Verification
 
 __all__ = ["ImageReader", "Readers"]
@@ -88,7 +88,7 @@ class Readers:
     image's cached pages). With a ``cache`` (``--cache-dir``), each feed of an image that can be
     cached reads and stores through its entry (:mod:`glancefs.fs.read.cached`); ``cache_fill``
     completes the entries of images read at random in the background. ``spool`` is where images
-    of stores without ranges are kept while they are read (:mod:`glancefs.fs.read.spool`).
+    of stores without ranges are kept while they are read (:mod:`glancefs.fs.spool`).
     """
 
     def __init__(

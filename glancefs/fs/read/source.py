@@ -9,7 +9,7 @@ stream's (:meth:`ImageSource.open`), the random reader's blocks
 Stores without ranges: Glance's rbd, swift and s3 stores answer every ranged GET with 400
 (:class:`~glancefs.RangesRefused`). :class:`RangeSupport` remembers, per store (the image
 record's ``stores``), that it refused one, so that the feeds of its images never ask again and
-read through one download from byte 0 instead (:mod:`glancefs.fs.read.spool`).
+read through one download from byte 0 instead (:mod:`glancefs.fs.spool`).
 """
 
 from __future__ import annotations

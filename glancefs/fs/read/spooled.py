@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 from ..background import raise_again
 from ..refusals import LocalFailure
+from ..spool import SpoolFile, SpoolSpace
 from .slot import StreamSlot
-from .spool import SpoolFile, SpoolSpace
 from .stream import Stream
 
 __all__ = ["SpooledReads"]

@@ -3,7 +3,7 @@
 A :class:`Stream` downloads from ``origin`` to the end of the image into a buffer of chunks that
 the readers (and the running hash) read from. It runs at most a window ahead of its consumers:
 the furthest read, and the hash where the stream feeds one (``hash_at``, set by the hash). A
-*spooling* stream (reads without ranges, :mod:`glancefs.fs.read.spool`) ignores the readers and
+*spooling* stream (reads without ranges, :mod:`glancefs.fs.spool`) ignores the readers and
 runs as far ahead of the hash as the window allows, handing every chunk to the spool first.
 
 It gives its connection back when it has been paused for ``idle_release`` seconds or when another
