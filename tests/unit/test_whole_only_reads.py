@@ -181,3 +181,15 @@ async def test_a_flipped_byte_fails_the_pass_and_the_next_open_reads_exact(
         assert await read_all(reader, MiB) == m.data[0][MiB:]
         await m.readers.release(reader)
         assert len(m.corrupt) == 1
+
+
+async def test_a_second_whole_read_of_one_open_file_comes_from_the_spool(tmp_path: Path) -> None:
+    async with mount(tmp_path, 3 * MiB + 1) as m:
+        reader = m.open()
+        size = len(m.data[0])
+        assert await reader.read(size - 10, 10) == m.data[0][-10:]
+        for _ in range(2):
+            assert await read_all(reader) == m.data[0]
+        assert m.downloads() == [(0, None)]
+        assert not m.corrupt
+        await m.readers.release(reader)

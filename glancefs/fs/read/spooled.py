@@ -54,7 +54,12 @@ class SpooledReads:
             if data is not None:
                 return data, stream.hash_from
         spool, stream = self.spool, self._slot.stream
-        if spool is None or stream is None or not stream.spooling or stream.error is not None:
+        feeding = stream is not None and stream.spooling and stream.error is None
+        if spool is not None and end <= spool.written and not feeding:
+            # Written by a download that is gone (a pass after it runs on another stream): the
+            # bytes are right where that pass said so; this pass checks them as from elsewhere.
+            return await self._read_spool(spool, offset, end, None, sequential)
+        if spool is None or stream is None or not feeding:
             stream, spool = self._start_spooling()
         if end > spool.written:
             stream.asked(end)
@@ -63,8 +68,13 @@ class SpooledReads:
                 return await self.read(offset, end, sequential)
             if not reached:
                 raise_again(stream.missing_error())
+        return await self._read_spool(spool, offset, end, stream.hash_from, sequential)
+
+    async def _read_spool(
+        self, spool: SpoolFile, offset: int, end: int, hashed_from: int | None, sequential: bool
+    ) -> tuple[bytes, int | None]:
         try:
-            return await spool.read(offset, end), stream.hash_from
+            return await spool.read(offset, end), hashed_from
         except OSError as error:
             if self.spool is not spool:  # closed under the read
                 return await self.read(offset, end, sequential)
