@@ -36,11 +36,10 @@ import signal
 import subprocess
 import uuid
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from lab.servers import (
     ProcessGroup,
+    Started,
     _child_env,
     _run,
     _tail,
@@ -144,7 +143,7 @@ class _CephDaemon(ProcessGroup):
             self._spawn(self._command, env=_child_env(), log=log, cwd=self.workdir)
 
 
-class CephCluster:
+class CephCluster(Started):
     """One monitor and one memstore OSD on 127.0.0.1, no cephx, pool ``images``; see the module.
 
     A GlanceStore (lab.servers): ``GlanceServer(..., stores=[cluster])`` offers it as ``ceph``
@@ -283,15 +282,3 @@ class CephCluster:
             if not link.is_symlink():
                 link.symlink_to(module)
         return [directory]
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

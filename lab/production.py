@@ -56,14 +56,13 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from lab.ceph import CephCluster
 from lab.servers import (
     Flavor,
     GlanceServer,
     ProcessGroup,
+    Started,
     _child_env,
     _run,
     _wait_until_ready,
@@ -268,7 +267,7 @@ class HAProxyServer(ProcessGroup):
         }
 
 
-class ProductionLab:
+class ProductionLab(Started):
     """Glance nodes behind HAProxy on one PostgreSQL and one Ceph cluster; see the module.
 
     ``workdir`` holds a directory per node (``node0``...), HAProxy's, the shared file store
@@ -388,15 +387,3 @@ class ProductionLab:
             if not node.running:
                 node.restart()  # also reaps what is left of a killed one
         self.wait_for_states({name: "UP" for name, _ in self.haproxy.backends}, timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

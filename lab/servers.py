@@ -270,7 +270,30 @@ def _kill_leftovers() -> None:
             server.kill()
 
 
-class ProcessGroup:
+class Started:
+    """A lab part used as a context manager: ``with X(...) as x`` starts it and always stops it
+    (``start()`` and ``stop()`` are the part's own)."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class ProcessGroup(Started):
     """A server process started in its own process group, and the safety nets that stop it.
 
     Signals go to the whole group, so they reach every worker the server forks.  Unless
@@ -356,18 +379,6 @@ class ProcessGroup:
         """SIGCONT the group after freeze()."""
         if self._proc is not None:
             os.killpg(self._proc.pid, signal.SIGCONT)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
     @staticmethod
     def _kill_group(proc: "subprocess.Popen[bytes]") -> None:

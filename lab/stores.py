@@ -23,17 +23,15 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from lab.ceph import CephCluster
-from lab.servers import GlanceServer, GlanceStore, KeystoneServer
+from lab.servers import GlanceServer, GlanceStore, KeystoneServer, Started
 from lab.swift import SwiftCluster
 
 __all__ = ["StoresLab"]
 
 
-class StoresLab:
+class StoresLab(Started):
     """Keystone, Swift, Ceph (unless given), a Glance offering fs, ceph and swift; see the module.
 
     start() is all or nothing; stop() stops what this lab started (not a ``ceph`` passed in).
@@ -75,15 +73,3 @@ class StoresLab:
         for stop in stops:
             with contextlib.suppress(Exception):
                 stop()
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -31,12 +31,11 @@ import pwd
 import urllib.error
 import urllib.request
 from pathlib import Path
-from types import TracebackType
-from typing import Self
 
 from lab.servers import (
     USERS,
     ProcessGroup,
+    Started,
     _child_env,
     _run,
     _wait_until_ready,
@@ -169,7 +168,7 @@ class _SwiftServer(ProcessGroup):
             return False
 
 
-class SwiftCluster:
+class SwiftCluster(Started):
     """Swift's four servers on 127.0.0.1 with one replica and Keystone auth; see the module.
 
     ``keystone_url`` is the identity endpoint (KeystoneServer.url) whose ``glance`` user the proxy
@@ -283,15 +282,3 @@ class SwiftCluster:
 
     def glance_pythonpath(self, venv: Path) -> list[Path]:
         return []  # python-swiftclient is in Glance's virtualenv (lab.venvs)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
