@@ -18,7 +18,7 @@ import pytest
 from conftest import MountFactory
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
-from support import Mount, status_of, tool, unique, wait_for
+from support import GlanceAPI, Mount, base_env, status_of, tool, unique, wait_for
 
 import glancefs
 from glancefs.fs.refusals import errno_of
@@ -35,15 +35,15 @@ def mount_in(
 ) -> Mount:
     """glancefs mounted as user demo in ``project`` (OS_* variables, as after sourcing an openrc
     file), on the lab's Glance."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OS_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")  # hides ~/.config/openstack/clouds.yaml
-    env.update(project.env)
-    return mount_glancefs(limits.glance.url, env=env)
+    return mount_glancefs(limits.glance.url, env={**base_env(tmp_path), **project.env})
+
+
+def mounted_project(
+    limits: LimitsLab, mount_glancefs: MountFactory, tmp_path: Path, **project_limits: int
+) -> tuple[GlanceAPI, Mount]:
+    """A new project with ``project_limits``: Glance as demo in it, and a mount of it."""
+    project = limits.project(unique("quota"), **project_limits)
+    return limits.api(project), mount_in(limits, project, mount_glancefs, tmp_path)
 
 
 def random_file(path: Path, size: int) -> Path:
@@ -87,9 +87,7 @@ def test_image_count_total_refuses_a_new_file(
 def test_image_size_total_refuses_what_does_not_fit(
     limits: LimitsLab, mount_glancefs: MountFactory, tmp_path: Path
 ) -> None:
-    project = limits.project(unique("size"), image_size_total=8)
-    api = limits.api(project)
-    mount = mount_in(limits, project, mount_glancefs, tmp_path)
+    api, mount = mounted_project(limits, mount_glancefs, tmp_path, image_size_total=8)
     new = mount.path / "new"
 
     # A size set before the data goes with the upload: Glance counts it at once.
@@ -117,9 +115,7 @@ def test_image_size_total_refuses_what_does_not_fit(
 def test_image_count_uploading_refuses_a_second_writer(
     limits: LimitsLab, mount_glancefs: MountFactory, tmp_path: Path
 ) -> None:
-    project = limits.project(unique("uploading"), image_count_uploading=1)
-    api = limits.api(project)
-    mount = mount_in(limits, project, mount_glancefs, tmp_path)
+    api, mount = mounted_project(limits, mount_glancefs, tmp_path, image_count_uploading=1)
     new = mount.path / "new"
     first = random.randbytes(2 * MiB)
     second = random_file(tmp_path / "second.raw", 2 * MiB)
