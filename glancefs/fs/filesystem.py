@@ -343,6 +343,7 @@ class Filesystem:
         try:
             await self._changes.web_download(image.id, url)
         except BaseException:
+            # Refused, or the request interrupted: the image it made must not stay behind.
             with trio.CancelScope(shield=True):
                 await self._changes.discard(image.id, "Glance refused its web-download")
             raise

@@ -19,6 +19,7 @@ import trio
 
 from glancefs import GlanceError, Image, NotFound
 
+from .background import failure_of
 from .changes import Changes
 from .status import STATUS
 
@@ -82,18 +83,23 @@ class Imports:
 
     async def _follow(self, started: _Import) -> None:
         # A task of the nursery: must not raise.
+        what = f"image {started.image_id}: {started.what}"
         try:
-            record = await self._ended(started.image_id)
-            if record is None:
-                log.warning("image %s: %s: the image is gone", started.image_id, started.what)
-            elif started.succeeded(record):
-                log.info("image %s: %s done", started.image_id, started.what)
-            else:
-                await self._failed(started, record)
-        except GlanceError as error:
-            log.error("image %s: %s: cannot follow it: %s", started.image_id, started.what, error)
+            error = await failure_of(lambda: self._conclude(started), what)
+            if error is not None:
+                log.error("%s: cannot follow it: %s", what, error)
         finally:
             STATUS.import_ended(started.image_id)
+
+    async def _conclude(self, started: _Import) -> None:
+        """Wait for the import's end; log it, and what its failure means."""
+        record = await self._ended(started.image_id)
+        if record is None:
+            log.warning("image %s: %s: the image is gone", started.image_id, started.what)
+        elif started.succeeded(record):
+            log.info("image %s: %s done", started.image_id, started.what)
+        else:
+            await self._failed(started, record)
 
     async def _ended(self, image_id: str) -> Image | None:
         """The image's record once no import holds it; None when it was deleted."""
