@@ -193,7 +193,7 @@ def test_an_unknown_store_fails_the_mount_with_the_list(
 
 
 def test_user_stores_copies_to_a_store_and_deletes_from_one(
-    glance: GlanceServer, api: GlanceAPI, mount_glancefs: MountFactory
+    ceph: CephCluster, glance: GlanceServer, api: GlanceAPI, mount_glancefs: MountFactory
 ) -> None:
     name = unique("copied")
     data = random.Random(7).randbytes(2 * MiB)
@@ -207,10 +207,11 @@ def test_user_stores_copies_to_a_store_and_deletes_from_one(
         "the copy to leave glancefs status",
     )
     assert mount.run("getfattr", "--only-values", "-n", "user.stores", path) == "fs,ceph"
-    mount.run("setfattr", "-n", "user.stores", "-v", "ceph", path)
-    assert stores_of(api, image["id"]) == "ceph"  # the delete is synchronous
-    mount.run("setfattr", "-n", "user.stores", "-v", "ceph,fs", path)
-    wait_for(lambda: copied(api, image["id"], "ceph,fs"), "the copy back to fs")
+    assert ceph.image_data(image["id"]) == data
+    mount.run("setfattr", "-n", "user.stores", "-v", "fs", path)
+    assert stores_of(api, image["id"]) == "fs"  # the delete is synchronous
+    with pytest.raises(RuntimeError, match="No such file"):
+        ceph.image_data(image["id"])  # gone from the pool
     for value in ("", "fs,tape"):
         refused(["setfattr", "-n", "user.stores", "-v", value, path], errno.EINVAL)
     assert "no store tape here; the stores: fs, ceph" in mount.log()
