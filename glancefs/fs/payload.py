@@ -25,8 +25,11 @@ another, fails (EIO) rather than send another amount than announced.
 Every byte sent is hashed (sha512 and md5), and :meth:`Payload.finish` succeeds only when Glance
 reports the image ``active`` with the size and hashes that were sent.
 
-Pitfalls: Glance answers a refused upload (format inspection 415, quota 413) only after the whole
-body, so only ``finish`` knows the outcome. A broken upload puts the image back to ``queued``.
+Pitfalls: Glance answers a refused upload (format inspection 415, a size cap 413) only after the
+whole body, so only ``finish`` knows the outcome; a quota (413 of a unified limit) is checked
+before Glance reads any of the body, so a write that finds the PUT ended raises it (the writes
+before it went to the channel and the socket's buffers). A broken upload puts the image back to
+``queued``.
 """
 
 from __future__ import annotations
