@@ -204,13 +204,16 @@ def store_changes(
     """``(added, removed)``: the stores to copy the image to and to delete it from so that
     ``user.stores`` reads ``value`` (comma-separated ids, in any order).
 
-    EINVAL for an empty list, an id Glance does not offer (``offered``), and a list sharing no
+    EINVAL for an empty list, an id Glance does not offer (``offered``; none without
+    multi-store), and a list sharing no
     store with ``current``: the data leaves a store only while it stays in another that holds it
     already (a move is a copy, then, once the copy is done, a removal).
     """
     wanted = [s.strip() for s in _text_value(name, value).split(",") if s.strip()]
     if not wanted:
         raise InvalidArgument(f"{name}: an image keeps its data in at least one store")
+    if not offered:
+        raise InvalidArgument(f"{name}: this Glance offers no choice of stores")
     unknown = [s for s in wanted if s not in offered]
     if unknown:
         raise InvalidArgument(

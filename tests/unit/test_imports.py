@@ -33,6 +33,8 @@ def test_store_changes_add_and_remove_and_refuse_what_glance_cannot_do() -> None
     for value in (b"", b" , ", b"fs,nope", b"ceph"):  # empty, unknown, a move
         with pytest.raises(InvalidArgument):
             store_changes(["fs"], "user.stores", value, offered)
+    with pytest.raises(InvalidArgument, match="no choice of stores"):
+        store_changes([], "user.stores", b"fs", [])  # a Glance without multi-store
 
 
 def test_only_http_urls_are_web_downloads_and_show_as_links_until_active() -> None:
