@@ -45,6 +45,7 @@ from .fs.mount import (
     MountError,
     check_mountpoint,
     check_reachable,
+    check_store,
     fuse_options,
     limit_to_credentials,
     notify_systemd,
@@ -221,6 +222,12 @@ def run() -> None:
 @click.option("--read-only", is_flag=True, help="Refuse every change (EROFS).")
 @click.option("--allow-delete", is_flag=True, help="Let rm (and mv over an image) delete images.")
 @click.option("--keep-failed", is_flag=True, help="Keep images whose upload failed.")
+@click.option(
+    "--store",
+    metavar="ID",
+    help="The store uploads and web-downloads (ln -s URL new/NAME) go to, one of those "
+    "GET /v2/info/stores lists (checked at mount) [default: Glance's default store].",
+)
 @click.option(
     "--spool-dir",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
@@ -420,6 +427,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         read_only=params["read_only"],
         allow_delete=params["allow_delete"],
         keep_failed=params["keep_failed"],
+        store=params["store"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
         spool_size=parse_size(params["spool_size"], "--spool-size"),
@@ -499,6 +507,7 @@ async def _mount_and_serve(
             try:
                 await check_reachable(client)
                 config = await limit_to_credentials(client, config)
+                await check_store(client, config.store)
             except GlanceError as error:
                 raise MountError(await _explain(client, credentials, error)) from None
             return await serve(

@@ -21,7 +21,11 @@ _LAYOUT = [
     ("MOUNTPOINT/", "one file per image (--sort, --filter, --tag, --limit choose which)"),
     ("by-id/", "every image you may see, named by id"),
     ("by-tag/TAG/", "images with that tag"),
-    ("new/", "create files here to create images; queued images; images just uploaded"),
+    (
+        "new/",
+        "create files here to create images; queued images; images just uploaded; "
+        "ln -s URL new/NAME imports NAME from URL (a symlink to it until active)",
+    ),
 ]
 
 #: errno, what the user did, why glancefs refuses (SEMANTICS.md has every operation).
@@ -30,11 +34,13 @@ _ERRNOS = [
     ("EACCES", "open of an image that is not active (killed, saving, ...); write to an image "
      "that is not queued; a token Glance refuses (401)"),
     ("EPERM", "rm without --allow-delete or of a protected image; create outside new/; mkdir, "
-     "rmdir, symlink, link, mknod; setfattr of a read-only field; Glance 403"),
+     "rmdir, link, mknod; symlink outside new/, or where Glance lacks web-download; setfattr of "
+     "a read-only field; Glance 403 (setfattr user.stores as a non-admin)"),
     ("EROFS", "any change on a read-only mount (--read-only, or credentials with only the "
      "reader role)"),
     ("EINVAL", "a write behind the data already streamed to Glance (without --spool-dir); a "
-     "name Glance cannot store; a bad attribute value (Glance 400)"),
+     "name Glance cannot store; a bad attribute value (Glance 400); a symlink target that is no "
+     "http(s) URL; user.stores empty, with an unknown store, or keeping none of the current"),
     ("EFBIG", "a read or an upload that needs more of the spool than --spool-size leaves"),
     ("EBUSY", "an open for writing of an image another process is writing"),
     ("EXDEV", "mv between directories"),

@@ -9,6 +9,7 @@ ordering, failure handling.
 
 from __future__ import annotations
 
+import builtins
 import hashlib
 from collections import Counter
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import httpx
 import trio
 
-from glancefs import ConnectError, Image, ImageData, NotFound, RangesRefused
+from glancefs import ConnectError, Image, ImageData, NotFound, RangesRefused, Task
 from glancefs.plumbing import ConnectionBudget
 
 
@@ -222,10 +223,16 @@ class FakeImages:
         return Image(dict(r))
 
     async def upload(
-        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+        self,
+        image_id: str,
+        data: AsyncIterable[bytes],
+        size: int | None = None,
+        *,
+        backend: str | None = None,
     ) -> None:
         self.client.called("upload", image_id)
         self.client.upload_sizes[image_id] = size
+        self.client.upload_stores[image_id] = backend
         r = self.client.record(image_id)
         r["status"] = "saving"
         chunks = []
@@ -245,6 +252,31 @@ class FakeImages:
         self.client.called("delete", image_id)
         self.records.remove(self.client.record(image_id))
 
+    async def image_import(
+        self,
+        image_id: str,
+        method: str = "glance-direct",
+        uri: str | None = None,
+        *,
+        stores: Sequence[str] | None = None,
+    ) -> None:
+        """Accepts the import (202) and takes the image's import lock; the test ends it with
+        :meth:`FakeClient.end_import`."""
+        self.client.called("import", image_id)
+        self.client.imports.append((image_id, method, uri, list(stores or [])))
+        r = self.client.record(image_id)
+        r["os_glance_import_task"] = "task-" + image_id
+        if method == "web-download":
+            r["status"] = "importing"
+
+    async def delete_from_store(self, store_id: str, image_id: str) -> None:
+        self.client.called("delete_from_store", image_id)
+        r = self.client.record(image_id)
+        r["stores"] = ",".join(s for s in r["stores"].split(",") if s != store_id)
+
+    async def get_associated_image_tasks(self, image_id: str) -> builtins.list[Task]:
+        return [Task(t) for t in self.client.tasks.get(image_id, [])]
+
 
 class FakeTags:
     def __init__(self, client: FakeClient) -> None:
@@ -262,8 +294,19 @@ class FakeTags:
 
 
 class FakeInfo:
+    def __init__(self) -> None:
+        #: What /v2/info/stores lists (ids), and /v2/info/import.
+        self.store_ids = ["fs", "ceph"]
+        self.methods = ["glance-direct", "web-download", "copy-image"]
+
     async def usage(self) -> dict[str, dict[str, int]]:
         return {}  # as Glance without unified limits answers
+
+    async def import_methods(self) -> list[str]:
+        return list(self.methods)
+
+    async def stores(self, *, detail: bool = False) -> list[dict[str, Any]]:
+        return [{"id": store} for store in self.store_ids]
 
 
 class FakeClient:
@@ -304,12 +347,29 @@ class FakeClient:
         self.hold_upload: trio.Event | None = None
         #: The size each upload announced (x-openstack-image-size), None when it sent none.
         self.upload_sizes: dict[str, int | None] = {}
+        #: The store each upload named (X-Image-Meta-Store), None when it named none.
+        self.upload_stores: dict[str, str | None] = {}
+        #: Every import accepted: (image id, method, uri, stores).
+        self.imports: list[tuple[str, str, str | None, list[str]]] = []
+        #: The import tasks of each image (records, as get_associated_image_tasks gives them).
+        self.tasks: dict[str, list[dict[str, Any]]] = {}
 
     def record(self, image_id: str) -> dict[str, Any]:
         for r in self.images.records:
             if r["id"] == image_id:
                 return r
         raise NotFound(404, image_id)
+
+    def end_import(self, image_id: str, *, failure: str | None = None, **fields: Any) -> None:
+        """The import task of the image ends: its lock goes, ``fields`` change (status,
+        stores, os_glance_failed_import); ``failure`` is the failed task's message."""
+        r = self.record(image_id)
+        r.pop("os_glance_import_task", None)
+        r.update(fields)
+        if failure is not None:
+            self.tasks.setdefault(image_id, []).append(
+                {"id": "task-" + image_id, "status": "failure", "message": failure}
+            )
 
     def named(self, name: str) -> list[dict[str, Any]]:
         return [r for r in self.images.records if r.get("name") == name]

@@ -33,7 +33,15 @@ from glancefs.plumbing import parse_time
 from .background import failure_of, raise_again
 from .config import MountConfig
 from .glance import Glance
-from .namespace import HIDDEN_STATUSES, ROOT_ENTRIES, Directory, DirKind, query_for
+from .namespace import (
+    HIDDEN_STATUSES,
+    ROOT_ENTRIES,
+    SOURCE_URL_PROPERTY,
+    Directory,
+    DirKind,
+    link_target,
+    query_for,
+)
 from .naming import NameStream, assign_names
 
 __all__ = ["MTIME_PROPERTY", "Catalog", "Entry", "Listing", "file_mtime_ns", "mtime_text"]
@@ -84,7 +92,9 @@ class Entry:
     TTL are fetched again. ``updated_ns`` is the file's mtime (see :func:`file_mtime_ns`).
     """
 
-    __slots__ = ("id", "name", "protected", "seen", "size", "status", "tags", "updated_ns")
+    __slots__ = (
+        "id", "link", "name", "protected", "seen", "size", "status", "tags", "updated_ns"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -96,6 +106,7 @@ class Entry:
         tags: tuple[str, ...] = (),
         protected: bool = False,
         seen: float = 0.0,
+        link: str | None = None,
     ) -> None:
         self.id = id
         self.name = name
@@ -105,6 +116,8 @@ class Entry:
         self.tags = tags
         self.protected = protected
         self.seen = seen
+        #: The symlink target it shows (a web-download in progress), else None.
+        self.link = link
 
     @classmethod
     def of(cls, image: Image, seen: float = 0.0) -> Entry:
@@ -119,6 +132,7 @@ class Entry:
             tuple(tags) if tags else (),
             bool(get("protected")),
             seen,
+            link_target(image.status, get(SOURCE_URL_PROPERTY)),
         )
 
     def __repr__(self) -> str:
@@ -226,6 +240,8 @@ class Catalog:
         #: Images being deleted after a failed upload: never shown again.
         self._hidden: set[str] = set()
         self._usage: tuple[float, dict[str, dict[str, int]]] | None = None
+        self._stores: list[str] | None = None
+        self._import_methods: list[str] | None = None
         #: Counts the invalidations: a record fetched while one happened may predate the change
         #: (a GET that started before a setfattr's PATCH and ended after it), so it is returned
         #: to its caller but not kept.
@@ -247,6 +263,22 @@ class Catalog:
             usage = {}
         self._usage = (now, usage)
         return usage
+
+    async def offered_stores(self) -> list[str]:
+        """The ids of Glance's stores (``/v2/info/stores``; empty without multi-store), asked
+        once per mount: offering another store takes a restart of Glance."""
+        if self._stores is None:
+            try:
+                self._stores = [str(store["id"]) for store in await self._client.info.stores()]
+            except NotFound:
+                self._stores = []
+        return self._stores
+
+    async def import_methods(self) -> list[str]:
+        """Glance's enabled import methods (``/v2/info/import``), asked once per mount."""
+        if self._import_methods is None:
+            self._import_methods = await self._client.info.import_methods()
+        return self._import_methods
 
     async def image(self, image_id: str, *, fresh: bool = False) -> Image:
         """The image's record; :class:`~glancefs.NotFound` when it is gone or hidden."""

@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from glancefs import Conflict, GlanceError, Image, NotFound, OverLimit, ServerError
+from glancefs import Conflict, GlanceError, Image, NotFound, OverLimit, ServerError, Task
 
 from .catalog import Catalog
 from .glance import Glance
@@ -38,13 +38,16 @@ _SETTLE_SECONDS = 20.0
 class Changes:
     """Creates, renames, deletes, patches and uploads images, keeping the catalog in step."""
 
-    def __init__(self, client: Glance, catalog: Catalog) -> None:
+    def __init__(self, client: Glance, catalog: Catalog, store: str | None = None) -> None:
         self._client = client
         self.catalog = catalog
+        #: The store uploads go to (``--store``); None: Glance's default.
+        self._store = store
 
-    async def create(self, name: str, formats: tuple[str, str] | None) -> Image:
-        """A queued image named ``name`` in new/ (with ``formats``, when the name tells them)."""
-        fields: dict[str, Any] = {"name": name}
+    async def create(self, name: str, formats: tuple[str, str] | None, **properties: str) -> Image:
+        """A queued image named ``name`` in new/ (with ``formats``, when the name tells them,
+        and custom ``properties``)."""
+        fields: dict[str, Any] = {"name": name, **properties}
         if formats is not None:
             fields["disk_format"], fields["container_format"] = formats
         image = await self._client.images.create(**fields)
@@ -133,9 +136,33 @@ class Changes:
         A quota or size cap (413) stays :class:`~glancefs.OverLimit`: the upload session
         decides what it means."""
         try:
-            await self._client.images.upload(image_id, body, size=size)
+            await self._client.images.upload(image_id, body, size=size, backend=self._store)
         finally:
             self.catalog.invalidate(image_id)
+
+    async def web_download(self, image_id: str, uri: str) -> None:
+        """Start Glance's ``web-download`` of ``uri`` into the image (and ``--store``); Glance
+        answers at once (202) and fetches in the background."""
+        stores = None if self._store is None else [self._store]
+        with self._changing(image_id, "web-download"):
+            await self._client.images.image_import(image_id, "web-download", uri, stores=stores)
+
+    async def copy_to_stores(self, image_id: str, stores: list[str]) -> None:
+        """Start a ``copy-image`` import of the image's data into ``stores`` (202, copied in
+        the background)."""
+        with self._changing(image_id, f"copy to {','.join(stores)}"):
+            await self._client.images.image_import(image_id, "copy-image", stores=stores)
+        log.info("image %s: copying to %s", image_id, ",".join(stores))
+
+    async def delete_from_store(self, image_id: str, store: str) -> None:
+        """Delete the image's data from ``store`` only (it stays in its other stores)."""
+        with self._changing(image_id, f"delete from store {store}"):
+            await self._client.images.delete_from_store(store, image_id)
+        log.info("image %s: deleted from store %s", image_id, store)
+
+    async def import_tasks(self, image_id: str) -> list[Task]:
+        """The import tasks Glance ran for the image (why an import failed)."""
+        return await self._client.images.get_associated_image_tasks(image_id)
 
     async def fresh(self, image_id: str) -> Image:
         """Glance's record now (not the cache's)."""

@@ -154,6 +154,9 @@ class MountConfig:
     allow_delete: bool = False
     #: Keep an image whose upload failed (else glancefs deletes the image it created).
     keep_failed: bool = False
+    #: The store uploads and web-downloads go to (``--store``, one of Glance's
+    #: ``/v2/info/stores``); None: Glance's default store.
+    store: str | None = None
     #: Formats of an upload whose content and name tell none.
     default_formats: tuple[str, str] = ("raw", "bare")
     #: The spool's directory (None: the default under the user's cache directory,

@@ -20,7 +20,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 from typing import NoReturn
+from urllib.parse import urlsplit
+
+import trio
 
 from glancefs import Image
 
@@ -29,8 +33,18 @@ from .changes import Changes
 from .config import MountConfig
 from .files import Opened, OpenFiles
 from .formats import formats_of_name, upload_name
+from .imports import IMPORT_LOCK, Imports, stores_of
 from .inodes import ImageKey
-from .namespace import NEW, ROOT, ROOT_ENTRIES, Directory, DirKind
+from .namespace import (
+    NEW,
+    ROOT,
+    ROOT_ENTRIES,
+    SOURCE_URL_PROPERTY,
+    Directory,
+    DirKind,
+    link_target,
+    web_download_url,
+)
 from .naming import sanitize
 from .read import Readers
 from .refusals import (
@@ -46,7 +60,16 @@ from .refusals import (
 )
 from .tree import Attributes, Tree
 from .uploader import MetadataChange, Uploads, UploadSession
-from .xattrs import FORMAT_FIELDS, field_of, image_xattrs, remove_patch, set_patch, tag_operation
+from .xattrs import (
+    FORMAT_FIELDS,
+    STORES_FIELD,
+    field_of,
+    image_xattrs,
+    remove_patch,
+    set_patch,
+    store_changes,
+    tag_operation,
+)
 
 __all__ = ["Capacity", "Filesystem", "capacity_of"]
 
@@ -64,6 +87,9 @@ class Capacity:
     free_files: int
     name_max: int = 255
 
+
+#: The import method ``ln -s URL new/NAME`` asks of Glance.
+WEB_DOWNLOAD = "web-download"
 
 _BLOCK = 4096
 #: What df shows when Glance sets no limit: 1 PiB, all of it free, and 2**32 files.
@@ -112,6 +138,7 @@ class Filesystem:
         readers: Readers,
         tree: Tree,
         files: OpenFiles,
+        imports: Imports,
     ) -> None:
         self._config = config
         self._catalog = catalog
@@ -122,6 +149,7 @@ class Filesystem:
         self.tree = tree
         #: The open files (read, write, flush and release go to them).
         self.files = files
+        self._imports = imports
 
     # -- files --------------------------------------------------------------------------------
 
@@ -290,9 +318,51 @@ class Filesystem:
             await self._changes.tag(image.id, "remove", source.tag)
         log.info("image %s: %s", image.id, what)
 
+    async def symlink(self, parent: int, name: str, target: str) -> Attributes:
+        """``ln -s URL new/NAME``: a new image ``name`` that Glance fetches from the URL
+        (``web-download``); returns at once, the image shows as a symlink to the URL until it
+        is active (:mod:`.imports` follows it)."""
+        self._refuse_if_read_only(f"symlink {name}")
+        if self.tree.directory(parent) != NEW:
+            raise NotPermitted(f"symlink {name}: {_FIXED_TREE['symlink']}; in new/, a symlink "
+                               "to an http(s) URL imports the image from there")  # fmt: skip
+        if name != sanitize(name):
+            raise InvalidArgument(f"symlink {name!r}: not a name Glance can store")
+        url = web_download_url(target)
+        if url is None:
+            raise InvalidArgument(f"symlink {name}: {target!r} is not an http(s) URL")
+        if WEB_DOWNLOAD not in await self._catalog.import_methods():
+            raise NotPermitted(f"symlink {name}: this Glance does not offer web-download")
+        # The formats the URL's file name implies, else the link's name's, else the default.
+        formats = (
+            formats_of_name(PurePosixPath(urlsplit(url).path).name)
+            or formats_of_name(name)
+            or self._config.default_formats
+        )
+        image = await self._changes.create(name, formats, **{SOURCE_URL_PROPERTY: url})
+        try:
+            await self._changes.web_download(image.id, url)
+        except BaseException:
+            # Refused, or the request interrupted: the image it made must not stay behind.
+            with trio.CancelScope(shield=True):
+                await self._changes.discard(image.id, "Glance refused its web-download")
+            raise
+        self._imports.downloading(image, url)
+        key = ImageKey(image.id)
+        self.tree.remember(key)
+        return self.tree.attributes(key, image)
+
+    async def readlink(self, inode: int) -> str:
+        """The URL a web-download image fetches from, while it shows as a symlink."""
+        image = await self.tree.image_of(inode)
+        link = None if image is None else link_target(image.status, image.get(SOURCE_URL_PROPERTY))
+        if link is None:
+            raise InvalidArgument(f"readlink: inode {inode} is not a symlink")
+        return link
+
     def refuse_node(self, operation: str, name: str) -> NoReturn:
-        """mkdir, rmdir, symlink, mknod and link (``operation``, of ``name``): the tree is fixed
-        and every image is one regular file with one name."""
+        """mkdir, rmdir, mknod and link (``operation``, of ``name``): the tree is fixed and
+        every image is one file with one name (symlinks: :meth:`symlink`)."""
         self._refuse_if_read_only(operation)
         raise NotPermitted(f"{operation} {name}: {_FIXED_TREE[operation]}")
 
@@ -316,6 +386,9 @@ class Filesystem:
     async def setxattr(self, inode: int, name: str, value: bytes) -> None:
         self._refuse_if_read_only(f"setfattr {name}")
         image = await self._image_for_change(inode, name)
+        if field_of(name) == STORES_FIELD:
+            await self._set_stores(image, name, value)
+            return
         single_tag = tag_operation(name, value)
         apply: MetadataChange
         if single_tag is not None:
@@ -333,6 +406,25 @@ class Filesystem:
 
         formats = field_of(name) in FORMAT_FIELDS
         await self._change(image, f"setfattr {name}", apply, formats=formats)
+
+    async def _set_stores(self, image: Image, name: str, value: bytes) -> None:
+        """``setfattr -n user.stores``: copy the image to the stores added (``copy-image``,
+        watched by :mod:`.imports`), delete it from those removed; returns once Glance accepted
+        each request."""
+        if image.status != "active" or IMPORT_LOCK in image:
+            raise InvalidArgument(
+                f"{name}: image {image.id} is {image.status}"
+                f"{', importing' if IMPORT_LOCK in image else ''}; only an active image that "
+                "no import holds changes stores"
+            )
+        added, removed = store_changes(
+            stores_of(image), name, value, await self._catalog.offered_stores()
+        )
+        if added:
+            await self._changes.copy_to_stores(image.id, added)
+            self._imports.copying(image, added)
+        for store in removed:
+            await self._changes.delete_from_store(image.id, store)
 
     async def removexattr(self, inode: int, name: str) -> None:
         self._refuse_if_read_only(f"setfattr -x {name}")

@@ -9,10 +9,11 @@ signature the client's method has.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from glancefs import Image, ImageData
+from glancefs import Image, ImageData, Task
 from glancefs.plumbing import ConnectionBudget
 
 __all__ = ["Glance", "ImageTags", "Images", "Info"]
@@ -40,8 +41,26 @@ class Images(Protocol):
     async def delete(self, image_id: str) -> None: ...
 
     async def upload(
-        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+        self,
+        image_id: str,
+        data: AsyncIterable[bytes],
+        size: int | None = None,
+        *,
+        backend: str | None = None,
     ) -> None: ...
+
+    async def image_import(
+        self,
+        image_id: str,
+        method: str = "glance-direct",
+        uri: str | None = None,
+        *,
+        stores: Sequence[str] | None = None,
+    ) -> None: ...
+
+    async def delete_from_store(self, store_id: str, image_id: str) -> None: ...
+
+    async def get_associated_image_tasks(self, image_id: str) -> builtins.list[Task]: ...
 
     async def open_data(
         self,
@@ -62,9 +81,13 @@ class ImageTags(Protocol):
 
 
 class Info(Protocol):
-    """``client.info``: the project's quota usage (``statfs``)."""
+    """``client.info``: the project's quota usage (``statfs``), the import methods and stores."""
 
     async def usage(self) -> dict[str, dict[str, int]]: ...
+
+    async def import_methods(self) -> list[str]: ...
+
+    async def stores(self, *, detail: bool = False) -> list[dict[str, Any]]: ...
 
 
 class Glance(Protocol):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from glancefs import Client, GlanceError, SessionAuth
+from glancefs import Client, GlanceError, NotFound, SessionAuth
 
 from .cache import DataCache
 from .catalog import Catalog
@@ -33,6 +33,7 @@ from .control import serve_control
 from .files import KernelCache, OpenFiles, on_corrupt_image
 from .filesystem import Filesystem
 from .glance import Glance
+from .imports import Imports
 from .inodes import InodeTable
 from .metrics import MetricsServer
 from .namespace import FIXED_INODES
@@ -48,6 +49,7 @@ __all__ = [
     "build_filesystem",
     "check_mountpoint",
     "check_reachable",
+    "check_store",
     "fuse_options",
     "limit_to_credentials",
     "notify_systemd",
@@ -136,6 +138,18 @@ async def check_reachable(client: Client) -> None:
         break
 
 
+async def check_store(client: Client, store: str | None) -> None:
+    """Refuse a ``--store`` that Glance does not offer (MountError, listing the stores)."""
+    if store is None:
+        return
+    try:
+        offered = [str(s["id"]) for s in await client.info.stores()]
+    except NotFound:
+        raise MountError(f"--store {store}: this Glance offers no choice of stores") from None
+    if store not in offered:
+        raise MountError(f"--store {store}: not one of this Glance's stores: {', '.join(offered)}")
+
+
 #: Roles that Glance's default (secure RBAC) policy lets change images; ``_member_`` is the
 #: legacy name of ``member``. Keystone puts implied roles in the token (admin implies member).
 WRITE_ROLES = frozenset({"admin", "member", "_member_"})
@@ -167,7 +181,7 @@ def build_filesystem(
     """Every part of the filesystem core, built here and handed to the parts that use it (as
     s3ql's mount builds its Operations' parts); background work runs in ``nursery``."""
     catalog = Catalog(client, config, nursery)
-    changes = Changes(client, catalog)
+    changes = Changes(client, catalog, config.store)
     # One spool for the reads of stores without ranges and the uploads written out of order.
     spool = SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size)
     policy = UploadPolicy(config.default_formats, config.spool_dir is not None, config.keep_failed)
@@ -185,7 +199,8 @@ def build_filesystem(
     )
     tree = Tree(config, catalog, inodes, uploads)
     files = OpenFiles(config, readers, uploads, kernel)
-    return Filesystem(config, catalog, changes, uploads, readers, tree, files)
+    imports = Imports(changes, nursery, keep_failed=config.keep_failed)
+    return Filesystem(config, catalog, changes, uploads, readers, tree, files, imports)
 
 
 async def serve(

@@ -252,7 +252,11 @@ class GlanceFS(pyfuse3.Operations):
     async def symlink(
         self, parent_inode: InodeT, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
-        self._fs.refuse_node("symlink", os.fsdecode(name))
+        return _entry(await self._fs.symlink(parent_inode, os.fsdecode(name), os.fsdecode(target)))
+
+    @_boundary
+    async def readlink(self, inode: InodeT, ctx: pyfuse3.RequestContext) -> bytes:
+        return os.fsencode(await self._fs.readlink(inode))
 
     @_boundary
     async def link(

@@ -149,6 +149,8 @@ class MountStatus:
         self.spool_bytes = 0
         #: Uploads whose writer closed the file before their end, by image id: what waits.
         self.waiting_uploads: dict[str, dict[str, Any]] = {}
+        #: Imports Glance runs for this mount (web-downloads, copies to stores), by image id.
+        self.imports: dict[str, dict[str, Any]] = {}
         #: The data cache's counters (``CacheStats`` as a dict, refreshed by the mount while it
         #: runs: the metrics thread must not walk the cache's own tables); None: no cache.
         self.cache: Mapping[str, int] | None = None
@@ -210,6 +212,18 @@ class MountStatus:
         """The upload waits no more: a writer opened the file, or it ended."""
         with self.lock:
             self.waiting_uploads.pop(image_id, None)
+
+    def import_started(self, image_id: str, name: str | None, what: str) -> None:
+        """Glance accepted an import (``what``: a web-download, a copy to stores)."""
+        with self.lock:
+            self.imports[image_id] = {
+                "image_id": image_id, "name": name, "what": what, "since": self.wall()
+            }  # fmt: skip
+
+    def import_ended(self, image_id: str) -> None:
+        """The image's import ended, either way."""
+        with self.lock:
+            self.imports.pop(image_id, None)
 
     def spooled(self, delta: int) -> None:
         """``delta`` bytes written to the spool (negative: a spool file was freed)."""
@@ -279,6 +293,7 @@ class MountStatus:
             problems = self.problems()
             transfers = [t.as_dict(now) for t in self.transfers.values()]
             waiting = list(self.waiting_uploads.values())
+            imports = list(self.imports.values())
             errors = list(self.recent_errors)
             description = dict(self.description)
         counters["requests"] = [
@@ -296,6 +311,7 @@ class MountStatus:
             "problems": problems,
             "transfers": transfers,
             "waiting": waiting,
+            "imports": imports,
             "errors": errors,
             "counters": counters,
             "cache": cache,
@@ -414,6 +430,14 @@ def render(mountpoint: str, state: str, snapshot: Mapping[str, Any] | None, *, b
     if waiting:
         lines.append(f"  waiting    {len(waiting)} uploads (written in part, not yet the end)")
         lines += [_waiting_line(w) for w in waiting]
+    imports = snapshot.get("imports", [])
+    if imports:
+        lines.append(f"  imports    {len(imports)} in flight (Glance imports in the background)")
+        lines += [
+            f"    {i['name'] or '-'} ({i['image_id']})  {i['what']}, "
+            f"since {time.strftime('%H:%M:%S', time.localtime(i['since']))}"
+            for i in imports
+        ]
     errors = snapshot["errors"]
     if errors:
         lines.append("  last errors")
@@ -442,6 +466,7 @@ def options_of(
         "allow_other": "allow_other" in fuse_options,
         "allow_delete": config.allow_delete,
         "keep_failed": config.keep_failed,
+        "store": config.store,
         "no_verify": not config.verify,
         "spool_dir": str(config.spool_dir) if config.spool_dir else None,
         "sort": view.sort,

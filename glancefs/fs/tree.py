@@ -24,10 +24,12 @@ from .namespace import (
     NEW,
     ROOT,
     ROOT_ENTRIES,
+    SOURCE_URL_PROPERTY,
     Directory,
     DirKind,
     file_mode,
     has_readable_size,
+    link_target,
 )
 from .naming import is_id_shaped
 from .refusals import NoEntry
@@ -149,9 +151,16 @@ class Tree:
             writable = key == NEW and not self._config.read_only
             mode = stat.S_IFDIR | (0o755 if writable else 0o555)
             return Attributes(inode, mode, 2, 0, 0, self._mounted_ns, uid, gid, ttl)
-        mode = file_mode(image.status, read_only=self._config.read_only)
+        link = (
+            image.link
+            if isinstance(image, Entry)
+            else link_target(image.status, image.get(SOURCE_URL_PROPERTY))
+        )
+        mode = file_mode(image.status, read_only=self._config.read_only, link=link is not None)
         size = (image.size or 0) if has_readable_size(image.status) else 0
-        if image.status == "queued":
+        if link is not None:
+            size = len(link.encode())  # a symlink's size is its target's length
+        elif image.status == "queued":
             # The size its writer sees, while its upload has not ended (qemu-img checks it).
             size = self._uploads.size_of(image.id) or size
         mtime = image.updated_ns if isinstance(image, Entry) else file_mtime_ns(image)

@@ -6,6 +6,10 @@ properties (``user.os_distro``, ...). Values are text: booleans ``true``/``false
 decimal, lists comma-separated (``user.tags``, sorted: Glance keeps tags as a set). Fields that
 are null (the checksum of a queued image) have no attribute, so reading them gives ENODATA.
 
+``user.stores`` lists the stores holding the image's data (Glance's ``stores``); setting it to
+another list copies the image to the stores added and deletes it from those removed
+(:func:`store_changes` decides, the filesystem sends them).
+
 Changing them (``setfattr``) goes the other way: :func:`set_patch` and :func:`remove_patch` turn
 one attribute change into one JSON-patch, refusing read-only fields (EPERM), bad values (EINVAL)
 and other namespaces (ENOTSUP) before anything is sent.
@@ -23,10 +27,12 @@ from .refusals import InvalidArgument, NoAttribute, NotPermitted, Unsupported
 __all__ = [
     "FORMAT_FIELDS",
     "PREFIX",
+    "STORES_FIELD",
     "field_of",
     "image_xattrs",
     "remove_patch",
     "set_patch",
+    "store_changes",
     "tag_operation",
 ]
 
@@ -168,6 +174,8 @@ def remove_patch(record: Mapping[str, Any], name: str) -> Patch:
     key = field_of(name)
     if key == "tags":
         return [{"op": "replace", "path": "/tags", "value": []}]
+    if key == STORES_FIELD:
+        raise InvalidArgument(f"{name}: an image keeps its data in at least one store")
     if key in READ_ONLY_FIELDS or key in CORE_WRITABLE:
         raise NotPermitted(f"{name}: {key} is a core field and cannot be removed")
     if key not in record:
@@ -184,3 +192,37 @@ def tag_operation(name: str, value: bytes) -> tuple[str, str] | None:
     if not tag or "," in tag:
         raise InvalidArgument(f"{name}: expected one tag, got {tag!r}")
     return ("add" if key == TAG_ADD else "remove"), tag
+
+
+#: The field listing the stores that hold the image's data: ``setfattr`` copies and deletes.
+STORES_FIELD = "stores"
+
+
+def store_changes(
+    current: list[str], name: str, value: bytes, offered: list[str]
+) -> tuple[list[str], list[str]]:
+    """``(added, removed)``: the stores to copy the image to and to delete it from so that
+    ``user.stores`` reads ``value`` (comma-separated ids, in any order).
+
+    EINVAL for an empty list, an id Glance does not offer (``offered``; none without
+    multi-store), and a list sharing no
+    store with ``current``: the data leaves a store only while it stays in another that holds it
+    already (a move is a copy, then, once the copy is done, a removal).
+    """
+    wanted = [s.strip() for s in _text_value(name, value).split(",") if s.strip()]
+    if not wanted:
+        raise InvalidArgument(f"{name}: an image keeps its data in at least one store")
+    if not offered:
+        raise InvalidArgument(f"{name}: this Glance offers no choice of stores")
+    unknown = [s for s in wanted if s not in offered]
+    if unknown:
+        raise InvalidArgument(
+            f"{name}: no store {', '.join(unknown)} here; the stores: {', '.join(offered)}"
+        )
+    if not set(wanted) & set(current):
+        raise InvalidArgument(
+            f"{name}: keep one of {','.join(current)} until the copy is done (add, then remove)"
+        )
+    added = [s for s in dict.fromkeys(wanted) if s not in current]
+    removed = [s for s in current if s not in wanted]
+    return added, removed
