@@ -69,6 +69,7 @@ _OPTION_FLAGS = {
     "direct_io": ("direct_io", True),
     "insecure": ("insecure", True),
     "cache_dir": ("cache_dir", ""),  # -o cache_dir: the default directory
+    "import": ("import_uploads", True),
 }
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 #: Parameters that can repeat (``-o tag=a,tag=b``).
@@ -221,6 +222,14 @@ def run() -> None:
 @click.option("--read-only", is_flag=True, help="Refuse every change (EROFS).")
 @click.option("--allow-delete", is_flag=True, help="Let rm (and mv over an image) delete images.")
 @click.option("--keep-failed", is_flag=True, help="Keep images whose upload failed.")
+@click.option(
+    "--import",
+    "import_uploads",
+    is_flag=True,
+    help="Upload by interoperable import: stage the data, then import it with glance-direct "
+    "(the cloud's import plugins run, e.g. conversion to raw); the last close waits for the "
+    "import to end. Without it, uploads import where Glance refuses them by policy.",
+)
 @click.option(
     "--spool-dir",
     type=click.Path(file_okay=False, exists=True, path_type=Path),
@@ -420,6 +429,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         read_only=params["read_only"],
         allow_delete=params["allow_delete"],
         keep_failed=params["keep_failed"],
+        import_uploads=params["import_uploads"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
         spool_size=parse_size(params["spool_size"], "--spool-size"),

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 import trio
 
-from glancefs import ConnectError, Image, ImageData, NotFound, RangesRefused
+from glancefs import ConnectError, Image, ImageData, NotFound, RangesRefused, Task
 from glancefs.plumbing import ConnectionBudget
 
 
@@ -169,6 +169,9 @@ class FakeImages:
         self.gets += 1
         for r in self.records:
             if r["id"] == image_id:
+                if r["status"] == "importing":
+                    self._end_import(r)
+                    return Image(dict(r, status="importing"))  # one poll sees it importing
                 return Image(r)
         raise NotFound(404, image_id)
 
@@ -241,6 +244,40 @@ class FakeImages:
                  os_hash_value=hashlib.sha512(body).hexdigest(),
                  checksum=hashlib.md5(body).hexdigest())  # fmt: skip
 
+    async def stage(
+        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+    ) -> None:
+        self.client.called("stage", image_id)
+        r = self.client.record(image_id)
+        r["status"] = "uploading"
+        body = b"".join([chunk async for chunk in data])
+        self.client.staged[image_id] = body
+        r["size"] = len(body)
+
+    async def image_import(self, image_id: str, method: str = "glance-direct") -> None:
+        self.client.called("import", image_id)
+        self.client.record(image_id)["status"] = "importing"
+
+    def _end_import(self, r: dict[str, Any]) -> None:
+        """An import ends as the client's ``import_failure`` or ``conversion`` say."""
+        client = self.client
+        body = client.staged.pop(r["id"])
+        if client.import_failure is not None:
+            r.update(status="queued", size=None, os_glance_failed_import="fs")
+            client.tasks[r["id"]] = [
+                Task({"id": "t", "status": "failure", "message": client.import_failure})
+            ]
+            return
+        if client.conversion is not None:
+            r["disk_format"], body, r["virtual_size"] = client.conversion(body)
+        client.data[r["id"]] = body
+        r.update(status="active", size=len(body), os_hash_algo="sha512",
+                 os_hash_value=hashlib.sha512(body).hexdigest(),
+                 checksum=hashlib.md5(body).hexdigest(), os_glance_failed_import="")  # fmt: skip
+
+    async def get_associated_image_tasks(self, image_id: str) -> Sequence[Task]:
+        return self.client.tasks.get(image_id, [])
+
     async def delete(self, image_id: str) -> None:
         self.client.called("delete", image_id)
         self.records.remove(self.client.record(image_id))
@@ -262,8 +299,14 @@ class FakeTags:
 
 
 class FakeInfo:
+    def __init__(self) -> None:
+        self.methods = ["glance-direct", "web-download", "copy-image"]
+
     async def usage(self) -> dict[str, dict[str, int]]:
         return {}  # as Glance without unified limits answers
+
+    async def import_methods(self) -> list[str]:
+        return self.methods
 
 
 class FakeClient:
@@ -271,7 +314,9 @@ class FakeClient:
     Glance`): records that change, data that is stored and hashed, and failures to inject
     (``fail[method] = error``, raised by every later call of it; ``hold_upload``: an upload waits
     for it after its first chunk, to catch a session mid-PUT). Enough of Glance's behaviour for the
-    filesystem's state machines; never a substitute for the real one.
+    filesystem's state machines; never a substitute for the real one. An import ends at the
+    second ``get`` after it started: failed with ``import_failure`` (the task's message), else
+    active, its data converted by ``conversion`` (data → disk format, data, virtual size).
     """
 
     @classmethod
@@ -304,6 +349,12 @@ class FakeClient:
         self.hold_upload: trio.Event | None = None
         #: The size each upload announced (x-openstack-image-size), None when it sent none.
         self.upload_sizes: dict[str, int | None] = {}
+        #: Staged data by image id, until its import.
+        self.staged: dict[str, bytes] = {}
+        self.import_failure: str | None = None
+        self.conversion: Callable[[bytes], tuple[str, bytes, int]] | None = None
+        #: The import tasks of each image.
+        self.tasks: dict[str, list[Task]] = {}
 
     def record(self, image_id: str) -> dict[str, Any]:
         for r in self.images.records:

@@ -137,6 +137,39 @@ class Changes:
         finally:
             self.catalog.invalidate(image_id)
 
+    async def stage(self, image_id: str, body: AsyncIterable[bytes], size: int | None) -> None:
+        """Send the image's data to Glance's staging area (``PUT .../stage``), for
+        :meth:`import_staged`."""
+        try:
+            await self._client.images.stage(image_id, body, size=size)
+        finally:
+            self.catalog.invalidate(image_id)
+
+    async def import_staged(self, image_id: str) -> None:
+        """Start the ``glance-direct`` import of the staged data; Glance imports in the
+        background."""
+        with self._changing(image_id, "import"):
+            await self._client.images.image_import(image_id, method="glance-direct")
+
+    async def import_methods(self) -> list[str]:
+        """The interoperable import methods this Glance offers (``GET /v2/info/import``)."""
+        return await self._client.info.import_methods()
+
+    async def import_failure(self, image: Image) -> str:
+        """Why the image's import failed, in Glance's words: the stores of
+        ``os_glance_failed_import`` and the message of its failed import task (when Glance
+        lets this user read its tasks)."""
+        reasons = []
+        if failed := image.get("os_glance_failed_import"):
+            reasons.append(f"failed in store {failed}")
+        try:
+            tasks = await self._client.images.get_associated_image_tasks(image.id)
+        except GlanceError as error:
+            reasons.append(f"its tasks cannot be read: {error}")
+        else:
+            reasons += [task.message for task in tasks if task.status == "failure" and task.message]
+        return "; ".join(reasons) or f"the image is {image.status}"
+
     async def fresh(self, image_id: str) -> Image:
         """Glance's record now (not the cache's)."""
         return await self._client.images.get(image_id)

@@ -154,6 +154,8 @@ class MountConfig:
     allow_delete: bool = False
     #: Keep an image whose upload failed (else glancefs deletes the image it created).
     keep_failed: bool = False
+    #: Stage and import uploads (``--import``: ``glance-direct``) rather than PUT them.
+    import_uploads: bool = False
     #: Formats of an upload whose content and name tell none.
     default_formats: tuple[str, str] = ("raw", "bare")
     #: The spool's directory (None: the default under the user's cache directory,
@@ -176,7 +178,7 @@ class MountConfig:
 _FLAG_OPTIONS = frozenset(
     {"ro", "rw", "allow_other", "default_permissions", "debug", "foreground", "no_verify",
      "direct_io", "insecure", "allow_delete", "keep_failed", "read_only", "cache_dir", "cache_fill",
-     "_netdev", "nofail", "auto",
+     "import", "_netdev", "nofail", "auto",
      "noauto", "user", "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
      "defaults"}
 )  # fmt: skip

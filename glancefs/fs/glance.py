@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import Any, Protocol
 
-from glancefs import Image, ImageData
+from glancefs import Image, ImageData, Task
 from glancefs.plumbing import ConnectionBudget
 
 __all__ = ["Glance", "ImageTags", "Images", "Info"]
@@ -43,6 +43,14 @@ class Images(Protocol):
         self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
     ) -> None: ...
 
+    async def stage(
+        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+    ) -> None: ...
+
+    async def image_import(self, image_id: str, method: str = "glance-direct") -> None: ...
+
+    async def get_associated_image_tasks(self, image_id: str) -> Sequence[Task]: ...
+
     async def open_data(
         self,
         image_id: str,
@@ -62,9 +70,11 @@ class ImageTags(Protocol):
 
 
 class Info(Protocol):
-    """``client.info``: the project's quota usage (``statfs``)."""
+    """``client.info``: the project's quota usage (``statfs``), the import methods offered."""
 
     async def usage(self) -> dict[str, dict[str, int]]: ...
+
+    async def import_methods(self) -> list[str]: ...
 
 
 class Glance(Protocol):

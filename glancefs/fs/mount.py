@@ -170,7 +170,10 @@ def build_filesystem(
     changes = Changes(client, catalog)
     # One spool for the reads of stores without ranges and the uploads written out of order.
     spool = SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size)
-    policy = UploadPolicy(config.default_formats, config.spool_dir is not None, config.keep_failed)
+    policy = UploadPolicy(
+        config.default_formats, config.spool_dir is not None, config.keep_failed,
+        always_import=config.import_uploads,
+    )  # fmt: skip
     uploads = Uploads(changes, nursery, policy, spool)
     inodes = InodeTable(FIXED_INODES)
     readers = Readers(
