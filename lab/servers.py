@@ -691,6 +691,8 @@ class GlanceServer(_GunicornServer):
         remove: tuple[str, ...] = ()
         if self.flavor == "fakeauth":
             merge["paste_deploy"] = {"flavor": "fakeauth"}
+            # Only read by an import proxied to another node, which calls that node directly.
+            merge["keystone_authtoken"] = {"auth_url": self.base_url}
             remove = ("oslo_policy",)
         elif self.flavor == "keystone":
             assert self.keystone_url is not None

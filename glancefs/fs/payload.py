@@ -419,7 +419,6 @@ class Payload:
             raise_again(refusal)
         if not await self._route.import_instead(self._id, refusal):
             raise_again(refusal)
-        log.info("image %s: Glance refused its PUT: its data goes to the stage", self._id)
         self._put = self._new_put(put.size)
         for chunk in put.kept:
             await self._put.send(chunk)
