@@ -43,6 +43,7 @@ from .fs.fstab import mount_argv
 from .fs.metrics import parse_address
 from .fs.mount import (
     MountError,
+    check_import,
     check_mountpoint,
     check_reachable,
     fuse_options,
@@ -509,6 +510,7 @@ async def _mount_and_serve(
             try:
                 await check_reachable(client)
                 config = await limit_to_credentials(client, config)
+                await check_import(client, config)
             except GlanceError as error:
                 raise MountError(await _explain(client, credentials, error)) from None
             return await serve(

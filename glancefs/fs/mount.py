@@ -46,6 +46,7 @@ from .uploader import UploadPolicy, Uploads
 __all__ = [
     "MountError",
     "build_filesystem",
+    "check_import",
     "check_mountpoint",
     "check_reachable",
     "fuse_options",
@@ -134,6 +135,18 @@ async def check_reachable(client: Client) -> None:
     """Fail early and clearly when Glance cannot be reached or refuses our credentials."""
     async for _ in client.images.list(limit=1):
         break
+
+
+async def check_import(client: Client, config: MountConfig) -> None:
+    """``--import`` needs Glance's ``glance-direct`` import: without it, fail the mount in one
+    line (MountError) rather than every upload."""
+    if not config.import_uploads or config.read_only:
+        return
+    methods = await client.info.import_methods()
+    if "glance-direct" not in methods:
+        offered = ", ".join(methods) or "none"
+        raise MountError(f"--import: this Glance offers no glance-direct import (it offers: "
+                         f"{offered})")  # fmt: skip
 
 
 #: Roles that Glance's default (secure RBAC) policy lets change images; ``_member_`` is the

@@ -18,7 +18,8 @@ Which close publishes: a close by the writer (the process that opened the file) 
 other descriptor of it for writing, that is not dying, and after which the file is more than a
 size (:class:`~glancefs.fs.payload.Ending`), or more than a format's header once the writer has
 closed and opened the file before; or such a close that the writer makes while it exits
-normally. That close returns once Glance reports the image active and verified, and the metadata
+normally. That close returns once Glance reports the image active and verified (after the import,
+with ``--import``: :mod:`glancefs.fs.importing`), and the metadata
 changes made meanwhile (they wait in the session, as Glance would lose a change made while it
 receives data) are applied. Any other close by a writer that still runs returns at once:
 ``qemu-img`` creates its output (nothing, or a size), closes it, opens it again for the header,
