@@ -30,8 +30,10 @@ __all__ = ["REPLAY_BYTES", "ImportFailed", "UploadRoute", "wait_for_import"]
 log = logging.getLogger("glancefs.upload")
 
 #: The bytes a PUT keeps to send again to the stage after a 403 (memory per upload, only until
-#: a PUT succeeded on this mount): more than the socket buffers can hold when the 403 comes.
-REPLAY_BYTES = 32 * 1024 * 1024
+#: a PUT succeeded on this mount). Glance reads none of the body before it refuses, so what can
+#: have left is the payload's channel (4 MiB) and a socket's send buffer (Linux's tcp_wmem
+#: allows 4 MiB), beside the few KiB the server's receive window takes.
+REPLAY_BYTES = 8 * 1024 * 1024
 #: Polling an import: the first delay, and the longest.
 _FIRST_POLL = 0.2
 _LONGEST_POLL = 2.0
