@@ -592,7 +592,7 @@ class Payload:
             + " verified"
         )
         self.image = image
-        self.transfer.finished("imported")
+        self.transfer.finished("uploaded")
         return image
 
     def _verify(self, image: Image, put: _Put) -> Image:

@@ -20,7 +20,7 @@ from fakes import FakeClient
 from glancefs import Forbidden
 from glancefs.fs.catalog import Catalog
 from glancefs.fs.changes import Changes
-from glancefs.fs.config import MountConfig
+from glancefs.fs.config import MountConfig, parse_mount_options
 from glancefs.fs.payload import HOLD_BYTES
 from glancefs.fs.refusals import UploadAborted
 from glancefs.fs.spool import SpoolSpace
@@ -134,3 +134,7 @@ async def test_once_a_put_worked_it_keeps_nothing_to_replay(tmp_path: Path) -> N
         with pytest.raises(UploadAborted) as refused:
             await _upload(glance, sessions, "second.raw", random.randbytes(2 * MiB))
         assert refused.value.errno == errno.EPERM
+
+
+def test_import_is_a_mount_option_flag() -> None:
+    assert parse_mount_options("import,keep_failed") == [("import", None), ("keep_failed", None)]
