@@ -710,6 +710,75 @@ class Bench:
                 raise RuntimeError(f"import of {name} ended {image['status']}")
             time.sleep(0.05)
 
+    # -- qemu-img as a writer -----------------------------------------------------------------
+
+    def qemu_writes(self) -> None:
+        """``qemu-img convert -O qcow2`` of the 1 GiB source straight into new/ against the two
+        steps a user takes without glancefs: a local convert, then ``glance image-create
+        --file``. Each upload is checked: active, and the hash of the local convert's output
+        (qemu-img writes the same qcow2 for the same input)."""
+        log("qemu-write: qemu-img convert -O qcow2 into new/ vs local convert + image-create")
+        local = self.work / "local.qcow2"
+        peer, ours, hwm = (
+            Series("convert + image-create"),
+            Series("convert into new/"),
+            Series("VmHWM"),
+        )
+        spool_size = "2G"
+        expected: str | None = None
+        last_cpu = CpuUse()
+
+        def convert_then_create(index: int) -> float:
+            seconds, _ = timed(
+                "qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(local)
+            )
+            upload, _ = timed(
+                str(self.glanceclient), "--os-image-url", self.glance.url,
+                "--os-auth-token", "bench", "image-create", "--name", f"peer-{index}.qcow2",
+                "--disk-format", "qcow2", "--container-format", "bare", "--file", str(local),
+            )  # fmt: skip
+            nonlocal expected
+            expected = _sha512(local)
+            local.unlink()
+            return seconds + upload
+
+        with self.mount("qemu-write", "--spool-size", spool_size) as mount:
+
+            def convert_into_mount(index: int) -> float:
+                nonlocal last_cpu
+                target = mount.path / "new" / f"ours-{index}.qcow2"
+                with self.cpu(mount) as last_cpu:
+                    seconds, _ = timed(
+                        "qemu-img", "convert", "-f", "raw", "-O", "qcow2",
+                        str(self.source), str(target),
+                    )  # fmt: skip
+                hwm.values.append(mount.status("VmHWM") / MB)
+                return seconds
+
+            tools: list[tuple[Series, Callable[[int], float]]] = [
+                (ours, convert_into_mount),
+                (peer, convert_then_create),
+            ]
+            for index in range(self.runs):
+                for series, measure in tools[index % 2 :] + tools[: index % 2]:
+                    drop_page_cache()
+                    warm(self.source)
+                    series.values.append(measure(index))
+        for index in range(self.runs):
+            for name in (f"ours-{index}.qcow2", f"peer-{index}.qcow2"):
+                (image,) = self.api.list(name=name)
+                assert image["status"] == "active", image
+                assert image["os_hash_value"] == expected, image
+                self.api.delete(image["id"])
+        self.add(
+            Metric(
+                "qemu-img convert -O qcow2 into new/", "s", False, ours, peer, 1.2,
+                f"1 GiB of random data; the peer converts to a local file, then glance "
+                f"image-create --file; --spool-size {spool_size}; {last_cpu.text}",
+            )
+        )  # fmt: skip
+        self.add(Metric("peak RSS, qemu-img convert into new/", "MB", False, hwm, None, 250))
+
     # -- a store without ranges ---------------------------------------------------------------
 
     def rbd(self) -> None:
@@ -829,6 +898,7 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "cache": Bench.cache,
     "import": Bench.imports,
     "rbd": Bench.rbd,
+    "qemu-write": Bench.qemu_writes,
 }
 
 

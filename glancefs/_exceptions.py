@@ -17,6 +17,7 @@ HTTP status and the request id Glance logged, so an operator can find the reques
     │   ├── NotFound .............. 404
     │   ├── Conflict .............. 409: wrong state (upload to an active image, ...)
     │   ├── OverLimit ............. 413: quota or size cap exceeded
+    │   │   └── QuotaExceeded ..... 413 of a unified limit (Keystone): .resource names it
     │   ├── UnsupportedMediaType .. 415: wrong content type, or data refused by format inspection
     │   ├── RangeNotSatisfiable ... 416: read starts at or past the end of the data
     │   └── ServerError ........... 5xx
@@ -24,8 +25,11 @@ HTTP status and the request id Glance logged, so an operator can find the reques
     ├── IntegrityError ............ downloaded data does not match the image's checksum
     └── AuthError ................. credentials could not be turned into a token (Keystone)
 
-Pitfall: Glance reports a refused upload (format inspection) as 415 and a quota as 413; both arrive
-only once the whole body was sent: callers must wait for the answer before declaring success.
+Pitfalls: Glance reports a refused upload (format inspection) as 415 and a size cap or a full store
+as 413 only once the whole body was sent: callers must wait for the answer before declaring
+success. A unified limit (:class:`QuotaExceeded`) is checked when a request starts, so its 413
+may come while the body is still being sent; Glance's message for it is a paragraph with the
+project's id, which the error reduces to the limit and its figures.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ __all__ = [
     "IntegrityError",
     "NotFound",
     "OverLimit",
+    "QuotaExceeded",
     "RangeNotSatisfiable",
     "RangesRefused",
     "ServerError",
@@ -140,6 +145,46 @@ class Conflict(HTTPError):
 
 class OverLimit(HTTPError):
     """413: a quota or a size cap was exceeded."""
+
+
+class QuotaExceeded(OverLimit):
+    """413 of one of the project's unified limits, which Glance (23 and later, with
+    ``use_keystone_limits``) reads from Keystone: the request would take the project past it.
+
+    ``resource`` names the limit: ``image_count_total`` (images), ``image_count_uploading``
+    (images being uploaded or staged), ``image_size_total`` or ``image_stage_total`` (MiB of
+    image data, of staged data). ``limit``, ``usage`` and ``delta`` (what the request would add;
+    0 for an upload whose size was not sent) are Glance's figures, sizes in MiB. ``str()`` says
+    them in one line: ``413 quota image_size_total exceeded: limit 64 MiB, in use 70 MiB``.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        resource: str,
+        limit: int,
+        usage: int,
+        delta: int,
+        request_id: str | None = None,
+    ) -> None:
+        self.resource = resource
+        self.limit = limit
+        self.usage = usage
+        self.delta = delta
+        unit = " MiB" if resource in _SIZE_LIMITS else ""
+        detail = f"quota {resource} exceeded: limit {limit}{unit}, in use {usage}{unit}"
+        if delta:
+            detail += f", the request adds {delta}{unit}"
+        super().__init__(status, detail, request_id)
+
+
+#: The unified limits that count MiB (the others count images).
+_SIZE_LIMITS = frozenset({"image_size_total", "image_stage_total"})
+#: How oslo.limit names the limit a request would exceed, inside Glance's 413 message.
+_OVER_LIMIT = re.compile(
+    r"Resource (?P<resource>\w+) is over limit of (?P<limit>-?\d+) due to current usage "
+    r"(?P<usage>-?\d+) and delta (?P<delta>-?\d+)"
+)
 
 
 class UnsupportedMediaType(HTTPError):
@@ -249,6 +294,11 @@ def _causes(error: BaseException) -> Iterator[BaseException]:
 
 
 def error_for_status(status: int, detail: str, request_id: str | None = None) -> HTTPError:
-    """The typed error for an HTTP error ``status``; ``detail`` is cleaned to one line."""
+    """The typed error for an HTTP error ``status``; ``detail`` is cleaned to one line, and a
+    413 that names a unified limit is a :class:`QuotaExceeded` saying only that limit."""
+    over = _OVER_LIMIT.search(detail) if status == 413 else None
+    if over is not None:
+        figures = (int(over["limit"]), int(over["usage"]), int(over["delta"]))
+        return QuotaExceeded(status, over["resource"], *figures, request_id=request_id)
     cls = _BY_STATUS.get(status) or (ServerError if status >= 500 else HTTPError)
     return cls(status, clean_text(detail), request_id)

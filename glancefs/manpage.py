@@ -39,7 +39,10 @@ _ERRNOS = [
     ("EBUSY", "an open for writing of an image another process is writing"),
     ("EXDEV", "mv between directories"),
     ("EEXIST", "mv with RENAME_NOREPLACE over an existing image"),
-    ("ENOSPC", "an upload or attribute over the quota (Glance 413)"),
+    ("EDQUOT", "a create or an upload past one of the project's quotas (Glance's unified "
+     "limits, 413): the log names the limit"),
+    ("ENOSPC", "an upload over Glance's size cap or into a full store; an attribute over the "
+     "property or tag quota (Glance 413)"),
     ("ENODATA", "getfattr of a missing attribute"),
     ("ENOTSUP", "extended attributes outside user."),
     ("EIO", "Glance unreachable within --timeout after --retries; a checksum mismatch of a "

@@ -16,4 +16,6 @@ their own venvs.
 - lab.ceph, lab.swift: a one-node Ceph cluster (Glance's rbd store) and Swift all-in-one
   (its swift store) on loopback; lab.stores: one Glance offering its file store and both.
 - lab.rows: catalogs of any size written straight into a lab Glance's SQLite.
+- lab.limits: LimitsLab, Keystone and a Glance enforcing Keystone's unified limits (the
+  quotas), with a project of its own, and its own limits, per test.
 """

@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO))
 from support import GlanceAPI, Mount  # noqa: E402
 
 from lab.ceph import CephCluster  # noqa: E402
+from lab.limits import LimitsLab  # noqa: E402
 from lab.mounts import mount_argv  # noqa: E402
 from lab.production import ProductionLab  # noqa: E402
 from lab.servers import GlanceServer  # noqa: E402
@@ -97,6 +98,23 @@ def production(
     fixture's teardown is the place) so the next test finds every node UP.
     """
     with ProductionLab(tmp_path_factory.mktemp("production"), ceph=ceph) as lab:
+        yield lab
+
+
+@pytest.fixture(scope="module")
+def limits(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LimitsLab]:
+    """Keystone and a Glance enforcing Keystone's unified limits (lab.limits), started on first
+    use (about 15 s) and shared by the module. Every project may hold 8 images, 64 MiB of image
+    data and 16 MiB staged, and upload 2 images at once; a test makes a project of its own with
+    its own limits (``limits.project(name, image_count_total=1)``: the OS_* variables of user
+    demo in it), since usage counts per project."""
+    with LimitsLab(
+        tmp_path_factory.mktemp("limits"),
+        image_size_total=64,
+        image_stage_total=16,
+        image_count_total=8,
+        image_count_uploading=2,
+    ) as lab:
         yield lab
 
 

@@ -26,6 +26,7 @@ __all__ = [
     "GlanceAPI",
     "Mount",
     "assert_uploaded",
+    "base_env",
     "default_sigint",
     "entry_dir",
     "far_qcow2",
@@ -80,6 +81,18 @@ def wait_for(condition: Callable[[], bool], what: str, timeout: float = 60.0) ->
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def base_env(tmp_path: Path) -> dict[str, str]:
+    """The test's environment without OS_* variables, proxies or a user's clouds.yaml."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("OS_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
+    }
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")  # hides ~/.config/openstack/clouds.yaml
+    return env
 
 
 def sha512_of(path: Path) -> str:

@@ -33,8 +33,11 @@ disk format (``image_conversion``) leaves Glance's own size and hashes: then the
 be the bytes sent, and the image's virtual size the one the source's header declares
 (:func:`~glancefs.fs.headers.virtual_size`; not checked for a format it does not read).
 
-Pitfalls: Glance answers a refused upload (format inspection 415, quota 413) only after the whole
-body, so only ``finish`` knows the outcome. A broken upload puts the image back to ``queued``.
+Pitfalls: Glance answers a refused upload (format inspection 415, a size cap 413) only after the
+whole body, so only ``finish`` knows the outcome; a quota (413 of a unified limit) is checked
+before Glance reads any of the body, so a write that finds the PUT ended raises it (the writes
+before it went to the channel and the socket's buffers). A broken upload puts the image back to
+``queued``.
 """
 
 from __future__ import annotations

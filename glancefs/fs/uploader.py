@@ -46,7 +46,7 @@ from typing import TypeVar
 
 import trio
 
-from glancefs import GlanceError, Image, OverLimit
+from glancefs import GlanceError, Image, OverLimit, QuotaExceeded
 
 from .changes import Changes
 from .formats import Formats, formats_of_name
@@ -372,8 +372,10 @@ class UploadSession:
         reason: str | None = None
         try:
             return await step
+        except QuotaExceeded as error:
+            failure, reason = error, f"{what}: {error}"  # the project's quota: EDQUOT
         except OverLimit as error:
-            failure = OutOfSpace(f"{what}: {error}")
+            failure = OutOfSpace(f"{what}: {error}")  # a size cap, a full store
         except (Refusal, GlanceError) as error:
             failure = error
         except OSError as error:

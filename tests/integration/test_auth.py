@@ -32,7 +32,7 @@ import trio
 from conftest import MountFactory
 from keystoneauth1 import session as ks_session
 from keystoneauth1.identity import v3
-from support import GLANCEFS, GlanceAPI, Mount
+from support import GLANCEFS, GlanceAPI, Mount, base_env
 
 import glancefs
 from lab.faults import IMAGE_DATA, FaultProxy, Request
@@ -110,18 +110,6 @@ def images(keystone: KeystoneServer, glance_ks: GlanceServer) -> dict[str, dict]
         made[user]["data"] = data
         api.close()
     return made
-
-
-def base_env(tmp_path: Path) -> dict[str, str]:
-    """The test's environment without OS_* variables, proxies or a user's clouds.yaml."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith("OS_") and k.lower() not in ("http_proxy", "https_proxy", "all_proxy")
-    }
-    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"
-    env["XDG_CONFIG_HOME"] = str(tmp_path / "xdg")  # hides ~/.config/openstack/clouds.yaml
-    return env
 
 
 def demo_env(keystone: KeystoneServer, tmp_path: Path, *, password: bool = True) -> dict[str, str]:

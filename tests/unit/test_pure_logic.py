@@ -10,7 +10,15 @@ from typing import Any, ClassVar
 
 import pytest
 
-from glancefs._exceptions import BadRequest, NotFound, ServerError, clean_text, error_for_status
+from glancefs._exceptions import (
+    BadRequest,
+    NotFound,
+    OverLimit,
+    QuotaExceeded,
+    ServerError,
+    clean_text,
+    error_for_status,
+)
 from glancefs.fs.config import ConfigError, View, parse_filter, parse_mount_options, parse_sort
 from glancefs.fs.formats import choose_formats, detect_disk_format, upload_name
 from glancefs.fs.inodes import FIRST_DYNAMIC_INODE, ImageKey, InodeTable
@@ -214,6 +222,51 @@ class TestErrorTexts:
         assert str(error) == "404 gone (request req-1)"
         assert isinstance(error_for_status(400, "bad"), BadRequest)
         assert isinstance(error_for_status(502, "proxy"), ServerError)
+
+    #: Glance's 413 for a unified limit, as its JSON error body's message says it.
+    OVER_LIMIT = (
+        "The request returned a 413 Request Entity Too Large. This generally means that rate "
+        "limiting or a quota threshold was breached.\n\nThe response body:\nProject "
+        "224230e985c2433898fb47402cef0246 is over a limit for [Resource image_count_total is "
+        "over limit of 1 due to current usage 1 and delta 1]<br /><br />\n\n\n"
+    )
+
+    def test_a_unified_limit_is_named_with_its_figures(self) -> None:
+        error = error_for_status(413, self.OVER_LIMIT, "req-9")
+        assert isinstance(error, QuotaExceeded)
+        assert isinstance(error, OverLimit)
+        assert (error.resource, error.limit, error.usage, error.delta) == (
+            "image_count_total",
+            1,
+            1,
+            1,
+        )
+        assert str(error) == (
+            "413 quota image_count_total exceeded: limit 1, in use 1, the request adds 1 "
+            "(request req-9)"
+        )
+
+    def test_a_size_limit_in_mib_from_the_html_body(self) -> None:
+        html_body = (
+            "<html><head><title>413 Request Entity Too Large</title></head><body><h1>413 "
+            "Request Entity Too Large</h1> The response body:\nProject p is over a limit for "
+            "[Resource image_size_total is over limit of 64 due to current usage 70 and delta "
+            "0]<br /><br />\n</body></html>"
+        )
+        error = error_for_status(413, html_body)
+        assert isinstance(error, QuotaExceeded)
+        assert str(error) == "413 quota image_size_total exceeded: limit 64 MiB, in use 70 MiB"
+        stage = error_for_status(
+            413, self.OVER_LIMIT.replace("image_count_total", "image_stage_total")
+        )
+        assert isinstance(stage, QuotaExceeded)
+        assert stage.resource == "image_stage_total"
+        assert "limit 1 MiB, in use 1 MiB, the request adds 1 MiB" in str(stage)
+
+    def test_other_413s_are_not_quotas(self) -> None:
+        cap = error_for_status(413, "The incoming image is too large: 4194304 > 2097152")
+        assert type(cap) is OverLimit
+        assert not isinstance(error_for_status(400, self.OVER_LIMIT), QuotaExceeded)
 
     def test_redaction(self) -> None:
         line = redact("curl -H 'X-Auth-Token: s3cr3t'", ["s3cr3t"])

@@ -20,7 +20,7 @@ import trio
 import trio.testing
 from fakes import FakeClient
 
-from glancefs import Forbidden, Image, ServerError
+from glancefs import Forbidden, Image, OverLimit, QuotaExceeded, ServerError
 from glancefs.fs import payload
 from glancefs.fs.catalog import Catalog
 from glancefs.fs.changes import Changes
@@ -532,6 +532,52 @@ async def test_a_bug_below_aborts_and_cleans_up(tmp_path: Path) -> None:
             await session.close()
         assert failed.value.errno == errno.EIO
         assert s.glance.named("disk.raw") == []
+
+
+@pytest.mark.parametrize("keep_failed", [False, True])
+async def test_a_quota_refusing_the_put_at_close_is_edquot(
+    keep_failed: bool, tmp_path: Path
+) -> None:
+    async with setup(tmp_path, keep_failed=keep_failed) as s:
+        s.glance.fail["upload"] = QuotaExceeded(413, "image_size_total", 64, 70, 0)
+        session = await s.session()
+        await session.write(0, b"x" * 10)  # held: sent whole at close
+        with pytest.raises(UploadAborted, match="quota image_size_total exceeded") as refused:
+            await session.close()
+        assert refused.value.errno == errno.EDQUOT
+        left = [r["status"] for r in s.glance.named("disk.raw")]
+        assert left == (["queued"] if keep_failed else [])
+
+
+async def test_a_quota_refusing_a_streamed_put_fails_the_write_that_meets_it(
+    tmp_path: Path,
+) -> None:
+    async with setup(tmp_path) as s:
+        # Glance checks image_count_uploading as the PUT starts, before reading its body.
+        s.glance.fail["upload"] = QuotaExceeded(413, "image_count_uploading", 1, 2, 0)
+        session = await s.session()
+
+        async def write_64_mib() -> None:
+            for offset in range(0, 64 * MiB, MiB):
+                await session.write(offset, b"x" * MiB)
+
+        with pytest.raises(UploadAborted, match="image_count_uploading") as refused:
+            await write_64_mib()
+        assert refused.value.errno == errno.EDQUOT
+        assert s.glance.named("disk.raw") == []
+        with pytest.raises(UploadAborted) as again:
+            await session.close()
+        assert again.value.errno == errno.EDQUOT
+
+
+async def test_a_size_cap_is_enospc_not_a_quota(tmp_path: Path) -> None:
+    async with setup(tmp_path) as s:
+        s.glance.fail["upload"] = OverLimit(413, "The incoming image is too large")
+        session = await s.session()
+        await session.write(0, b"x" * 10)
+        with pytest.raises(UploadAborted) as refused:
+            await session.close()
+        assert refused.value.errno == errno.ENOSPC
 
 
 async def test_a_cancelled_write_still_cleans_up(
