@@ -2,8 +2,9 @@
 then ``POST .../import`` with ``glance-direct``) and the wait for its end.
 
 The import runs with ``--import``, and without it where Glance refuses the PUT by policy
-(``"upload_image": "!"``, while staging stays allowed) and offers ``glance-direct``: the first
-such 403 switches the mount to the import for good (one log line). Glance checks that policy
+(``"upload_image": "!"``, while staging stays allowed) and offers ``glance-direct``: a PUT
+refused with 403 goes to the stage instead, and once the stage took one (the policy refuses PUT,
+not this user the image) the mount imports for good (one log line). Glance checks that policy
 before it reads the body and answers at once (gunicorn then closes the connection), so the bytes
 of a refused PUT that were already sent are few; until a PUT has succeeded on this mount, each
 one keeps its first :data:`REPLAY_BYTES` to send again to the stage
@@ -56,7 +57,9 @@ class UploadRoute:
         self.imports = always_import
         #: A PUT has succeeded on this mount: later PUTs keep nothing to replay.
         self.put_works = False
-        self._switch = trio.Lock()
+        #: Whether Glance offers ``glance-direct`` (None: not asked yet).
+        self._offers_import: bool | None = None
+        self._asking = trio.Lock()
 
     @property
     def replays(self) -> bool:
@@ -66,26 +69,27 @@ class UploadRoute:
     def put_succeeded(self) -> None:
         self.put_works = True
 
-    async def import_instead(self, image_id: str, refusal: Forbidden) -> bool:
-        """After a PUT refused with ``refusal``: True when uploads import from now on (Glance
-        offers ``glance-direct``; said once per mount in the log)."""
-        async with self._switch:
-            if self.imports:
-                return True
-            try:
-                methods = await self._changes.import_methods()
-            except GlanceError as error:
-                log.warning("image %s: Glance refused the upload (%s), and its import methods "
-                            "cannot be read: %s", image_id, refusal, error)  # fmt: skip
-                return False
-            if "glance-direct" not in methods:
-                return False
-            self.imports = True
-            log.warning(
-                "Glance refuses uploads by PUT (%s) and offers glance-direct: this mount imports "
-                "its uploads from now on (as with --import)", refusal,
-            )  # fmt: skip
-            return True
+    async def may_stage(self) -> bool:
+        """After a PUT refused with 403: whether its data may go to the stage instead, as
+        Glance offers ``glance-direct`` (asked once; a failure to ask is a no)."""
+        async with self._asking:
+            if self._offers_import is None:
+                try:
+                    self._offers_import = "glance-direct" in await self._changes.import_methods()
+                except GlanceError:
+                    return False  # asked again at the next refusal
+            return self._offers_import
+
+    def staged_after_refusal(self, refusal: Forbidden) -> None:
+        """The stage took what a PUT was refused (a policy, not this image's owner, refused
+        it): uploads import from now on, said once in the log."""
+        if self.imports:
+            return
+        self.imports = True
+        log.warning(
+            "Glance refuses uploads by PUT (%s) but takes them staged: this mount imports its "
+            "uploads from now on (as with --import)", refusal,
+        )  # fmt: skip
 
 
 async def wait_for_import(changes: Changes, image_id: str) -> Image:

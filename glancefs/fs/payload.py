@@ -241,6 +241,8 @@ class Payload:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._error: GlanceError | None = None
+        #: The 403 of a PUT whose data went to the stage instead.
+        self._refusal: Forbidden | None = None
         #: The disk size the source's header declares (None: unknown), for an import that
         #: converts it.
         self._virtual_size: int | None = None
@@ -418,11 +420,13 @@ class Payload:
         sent and Glance offers the import (else the refusal stands)."""
         put = self._put
         assert put is not None
-        if put.staged or put.kept is None:
+        if put.staged or put.kept is None or not await self._route.may_stage():
             raise_again(refusal)
-        if not await self._route.import_instead(self._id, refusal):
-            raise_again(refusal)
-        self._put = self._new_put(put.size)
+        self._refusal = refusal
+        self._put = _Put(
+            self._changes, self._id, self._nursery, self.transfer, put.size,
+            staged=True, replay=False,
+        )  # fmt: skip
         for chunk in put.kept:
             await self._put.send(chunk)
 
@@ -492,6 +496,8 @@ class Payload:
             except Forbidden as refusal:
                 await self._stage_instead(refusal)
                 await self._put.end()
+            if self._refusal is not None:
+                self._route.staged_after_refusal(self._refusal)
             if self._put.staged:
                 return await self._imported(self._put)
             self._route.put_succeeded()

@@ -138,3 +138,15 @@ async def test_once_a_put_worked_it_keeps_nothing_to_replay(tmp_path: Path) -> N
 
 def test_import_is_a_mount_option_flag() -> None:
     assert parse_mount_options("import,keep_failed") == [("import", None), ("keep_failed", None)]
+
+
+async def test_a_403_the_stage_shares_is_not_a_policy_against_put(tmp_path: Path) -> None:
+    """Glance refuses both for this image (another project's): the mount keeps PUT."""
+    async with uploads(tmp_path) as (glance, sessions):
+        glance.fail["upload"] = glance.fail["stage"] = Forbidden(403, "not your image")
+        with pytest.raises(UploadAborted) as refused:
+            await _upload(glance, sessions, "theirs.raw", random.randbytes(2 * MiB))
+        assert refused.value.errno == errno.EPERM
+        glance.fail.clear()
+        mine = await _upload(glance, sessions, "mine.raw", random.randbytes(2 * MiB))
+        assert [call for call, image in glance.calls if image == mine] == ["create", "upload"]
