@@ -649,6 +649,67 @@ class Bench:
             )
         )  # fmt: skip
 
+    # -- uploads by import ---------------------------------------------------------------------
+
+    def imports(self) -> None:
+        """The 1 GiB qcow2 imported with conversion to raw (a Glance of its own, with the
+        image_conversion plugin): ``cp`` into new/ of a ``--import`` mount against ``glance
+        image-create-via-import --file``, each timed until the image is active."""
+        log("import: a Glance converting imports to raw; image-create-via-import, then cp")
+        qcow2 = self.qcow2()
+        conversion = {
+            "image_import_opts": {"image_import_plugins": "['image_conversion']"},
+            "image_conversion": {"output_format": "raw"},
+        }
+        # fakeauth: an import task needs an owner, which noauth leaves out.
+        with (
+            GlanceServer(
+                self.work / "import-glance", flavor="fakeauth", conf_overrides=conversion
+            ) as glance,
+            GlanceAPI(glance.url, timeout=600) as api,
+        ):
+            peer, ours = Series("image-create-via-import"), Series("cp into new/, --import")
+            for index in range(self.runs):
+                name = f"via-import-{index}.qcow2"
+                warm(qcow2)
+                started = time.perf_counter()
+                # stdin closed: the glance CLI takes any other stdin for the image's data.
+                run(
+                    "sh", "-c", 'exec "$@" <&-', "sh",
+                    str(self.glanceclient), "--os-image-url", glance.url, "--os-auth-token",
+                    "bench", "image-create-via-import", "--name", name, "--disk-format",
+                    "qcow2", "--container-format", "bare", "--import-method", "glance-direct",
+                    "--file", str(qcow2),
+                )  # fmt: skip
+                peer.values.append(self.until_active(api, name) - started)
+            with self.mount("import", "--import", url=glance.url) as mount:
+                for index in range(self.runs):
+                    name = f"cp-import-{index}.qcow2"
+                    warm(qcow2)
+                    with self.cpu(mount, glance) as import_cpu:
+                        seconds, _ = timed("cp", str(qcow2), str(mount.path / "new" / name))
+                    (image,) = api.list(name=name)
+                    assert (image["status"], image["disk_format"]) == ("active", "raw"), image
+                    assert image["size"] == GIB, image
+                    ours.values.append(seconds)
+            note = (
+                f"{qcow2.stat().st_size / MB:.0f} MB qcow2 of 1 GiB of random data, converted to "
+                f"raw; until active (the glance CLI returns at the import's start: polled); "
+                f"{import_cpu.text}"
+            )
+            self.add(Metric("import qcow2 with conversion", "s", False, ours, peer, 1.1, note))
+
+    @staticmethod
+    def until_active(api: GlanceAPI, name: str) -> float:
+        """The time (perf_counter) at which the image ``name`` was seen active, polled."""
+        while True:
+            (image,) = api.list(name=name)
+            if image["status"] == "active":
+                return time.perf_counter()
+            if image["status"] not in ("queued", "uploading", "importing"):
+                raise RuntimeError(f"import of {name} ended {image['status']}")
+            time.sleep(0.05)
+
     # -- qemu-img as a writer -----------------------------------------------------------------
 
     def qemu_writes(self) -> None:
@@ -835,6 +896,7 @@ GROUPS: dict[str, Callable[[Bench], None]] = {
     "ttfb": Bench.first_byte,
     "rss": Bench.memory,
     "cache": Bench.cache,
+    "import": Bench.imports,
     "rbd": Bench.rbd,
     "qemu-write": Bench.qemu_writes,
 }

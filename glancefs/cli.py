@@ -43,6 +43,7 @@ from .fs.fstab import mount_argv
 from .fs.metrics import parse_address
 from .fs.mount import (
     MountError,
+    check_import,
     check_mountpoint,
     check_reachable,
     check_store,
@@ -70,6 +71,7 @@ _OPTION_FLAGS = {
     "direct_io": ("direct_io", True),
     "insecure": ("insecure", True),
     "cache_dir": ("cache_dir", ""),  # -o cache_dir: the default directory
+    "import": ("import_uploads", True),
 }
 _GIVEN = (click.core.ParameterSource.COMMANDLINE, click.core.ParameterSource.ENVIRONMENT)
 #: Parameters that can repeat (``-o tag=a,tag=b``).
@@ -227,6 +229,14 @@ def run() -> None:
     metavar="ID",
     help="The store uploads and web-downloads (ln -s URL new/NAME) go to, one of those "
     "GET /v2/info/stores lists (checked at mount) [default: Glance's default store].",
+)
+@click.option(
+    "--import",
+    "import_uploads",
+    is_flag=True,
+    help="Upload by interoperable import: stage the data, then import it with glance-direct "
+    "(the cloud's import plugins run, e.g. conversion to raw); the last close waits for the "
+    "import to end. Without it, uploads import where Glance refuses them by policy.",
 )
 @click.option(
     "--spool-dir",
@@ -428,6 +438,7 @@ def _config_from(params: dict[str, Any]) -> MountConfig:
         allow_delete=params["allow_delete"],
         keep_failed=params["keep_failed"],
         store=params["store"],
+        import_uploads=params["import_uploads"],
         default_formats=(params["disk_format"], params["container_format"]),
         spool_dir=params["spool_dir"],
         spool_size=parse_size(params["spool_size"], "--spool-size"),
@@ -508,6 +519,7 @@ async def _mount_and_serve(
                 await check_reachable(client)
                 config = await limit_to_credentials(client, config)
                 await check_store(client, config.store)
+                await check_import(client, config)
             except GlanceError as error:
                 raise MountError(await _explain(client, credentials, error)) from None
             return await serve(

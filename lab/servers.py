@@ -29,7 +29,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal, Protocol, Self
@@ -620,6 +620,7 @@ class GlanceServer(_GunicornServer):
         threads: int = 8,
         stores: Sequence[GlanceStore] = (),
         default_store: str = "fs",
+        policy: Mapping[str, str] | None = None,
     ) -> None:
         super().__init__(
             workdir, port=port, detach=detach, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
@@ -638,6 +639,8 @@ class GlanceServer(_GunicornServer):
             raise ValueError("flavor='keystone' needs keystone_url")
         self.flavor: Flavor = flavor
         self.conf_overrides = conf_overrides or {}
+        #: oslo.policy rules added to the flavor's (``{"upload_image": "!"}``: only import).
+        self.policy = dict(policy or {})
         self.keystone_url = keystone_url
         self._venv = venv
 
@@ -688,6 +691,8 @@ class GlanceServer(_GunicornServer):
         remove: tuple[str, ...] = ()
         if self.flavor == "fakeauth":
             merge["paste_deploy"] = {"flavor": "fakeauth"}
+            # Only read by an import proxied to another node, which calls that node directly.
+            merge["keystone_authtoken"] = {"auth_url": self.base_url}
             remove = ("oslo_policy",)
         elif self.flavor == "keystone":
             assert self.keystone_url is not None
@@ -705,6 +710,9 @@ class GlanceServer(_GunicornServer):
                 "token_cache_time": "-1",  # a revoked token is refused at once
             }
             remove = ("oslo_policy",)
+        if overrides and self.policy:
+            remove = tuple(section for section in remove if section != "oslo_policy")
+            merge["oslo_policy"] = {"policy_file": str(self.etc_dir / "policy.yaml")}
         for section, options in (self.conf_overrides if overrides else {}).items():
             merge.setdefault(section, {}).update(options)
         return _edit_ini(text, remove=remove, merge=merge)
@@ -730,6 +738,12 @@ class GlanceServer(_GunicornServer):
         (etc / "policy-noauth.yaml").write_text(
             _render(TEMPLATES / "glance" / "policy-noauth.yaml", subs)
         )
+        if self.policy:
+            # The flavor's rules (noauth: everyone is admin), then the added ones.
+            base = _render(TEMPLATES / "glance" / "policy-noauth.yaml", subs)
+            added = "".join(f"{json.dumps(rule)}: {json.dumps(check)}\n"
+                            for rule, check in self.policy.items())  # fmt: skip
+            (etc / "policy.yaml").write_text((base if self.flavor == "noauth" else "") + added)
         (etc / "glance-api.conf").write_text(self._render_conf(self.workdir))
 
     def db_sync(self) -> None:

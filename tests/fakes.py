@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import hashlib
 from collections import Counter
-from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +170,9 @@ class FakeImages:
         self.gets += 1
         for r in self.records:
             if r["id"] == image_id:
+                if r["status"] == "importing" and image_id in self.client.staged:
+                    self._end_import(r)
+                    return Image(dict(r, status="importing"))  # one poll sees it importing
                 return Image(r)
         raise NotFound(404, image_id)
 
@@ -248,6 +251,34 @@ class FakeImages:
                  os_hash_value=hashlib.sha512(body).hexdigest(),
                  checksum=hashlib.md5(body).hexdigest())  # fmt: skip
 
+    async def stage(
+        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+    ) -> None:
+        self.client.called("stage", image_id)
+        r = self.client.record(image_id)
+        r["status"] = "uploading"
+        body = b"".join([chunk async for chunk in data])
+        self.client.staged[image_id] = body
+        r["size"] = len(body)
+
+    def _end_import(self, r: dict[str, Any]) -> None:
+        """An import ends as the client's ``import_failure`` or ``conversion`` say."""
+        client = self.client
+        body = client.staged.pop(r["id"])
+        r.pop("os_glance_import_task", None)
+        if client.import_failure is not None:
+            r.update(status="queued", size=None, os_glance_failed_import="fs")
+            client.tasks[r["id"]] = [
+                {"id": "t", "status": "failure", "message": client.import_failure}
+            ]
+            return
+        if client.conversion is not None:
+            r["disk_format"], body, r["virtual_size"] = client.conversion(body)
+        client.data[r["id"]] = body
+        r.update(status="active", size=len(body), os_hash_algo="sha512",
+                 os_hash_value=hashlib.sha512(body).hexdigest(),
+                 checksum=hashlib.md5(body).hexdigest(), os_glance_failed_import="")  # fmt: skip
+
     async def delete(self, image_id: str) -> None:
         self.client.called("delete", image_id)
         self.records.remove(self.client.record(image_id))
@@ -266,7 +297,7 @@ class FakeImages:
         self.client.imports.append((image_id, method, uri, list(stores or [])))
         r = self.client.record(image_id)
         r["os_glance_import_task"] = "task-" + image_id
-        if method == "web-download":
+        if method in ("web-download", "glance-direct"):
             r["status"] = "importing"
 
     async def delete_from_store(self, store_id: str, image_id: str) -> None:
@@ -314,7 +345,9 @@ class FakeClient:
     Glance`): records that change, data that is stored and hashed, and failures to inject
     (``fail[method] = error``, raised by every later call of it; ``hold_upload``: an upload waits
     for it after its first chunk, to catch a session mid-PUT). Enough of Glance's behaviour for the
-    filesystem's state machines; never a substitute for the real one.
+    filesystem's state machines; never a substitute for the real one. An import ends at the
+    second ``get`` after it started: failed with ``import_failure`` (the task's message), else
+    active, its data converted by ``conversion`` (data → disk format, data, virtual size).
     """
 
     @classmethod
@@ -353,6 +386,10 @@ class FakeClient:
         self.imports: list[tuple[str, str, str | None, list[str]]] = []
         #: The import tasks of each image (records, as get_associated_image_tasks gives them).
         self.tasks: dict[str, list[dict[str, Any]]] = {}
+        #: Staged data by image id, until its import.
+        self.staged: dict[str, bytes] = {}
+        self.import_failure: str | None = None
+        self.conversion: Callable[[bytes], tuple[str, bytes, int]] | None = None
 
     def record(self, image_id: str) -> dict[str, Any]:
         for r in self.images.records:

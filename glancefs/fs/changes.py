@@ -20,19 +20,25 @@ from typing import Any
 
 import trio
 
-from glancefs import Conflict, GlanceError, Image, NotFound, OverLimit, ServerError, Task
+from glancefs import Conflict, GlanceError, Image, NotFound, OverLimit, ServerError
 
 from .catalog import Catalog
 from .glance import Glance
 from .refusals import OutOfSpace
 from .xattrs import Patch
 
-__all__ = ["Changes"]
+__all__ = ["Changes", "stores_of"]
 
 log = logging.getLogger("glancefs.fs")
 
 #: How long a failed upload's image may take to become deletable (Glance noticing the broken PUT).
 _SETTLE_SECONDS = 20.0
+
+
+def stores_of(record: Image, field: str = "stores") -> list[str]:
+    """The store ids of a comma-separated field of the record (``stores`` by default;
+    ``os_glance_failed_import``: those an import failed to reach)."""
+    return [s.strip() for s in str(record.get(field) or "").split(",") if s.strip()]
 
 
 class Changes:
@@ -160,9 +166,41 @@ class Changes:
             await self._client.images.delete_from_store(store, image_id)
         log.info("image %s: deleted from store %s", image_id, store)
 
-    async def import_tasks(self, image_id: str) -> list[Task]:
-        """The import tasks Glance ran for the image (why an import failed)."""
-        return await self._client.images.get_associated_image_tasks(image_id)
+    async def stage(self, image_id: str, body: AsyncIterable[bytes], size: int | None) -> None:
+        """Send the image's data to Glance's staging area (``PUT .../stage``), for
+        :meth:`import_staged`."""
+        try:
+            await self._client.images.stage(image_id, body, size=size)
+        finally:
+            self.catalog.invalidate(image_id)
+
+    async def import_staged(self, image_id: str) -> None:
+        """Start the ``glance-direct`` import of the staged data (into ``--store``); Glance
+        imports in the background."""
+        stores = None if self._store is None else [self._store]
+        with self._changing(image_id, "import"):
+            await self._client.images.image_import(image_id, "glance-direct", stores=stores)
+
+    async def import_methods(self) -> list[str]:
+        """The interoperable import methods this Glance offers (``GET /v2/info/import``)."""
+        return await self._client.info.import_methods()
+
+    async def import_failure(self, image: Image) -> str:
+        """Why the image's import failed, in Glance's words: the stores of
+        ``os_glance_failed_import`` and the message of its latest failed import task (when
+        Glance lets this user read its tasks)."""
+        failed = stores_of(image, "os_glance_failed_import")
+        reasons = [f"failed in store {','.join(failed)}"] if failed else []
+        try:
+            tasks = await self._client.images.get_associated_image_tasks(image.id)
+        except GlanceError as error:
+            reasons.append(f"its tasks cannot be read: {error}")
+        else:
+            failures = [task for task in tasks if task.status == "failure" and task.message]
+            if failures:
+                latest = max(failures, key=lambda task: str(task.get("created_at")))
+                reasons.append(latest.message)
+        return "; ".join(reasons) or f"the image is {image.status}"
 
     async def fresh(self, image_id: str) -> Image:
         """Glance's record now (not the cache's)."""

@@ -157,6 +157,8 @@ class MountConfig:
     #: The store uploads and web-downloads go to (``--store``, one of Glance's
     #: ``/v2/info/stores``); None: Glance's default store.
     store: str | None = None
+    #: Stage and import uploads (``--import``: ``glance-direct``) rather than PUT them.
+    import_uploads: bool = False
     #: Formats of an upload whose content and name tell none.
     default_formats: tuple[str, str] = ("raw", "bare")
     #: The spool's directory (None: the default under the user's cache directory,
@@ -179,7 +181,7 @@ class MountConfig:
 _FLAG_OPTIONS = frozenset(
     {"ro", "rw", "allow_other", "default_permissions", "debug", "foreground", "no_verify",
      "direct_io", "insecure", "allow_delete", "keep_failed", "read_only", "cache_dir", "cache_fill",
-     "_netdev", "nofail", "auto",
+     "import", "_netdev", "nofail", "auto",
      "noauto", "user", "nouser", "users", "exec", "noexec", "suid", "nosuid", "dev", "nodev",
      "defaults"}
 )  # fmt: skip

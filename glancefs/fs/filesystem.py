@@ -29,11 +29,11 @@ import trio
 from glancefs import Image
 
 from .catalog import MTIME_PROPERTY, Catalog, Entry, mtime_text
-from .changes import Changes
+from .changes import Changes, stores_of
 from .config import MountConfig
 from .files import Opened, OpenFiles
 from .formats import formats_of_name, upload_name
-from .imports import IMPORT_LOCK, Imports, stores_of
+from .imports import IMPORT_LOCK, Imports
 from .inodes import ImageKey
 from .namespace import (
     NEW,

@@ -62,6 +62,10 @@ class Images(Protocol):
 
     async def get_associated_image_tasks(self, image_id: str) -> builtins.list[Task]: ...
 
+    async def stage(
+        self, image_id: str, data: AsyncIterable[bytes], size: int | None = None
+    ) -> None: ...
+
     async def open_data(
         self,
         image_id: str,

@@ -17,25 +17,18 @@ from dataclasses import dataclass
 
 import trio
 
-from glancefs import GlanceError, Image, NotFound
+from glancefs import Image, NotFound
 
 from .background import failure_of
-from .changes import Changes
+from .changes import Changes, stores_of
 from .status import STATUS
 
-__all__ = ["IMPORT_LOCK", "Imports", "stores_of"]
+__all__ = ["IMPORT_LOCK", "Imports"]
 
 log = logging.getLogger("glancefs.fs")
 
 #: The property Glance sets on an image while an import task holds it.
 IMPORT_LOCK = "os_glance_import_task"
-#: The property listing the stores an import failed to reach.
-FAILED_STORES = "os_glance_failed_import"
-
-
-def stores_of(record: Image, field: str = "stores") -> list[str]:
-    """The store ids of a comma-separated field of the record (``stores`` by default)."""
-    return [s.strip() for s in str(record.get(field) or "").split(",") if s.strip()]
 
 
 @dataclass(frozen=True)
@@ -116,23 +109,9 @@ class Imports:
                 return record
 
     async def _failed(self, started: _Import, record: Image) -> None:
-        reason = await self._reason(record)
+        reason = await self._changes.import_failure(record)
         if started.url is not None and not self._keep_failed:
             await self._changes.discard(started.image_id, f"{started.what} failed: {reason}")
             return
         kept = " (kept queued: --keep-failed)" if started.url is not None else ""
         log.error("image %s: %s failed: %s%s", started.image_id, started.what, reason, kept)
-
-    async def _reason(self, record: Image) -> str:
-        """Why an import failed, in Glance's words: the stores it failed to reach and the last
-        import task's message (the task API may be refused: then the stores alone)."""
-        failed = stores_of(record, FAILED_STORES)
-        parts = [f"failed in {','.join(failed)}"] if failed else []
-        try:
-            tasks = await self._changes.import_tasks(record.id)
-        except GlanceError:
-            tasks = []
-        failures = [task for task in tasks if task.status == "failure" and task.message]
-        if failures:
-            parts.append(max(failures, key=lambda task: str(task.get("created_at"))).message)
-        return "; ".join(parts) or "Glance gave no reason"

@@ -47,6 +47,7 @@ from .uploader import UploadPolicy, Uploads
 __all__ = [
     "MountError",
     "build_filesystem",
+    "check_import",
     "check_mountpoint",
     "check_reachable",
     "check_store",
@@ -150,6 +151,18 @@ async def check_store(client: Client, store: str | None) -> None:
         raise MountError(f"--store {store}: not one of this Glance's stores: {', '.join(offered)}")
 
 
+async def check_import(client: Client, config: MountConfig) -> None:
+    """``--import`` needs Glance's ``glance-direct`` import: without it, fail the mount in one
+    line (MountError) rather than every upload."""
+    if not config.import_uploads or config.read_only:
+        return
+    methods = await client.info.import_methods()
+    if "glance-direct" not in methods:
+        offered = ", ".join(methods) or "none"
+        raise MountError(f"--import: this Glance offers no glance-direct import (it offers: "
+                         f"{offered})")  # fmt: skip
+
+
 #: Roles that Glance's default (secure RBAC) policy lets change images; ``_member_`` is the
 #: legacy name of ``member``. Keystone puts implied roles in the token (admin implies member).
 WRITE_ROLES = frozenset({"admin", "member", "_member_"})
@@ -184,7 +197,10 @@ def build_filesystem(
     changes = Changes(client, catalog, config.store)
     # One spool for the reads of stores without ranges and the uploads written out of order.
     spool = SpoolSpace(config.spool_dir or default_spool_dir(), config.spool_size)
-    policy = UploadPolicy(config.default_formats, config.spool_dir is not None, config.keep_failed)
+    policy = UploadPolicy(
+        config.default_formats, config.spool_dir is not None, config.keep_failed,
+        always_import=config.import_uploads,
+    )  # fmt: skip
     uploads = Uploads(changes, nursery, policy, spool)
     inodes = InodeTable(FIXED_INODES)
     readers = Readers(

@@ -22,8 +22,16 @@ whenever it is known before the data goes out: held or spooled payloads, and a s
 writer set the size before it wrote data; such a writer that then writes past that size, or sets
 another, fails (EIO) rather than send another amount than announced.
 
+The bytes go in one ``PUT .../file``, or, when the mount imports (:mod:`glancefs.fs.importing`:
+``--import``, or Glance refusing the PUT by policy), in one ``PUT .../stage`` followed by the
+``glance-direct`` import. A PUT refused with 403 before it got far (Glance checks the policy
+first) is sent again, from the bytes it kept, to the stage.
+
 Every byte sent is hashed (sha512 and md5), and :meth:`Payload.finish` succeeds only when Glance
-reports the image ``active`` with the size and hashes that were sent.
+reports the image ``active`` with the size and hashes that were sent. An import that changed the
+disk format (``image_conversion``) leaves Glance's own size and hashes: then the staged size must
+be the bytes sent, and the image's virtual size the one the source's header declares
+(:func:`~glancefs.fs.headers.virtual_size`; not checked for a format it does not read).
 
 Pitfalls: Glance answers a refused upload (format inspection 415, a size cap 413) only after the
 whole body, so only ``finish`` knows the outcome; a quota (413 of a unified limit) is checked
@@ -42,12 +50,13 @@ from collections.abc import AsyncIterator, Iterator
 
 import trio
 
-from glancefs import GlanceError, Image
+from glancefs import Forbidden, GlanceError, Image
 
 from .background import failure_of, raise_again
 from .changes import Changes
 from .formats import DETECTION_BYTES, Formats, choose_formats
-from .headers import holds_data
+from .headers import holds_data, virtual_size
+from .importing import REPLAY_BYTES, UploadRoute, wait_for_import
 from .refusals import InvalidArgument, LocalFailure, TooLarge
 from .spool import SpoolFile, SpoolSpace
 from .status import STATUS, Transfer
@@ -92,8 +101,9 @@ def _zeros_only(data: bytes) -> bool:
 
 
 class _Put:
-    """One ``PUT .../file``, fed chunk by chunk, every byte hashed on the way; runs in the
-    nursery and never raises there (its failure is kept for :meth:`send` and :meth:`end`)."""
+    """One ``PUT .../file`` (or ``.../stage``: ``staged``), fed chunk by chunk, every byte hashed
+    on the way; runs in the nursery and never raises there (its failure is kept for :meth:`send`
+    and :meth:`end`). ``replay``: keep the first :data:`REPLAY_BYTES` sent in :attr:`kept`."""
 
     def __init__(
         self,
@@ -102,9 +112,15 @@ class _Put:
         nursery: trio.Nursery,
         transfer: Transfer,
         size: int | None,
+        *,
+        staged: bool,
+        replay: bool,
     ) -> None:
         self._image_id = image_id
         self.size = size
+        self.staged = staged
+        #: Every chunk sent so far, while they fit in REPLAY_BYTES; None: not kept.
+        self.kept: list[bytes] | None = [] if replay else None
         self.sent = 0
         self.error: GlanceError | None = None
         self.sha512 = hashlib.sha512()
@@ -127,7 +143,8 @@ class _Put:
 
         async def upload() -> None:
             async with receive:
-                await changes.upload(self._image_id, body(), self.size)
+                send = changes.stage if self.staged else changes.upload
+                await send(self._image_id, body(), self.size)
 
         try:
             with self._scope:
@@ -154,6 +171,10 @@ class _Put:
                 f"image {self._image_id}: upload ended early"
             ) from None
         self.sent += len(chunk)
+        if self.kept is not None and self.sent <= REPLAY_BYTES:
+            self.kept.append(chunk)
+        else:
+            self.kept = None
 
     def _hash(self, chunk: bytes) -> None:
         self.sha512.update(chunk)
@@ -186,11 +207,13 @@ class Payload:
         nursery: trio.Nursery,
         spool: SpoolSpace,
         default_formats: Formats,
+        route: UploadRoute,
         *,
         choose_formats: bool,
         spool_all: bool = False,
     ) -> None:
         self._changes = changes
+        self._route = route
         self.image = image
         self._nursery = nursery
         self._space = spool
@@ -218,6 +241,13 @@ class Payload:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self._error: GlanceError | None = None
+        #: The 403 of a PUT whose data went to the stage instead.
+        self._refusal: Forbidden | None = None
+        #: The disk size the source's header declares (None: unknown), for an import that
+        #: converts it.
+        self._virtual_size: int | None = None
+        #: What was verified of the finished upload (for the log).
+        self.verified = ""
         self.finished = False
         #: What `glancefs status` shows of this upload (from its first byte sent on).
         self.transfer = STATUS.started_transfer(image.id, image.name or image.id, "upload")
@@ -342,7 +372,8 @@ class Payload:
     async def _start_streaming(self) -> None:
         """Held → streamed: the formats from the first MiB, then one PUT of what is held."""
         await self._set_formats(self._held_read(0, DETECTION_BYTES))
-        self._put = _Put(self._changes, self._id, self._nursery, self.transfer, self._declared)
+        self._virtual_size = virtual_size(self._held_read)
+        self._put = self._new_put(self._declared)
         held, self._held, self._held_bytes, self._end = self._held, [], 0, 0
         for offset, data in held:
             await self._zeros(offset - self._end)
@@ -368,7 +399,36 @@ class Payload:
         chunk = b"".join(self._pending)
         self._pending.clear()
         self._pending_bytes = 0
-        await self._put.send(chunk)
+        await self._send(chunk)
+
+    def _new_put(self, size: int | None) -> _Put:
+        return _Put(
+            self._changes, self._id, self._nursery, self.transfer, size,
+            staged=self._route.imports, replay=self._route.replays,
+        )  # fmt: skip
+
+    async def _send(self, chunk: bytes) -> None:
+        assert self._put is not None
+        try:
+            await self._put.send(chunk)
+        except Forbidden as refusal:
+            await self._stage_instead(refusal)
+            await self._put.send(chunk)
+
+    async def _stage_instead(self, refusal: Forbidden) -> None:
+        """A PUT refused by policy: send what it kept to the stage instead, when it kept all it
+        sent and Glance offers the import (else the refusal stands)."""
+        put = self._put
+        assert put is not None
+        if put.staged or put.kept is None or not await self._route.may_stage():
+            raise_again(refusal)
+        self._refusal = refusal
+        self._put = _Put(
+            self._changes, self._id, self._nursery, self.transfer, put.size,
+            staged=True, replay=False,
+        )  # fmt: skip
+        for chunk in put.kept:
+            await self._put.send(chunk)
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -424,20 +484,35 @@ class Payload:
         try:
             if self._put is None:
                 await self._set_formats(await self._whole_read(0, DETECTION_BYTES))
-                self._put = _Put(self._changes, self._id, self._nursery, self.transfer, self.size)
+                self._virtual_size = await self._source_virtual_size()
+                self._put = self._new_put(self.size)
                 async for chunk in self._whole_chunks():
-                    await self._put.send(chunk)
+                    await self._send(chunk)
             else:
                 await self._zeros(self.size - self._end)
                 await self._send_pending()
-            await self._put.end()
-            return await self._verify(self._put)
+            try:
+                await self._put.end()
+            except Forbidden as refusal:
+                await self._stage_instead(refusal)
+                await self._put.end()
+            if self._refusal is not None:
+                self._route.staged_after_refusal(self._refusal)
+            if self._put.staged:
+                return await self._imported(self._put)
+            self._route.put_succeeded()
+            return self._verify(await self._changes.fresh(self._id), self._put)
         except GlanceError as error:
             self._error = error
             self.transfer.finished("failed")
             raise
         finally:
             self._release_memory()
+
+    async def _source_virtual_size(self) -> int | None:
+        if self._spool is not None:
+            return await self._spool.inspect(virtual_size)
+        return virtual_size(self._held_read)
 
     async def _whole_read(self, offset: int, size: int) -> bytes:
         if self._spool is not None:
@@ -499,9 +574,38 @@ class Payload:
         log.info("image %s (%s): uploading as %s/%s", self._id, name, disk, container)
         self.image = await self._changes.set_formats(self._id, disk, container)
 
-    async def _verify(self, put: _Put) -> Image:
+    async def _imported(self, put: _Put) -> Image:
+        """The staged data imported: the staged size checked, then the active image against
+        what was sent (its format unchanged) or the source's virtual size (converted)."""
+        staged = await self._changes.fresh(self._id)
+        if staged.size != put.sent:
+            raise UploadFailed(
+                f"image {self._id}: upload not accepted: {staged.size} bytes staged, "
+                f"{put.sent} were sent"
+            )
+        source_format = staged.get("disk_format")
+        log.info("image %s: %d bytes staged; importing them", self._id, put.sent)
+        image = await wait_for_import(self._changes, self._id)
+        if image.get("disk_format") == source_format:
+            return self._verify(image, put)
+        expected = self._virtual_size
+        if expected is not None and image.get("virtual_size") != expected:
+            raise UploadFailed(
+                f"image {image.id}: converted from {source_format} to "
+                f"{image.get('disk_format')}, its virtual size is {image.get('virtual_size')}, "
+                f"the source's header says {expected}"
+            )
+        self.verified = (
+            f"converted from {source_format} to {image.get('disk_format')}: the staged size"
+            + (" and the virtual size" if expected is not None else "")
+            + " verified"
+        )
+        self.image = image
+        self.transfer.finished("uploaded")
+        return image
+
+    def _verify(self, image: Image, put: _Put) -> Image:
         """Glance's record of the finished upload, checked against what was sent."""
-        image = await self._changes.fresh(self._id)
         problems = []
         if image.status != "active":
             problems.append(f"status is {image.status}")
@@ -516,5 +620,6 @@ class Payload:
         if problems:
             raise UploadFailed(f"image {image.id}: upload not accepted: " + "; ".join(problems))
         self.image = image
+        self.verified = "imported and verified" if put.staged else "uploaded and verified"
         self.transfer.finished("uploaded")
         return image

@@ -467,6 +467,7 @@ def options_of(
         "allow_delete": config.allow_delete,
         "keep_failed": config.keep_failed,
         "store": config.store,
+        "import_uploads": config.import_uploads,
         "no_verify": not config.verify,
         "spool_dir": str(config.spool_dir) if config.spool_dir else None,
         "sort": view.sort,

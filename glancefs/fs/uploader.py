@@ -18,7 +18,8 @@ Which close publishes: a close by the writer (the process that opened the file) 
 other descriptor of it for writing, that is not dying, and after which the file is more than a
 size (:class:`~glancefs.fs.payload.Ending`), or more than a format's header once the writer has
 closed and opened the file before; or such a close that the writer makes while it exits
-normally. That close returns once Glance reports the image active and verified, and the metadata
+normally. That close returns once Glance reports the image active and verified (after the import,
+with ``--import``: :mod:`glancefs.fs.importing`), and the metadata
 changes made meanwhile (they wait in the session, as Glance would lose a change made while it
 receives data) are applied. Any other close by a writer that still runs returns at once:
 ``qemu-img`` creates its output (nothing, or a size), closes it, opens it again for the header,
@@ -49,6 +50,7 @@ from glancefs import GlanceError, Image, OverLimit, QuotaExceeded
 
 from .changes import Changes
 from .formats import Formats, formats_of_name
+from .importing import UploadRoute
 from .payload import Ending, Payload, UploadFailed
 from .refusals import (
     AccessDenied,
@@ -100,6 +102,8 @@ class UploadPolicy:
     spool_all: bool = False
     #: Leave the image of a failed upload queued (else the image this mount created is deleted).
     keep_failed: bool = False
+    #: Stage and import every upload (``--import``) rather than PUT it.
+    always_import: bool = False
 
 
 class UploadSession:
@@ -113,6 +117,7 @@ class UploadSession:
         nursery: trio.Nursery,
         policy: UploadPolicy,
         spool: SpoolSpace,
+        route: UploadRoute,
         *,
         created: bool,
         writer: Writer | None,
@@ -126,7 +131,7 @@ class UploadSession:
         self.writer = writer
         self._keep_failed = policy.keep_failed
         self._payload = Payload(
-            changes, image, nursery, spool, policy.default_formats,
+            changes, image, nursery, spool, policy.default_formats, route,
             choose_formats=choose_formats, spool_all=policy.spool_all,
         )  # fmt: skip
         self.stage = Stage.OPEN
@@ -342,7 +347,7 @@ class UploadSession:
             image = await self._guarded("close", self._payload.finish())
         self.stage = Stage.ENDED
         self._changes.uploaded(self.image_id)
-        log.info("image %s: %d bytes uploaded and verified", self.image_id, self.size)
+        log.info("image %s: %d bytes %s", self.image_id, self.size, self._payload.verified)
         await self._apply_deferred(image)
         return image
 
@@ -421,6 +426,7 @@ class Uploads:
         self._nursery = nursery
         self._policy = policy
         self._spool = spool
+        self._route = UploadRoute(changes, always_import=policy.always_import)
         self._sessions: dict[str, UploadSession] = {}
 
     async def open(self, image: Image, *, created: bool, writer: Writer | None) -> UploadSession:
@@ -449,7 +455,8 @@ class Uploads:
         implied = formats_of_name(image.name or "") or self._policy.default_formats
         current = (image.get("disk_format"), image.get("container_format"))
         session = UploadSession(
-            self._changes, image, self._nursery, self._policy, self._spool, created=created,
+            self._changes, image, self._nursery, self._policy, self._spool, self._route,
+            created=created,
             writer=writer, choose_formats=created or current == implied,
         )  # fmt: skip
         self._sessions[image.id] = session

@@ -11,6 +11,13 @@ RequestContext, so owner is set and tasks/import/metadefs work.
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from oslo_config import cfg  # type: ignore[import-not-found]  # in Glance's venv
+
+# The option keystonemiddleware's auth plugin would register: Glance reads it to proxy an import
+# to the node that holds the staged data (its worker_self_reference_url), with the request's own
+# token (the lab's GlanceServer sets it for this flavor).
+cfg.CONF.register_opts([cfg.StrOpt("auth_url")], group="keystone_authtoken")
+
 WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 
 

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from glancefs.fs.headers import Read, holds_data
+from glancefs.fs.headers import Read, holds_data, virtual_size
 
 MiB = 1024 * 1024
 FORMATS = ["qcow2", "vmdk", "vhdx", "vpc", "vdi"]
@@ -62,3 +63,18 @@ def test_a_header_alone_maps_nothing(tmp_path: Path) -> None:
 )
 def test_other_content_is_unknown(content: bytes) -> None:
     assert holds_data(lambda offset, size: content[offset : offset + size]) is None
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vdi"])
+def test_virtual_size_is_the_disk_size_qemu_img_reports(fmt: str, tmp_path: Path) -> None:
+    path = tmp_path / f"disk.{fmt}"
+    _qemu_img("create", "-q", "-f", fmt, path, "192M")
+    info = subprocess.run(
+        ["qemu-img", "info", "--output=json", path], check=True, capture_output=True, text=True
+    )
+    assert virtual_size(_reader(path)) == json.loads(info.stdout)["virtual-size"] == 192 * MiB
+
+
+@pytest.mark.parametrize("content", [b"", b"QFI\xfb\0", bytes(4096), b"conectix" + bytes(600)])
+def test_virtual_size_of_other_content_is_unknown(content: bytes) -> None:
+    assert virtual_size(lambda offset, size: content[offset : offset + size]) is None
