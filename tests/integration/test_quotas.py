@@ -16,12 +16,8 @@ from pathlib import Path
 
 import pytest
 from conftest import MountFactory
-from keystoneauth1 import session as ks_session
-from keystoneauth1.identity import v3
 from support import GlanceAPI, Mount, base_env, status_of, tool, unique, wait_for
 
-import glancefs
-from glancefs.fs.refusals import errno_of
 from lab.limits import LimitsLab, Project
 
 pytestmark = pytest.mark.keystone
@@ -132,26 +128,19 @@ def test_image_count_uploading_refuses_a_second_writer(
     assert len(refusals_logged(mount, "image_count_uploading")) == 1
 
 
-async def test_image_stage_total_through_the_client(limits: LimitsLab) -> None:
-    """Staging (the interoperable import's first step) through the Python client: the quota is
-    QuotaExceeded, which the filesystem reports as EDQUOT; the image stays queued, unstaged."""
+def test_image_stage_total_refuses_an_import_upload(
+    limits: LimitsLab, mount_glancefs: MountFactory, tmp_path: Path
+) -> None:
+    """Under --import the data is staged: a size set first goes with the stage, which Glance
+    refuses at once; the image is deleted, nothing stays staged."""
     project = limits.project(unique("stage"), image_stage_total=4)
-    auth = v3.Password(
-        auth_url=project.env["OS_AUTH_URL"], username="demo",
-        password=project.env["OS_PASSWORD"], user_domain_id="default",
-        project_id=project.id,
-    )  # fmt: skip
-    session = ks_session.Session(auth=auth)
-    async with glancefs.Client(limits.glance.url, session=session) as client:
-        image = await client.images.create(
-            name="staged", disk_format="raw", container_format="bare"
-        )
-        with pytest.raises(glancefs.QuotaExceeded) as refused:
-            await client.images.stage(image.id, random.randbytes(6 * MiB), size=6 * MiB)
-        assert refused.value.resource == "image_stage_total"
-        assert (refused.value.limit, refused.value.delta) == (4, 6)
-        assert errno_of(refused.value) == errno.EDQUOT
-        assert (await client.images.get(image.id)).status == "queued"
-        usage = await client.info.usage()
-        assert usage["image_stage_total"] == {"limit": 4, "usage": 0}
-        await client.images.delete(image.id)
+    api = limits.api(project)
+    mount = mount_glancefs(limits.glance.url, "--import", env={**base_env(tmp_path), **project.env})
+    new = mount.path / "new"
+    source = random_file(tmp_path / "staged.raw", 6 * MiB)
+    assert tool("truncate", "-s", "6M", str(new / "staged.raw")).returncode == 0
+    written = tool("dd", f"if={source}", f"of={new / 'staged.raw'}", "bs=1M", "conv=notrunc")
+    assert written.returncode != 0
+    assert QUOTA_EXCEEDED in written.stderr
+    assert api.list(name="staged.raw") == []
+    assert len(refusals_logged(mount, "image_stage_total")) == 1

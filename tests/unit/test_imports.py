@@ -123,7 +123,9 @@ async def test_a_failed_copy_is_logged_once_with_glance_s_reason(
         glance.end_import(image_id, os_glance_failed_import="ceph", failure="rbd: no space")
         await trio.sleep(10)
         failed = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert failed == [f"image {image_id}: copy to ceph failed: failed in store ceph; rbd: no space"]
+        assert failed == [
+            f"image {image_id}: copy to ceph failed: failed in store ceph; rbd: no space"
+        ]
         assert image_id not in STATUS.imports
 
 
