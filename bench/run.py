@@ -117,10 +117,7 @@ class Bench:
             run("mount", "-t", "fusectl", "fusectl", FUSECTL)
             self.mounted_fusectl = True
         log("installing python-glanceclient (cached) and starting Glance")
-        client = ensure_venv("glanceclient-4.13.0", [GLANCECLIENT]) / "bin"
-        # Through the venv's python: the script's #! names the directory the cached venv was
-        # made in, which may be another clone's.
-        self.glanceclient = [str(client / "python"), str(client / "glance")]
+        self.glanceclient = ensure_venv("glanceclient-4.13.0", [GLANCECLIENT]) / "bin" / "glance"
         self.stack.enter_context(self.loopback_glance)
         log("writing 1 GiB of random data")
         self.source = random_file(self.work / "source.raw")
@@ -196,7 +193,7 @@ class Bench:
         # glance 4.13 looks up /versions without its --os-cacert; requests' variable reaches it.
         trust = [f"REQUESTS_CA_BUNDLE={self.endpoint.cacert}"] if options else []
         return [
-            "env", *trust, *self.glanceclient, "--os-image-url", url or self.endpoint.url,
+            "env", *trust, str(self.glanceclient), "--os-image-url", url or self.endpoint.url,
             "--os-auth-token", "bench", *options, *arguments,
         ]  # fmt: skip
 
