@@ -29,8 +29,8 @@ import os
 import re
 import subprocess
 from pathlib import Path
-from types import TracebackType
-from typing import Self
+
+from lab.servers import Started
 
 __all__ = ["PREFIX", "LinkedNamespace", "bench_devices", "bench_namespaces", "remove_leftovers"]
 
@@ -99,7 +99,7 @@ def burst_bytes(rate: str) -> int:
     return max(bits // 8 // 1000, MIN_BURST)
 
 
-class LinkedNamespace:
+class LinkedNamespace(Started):
     """A network namespace reached over a veth pair limited to ``rate``; see the module."""
 
     def __init__(self, rate: str) -> None:
@@ -124,22 +124,15 @@ class LinkedNamespace:
                 return subnet
         raise RuntimeError(f"no free /30 in {SUBNETS}")
 
-    def __enter__(self) -> Self:
+    def start(self) -> None:
+        """Remove dead benches' leftovers, then make the namespace and the limited pair (all or
+        nothing)."""
         remove_leftovers()
         try:
             self._create()
         except BaseException:
-            self.remove()
+            self.stop()
             raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.remove()
 
     def _create(self) -> None:
         subnet = self._free_subnet()
@@ -173,7 +166,7 @@ class LinkedNamespace:
             "-n", self.name, "qdisc", "show", "dev", self.inside_device
         )
 
-    def remove(self) -> None:
+    def stop(self) -> None:
         """Delete the pair (both ends at once) and the namespace, whichever exist."""
         if self.outside_device in bench_devices():
             _ip("link", "del", self.outside_device)
