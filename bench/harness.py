@@ -232,10 +232,12 @@ def table(metrics: list[Metric]) -> str:
             (m.name, m.unit, _cell(m.ours), _cell(m.peer), ratio, m.target_text, verdict,
              _cpu_cell(m.ours), _cpu_cell(m.peer))
         )  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    # A pipeline's name holds a |, which would end its cell.
+    cells = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
+        for row in cells
     ]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)
