@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import textwrap
@@ -84,6 +85,14 @@ def warm(path: Path) -> None:
             pass
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's children that ended and were waited for, each
+    with its own waited-for children (getrusage RUSAGE_CHILDREN): the difference over a block is
+    what the commands run in it used, pipelines' every process included."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def cpu_seconds(pid: int, children: bool = False) -> float:
     """User + system CPU seconds of a process, or of its direct children (gunicorn's workers)."""
     pids = [pid]
@@ -103,6 +112,10 @@ class Series:
 
     tool: str
     values: list[float] = field(default_factory=list)
+    #: Per run, CPU seconds per GiB moved: the tool's processes (and the mount's, for glancefs).
+    cpu: list[float] = field(default_factory=list)
+    #: Per run, CPU seconds per GiB moved of each server (Glance, HAProxy), by name.
+    servers: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def median(self) -> float:
@@ -115,6 +128,10 @@ class Series:
             "min": round(min(self.values), 4),
             "max": round(max(self.values), 4),
             "runs": [round(v, 4) for v in self.values],
+            "cpu_s_per_gib": [round(v, 3) for v in self.cpu],
+            "servers_cpu_s_per_gib": {
+                name: [round(v, 3) for v in values] for name, values in self.servers.items()
+            },
         }
 
 
@@ -191,20 +208,36 @@ def _cell(series: Series | None) -> str:
     )
 
 
+def _cpu_cell(series: Series | None) -> str:
+    """Median CPU s per GiB of the tool, then of each server: "1.2; Glance 0.6, HAProxy 0.4"."""
+    if series is None or not series.cpu:
+        return "-"
+    servers = ", ".join(
+        f"{name} {statistics.median(values):.2f}" for name, values in series.servers.items()
+    )
+    return f"{statistics.median(series.cpu):.2f}" + (f"; {servers}" if servers else "")
+
+
 def table(metrics: list[Metric]) -> str:
-    """A Markdown table: median (min-max) of ours and of the peer, ratio, target, verdict."""
+    """A Markdown table: median (min-max) of ours and of the peer, ratio, target, verdict, and
+    the CPU seconds per GiB of each side and its servers (when measured)."""
     rows = [
         ("metric", "unit", "glancefs median (min-max)", "peer median (min-max)", "ratio",
-         "target", "pass"),
+         "target", "pass", "CPU s/GiB glancefs; servers", "CPU s/GiB peer; servers"),
     ]  # fmt: skip
     for m in metrics:
         verdict = {True: "PASS", False: "FAIL", None: "-"}[m.passed]
         ratio = "-" if m.ratio is None else f"{m.ratio:.2f}x"
-        rows.append((m.name, m.unit, _cell(m.ours), _cell(m.peer), ratio, m.target_text, verdict))
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        rows.append(
+            (m.name, m.unit, _cell(m.ours), _cell(m.peer), ratio, m.target_text, verdict,
+             _cpu_cell(m.ours), _cpu_cell(m.peer))
+        )  # fmt: skip
+    # A pipeline's name holds a |, which would end its cell.
+    cells = [[cell.replace("|", "\\|") for cell in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [
         "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in rows
+        for row in cells
     ]
     lines.insert(1, "| " + " | ".join("-" * w for w in widths) + " |")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from bench.harness import (
     MB,
     Metric,
     Series,
+    children_cpu_seconds,
     cpu_seconds,
     drop_page_cache,
     run,
@@ -35,6 +36,7 @@ from bench.harness import (
     wrap,
     write_section,
 )
+from bench.settings import LINK_RATES, SETTINGS, Endpoint, Link, Pki, link, loopback, tls
 from lab.glance_http import GlanceAPI
 from lab.mounts import Mount, mount_argv
 from lab.rows import insert_images
@@ -60,8 +62,27 @@ def log(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-class CpuUse:
-    text = ""
+#: The targets of the settings behind TLS (issue 25's): per setting, metric -> target. The
+#: loopback table keeps the targets set for it in each measurement; the others only these.
+NETWORK_TARGETS: dict[str, dict[str, float]] = {
+    "link-1g": {
+        "first read, verified, vs curl": 0.95,
+        "upload 1 GiB": 0.95,
+        "cold read from the cache": 4,
+        "qemu-img convert of a cached qcow2": 0.3,
+    },
+    "link-10g": {
+        "first read, verified, vs curl | openssl dgst -sha512": 1.1,
+        "first read, --no-verify": 0.8,
+    },
+}
+#: CPU per GiB targets in every setting but loopback.
+CPU_TARGETS = {
+    "CPU per GiB, first read, verified, vs curl | openssl dgst -sha512": 0.85,
+    "CPU per GiB, first read, --no-verify, vs curl": 2.0,
+}
+#: The groups that run in every setting; the others run on loopback only.
+NETWORK_GROUPS = ("upload", "read", "cache")
 
 
 class Bench:
@@ -69,15 +90,22 @@ class Bench:
         self.work = work
         self.runs = runs
         self.mount_options = mount_options
-        self.glance = GlanceServer(work / "glance", flavor="noauth")
-        self.metrics: list[Metric] = []
+        self.loopback_glance = GlanceServer(work / "glance", flavor="noauth")
+        #: Each setting's metrics, in the order they ran.
+        self.metrics: dict[str, list[Metric]] = {}
         self.settings: dict[str, str] = {}
+        self.endpoint: Endpoint
+        self.loopback: Endpoint
         self.api: GlanceAPI
         self.source: Path
-        self.image_id: str
+        self.source_sha512 = ""
         #: The verified single-stream read, for the shared-read target (when "read" ran first).
         self.verified_single: Series | None = None
         self.mounted_fusectl = False
+        self.pki = Pki(work / "pki")
+        #: What close() stops: the settings' servers and the link's namespace.
+        self.stack = ExitStack()
+        self.link: Link | None = None
 
     # -- setup --------------------------------------------------------------------------------
 
@@ -90,35 +118,91 @@ class Bench:
             self.mounted_fusectl = True
         log("installing python-glanceclient (cached) and starting Glance")
         self.glanceclient = ensure_venv("glanceclient-4.13.0", [GLANCECLIENT]) / "bin" / "glance"
-        self.glance.start()
-        self.api = GlanceAPI(self.glance.url, timeout=600)
+        self.stack.enter_context(self.loopback_glance)
         log("writing 1 GiB of random data")
         self.source = random_file(self.work / "source.raw")
-        self.image_id = self.api.create("bench-1g.raw")["id"]
+        self.source_sha512 = _sha512(self.source)
+        self.loopback = loopback(self.loopback_glance)
+        self.use(self.loopback)
+        self.upload_image()
+        log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
+        insert_images(self.glance.sqlite_path, LISTED_IMAGES, "list")
+
+    def upload_image(self) -> None:
+        """The 1 GiB image every read of the setting uses, uploaded with curl -T."""
+        self.endpoint.image_id = self.api.create("bench-1g.raw")["id"]
         self.curl_upload(self.image_id)
         image = self.api.get(self.image_id)
         assert image["status"] == "active", image
         assert image["size"] == GIB, image
-        log(f"inserting {LISTED_IMAGES} image rows into Glance's SQLite")
-        insert_images(self.glance.sqlite_path, LISTED_IMAGES, "list")
+
+    def use(self, endpoint: Endpoint) -> None:
+        """Measure against ``endpoint`` from now on."""
+        if hasattr(self, "api"):
+            self.api.close()
+        self.endpoint = endpoint
+        self.api = endpoint.api()
+        self.metrics.setdefault(endpoint.name, [])
+
+    def enter(self, setting: str) -> None:
+        """Start what ``setting`` needs (stopped by close()) and use it."""
+        log(f"setting {setting}")
+        if setting == "loopback":
+            self.use(self.loopback)
+        elif setting == "tls":
+            self.use(self.stack.enter_context(tls(self.work, self.loopback_glance, self.pki)))
+        else:
+            if self.link is None:
+                self.link = self.stack.enter_context(link(self.work, self.pki, LINK_RATES[setting]))
+                self.use(self.link.endpoint(setting))
+                log(f"uploading the 1 GiB image into the link's Glance ({self.link.glance.url})")
+                self.upload_image()
+                self.link.image_id = self.image_id
+            else:
+                self.use(self.link.endpoint(setting))
 
     def close(self) -> None:
         if hasattr(self, "api"):
             self.api.close()
-        self.glance.stop()
+        self.stack.close()
         if self.mounted_fusectl:
             run("umount", FUSECTL)
 
     # -- helpers ------------------------------------------------------------------------------
 
+    @property
+    def glance(self) -> GlanceServer:
+        """The Glance of the setting in use."""
+        return self.endpoint.glance
+
+    @property
+    def image_id(self) -> str:
+        """The 1 GiB image of the setting in use."""
+        return self.endpoint.image_id
+
     def data_url(self, image_id: str) -> str:
-        return f"{self.glance.url}/v2/images/{image_id}/file"
+        return f"{self.endpoint.url}/v2/images/{image_id}/file"
+
+    def curl(self, *arguments: str) -> list[str]:
+        """A curl command that fails on an HTTP error and trusts the setting's CA."""
+        return ["curl", "-sS", "-f", *self.endpoint.curl_options, *arguments]
+
+    def glance_client(self, *arguments: str, url: str | None = None) -> list[str]:
+        """A python-glanceclient command against the setting's Glance (or the one at ``url``)."""
+        options = [] if url else self.endpoint.client_options
+        # glance 4.13 looks up /versions without its --os-cacert; requests' variable reaches it.
+        trust = [f"REQUESTS_CA_BUNDLE={self.endpoint.cacert}"] if options else []
+        return [
+            "env", *trust, str(self.glanceclient), "--os-image-url", url or self.endpoint.url,
+            "--os-auth-token", "bench", *options, *arguments,
+        ]  # fmt: skip
 
     @contextmanager
     def mount(self, name: str, *options: str, url: str | None = None) -> Iterator[Mount]:
-        """A mount of the bench's Glance (or of the one at ``url``)."""
+        """A mount of the setting's Glance (or of the one at ``url``, plain HTTP)."""
         path = self.work / "mnt" / name
-        argv = mount_argv(url or self.glance.url, path, *self.mount_options, *options)
+        trust = [] if url else self.endpoint.client_options
+        argv = mount_argv(url or self.endpoint.url, path, *trust, *self.mount_options, *options)
         with Mount(path, self.work / f"{name}.log", argv) as mount:
             mount.wait_tuned()
             if not self.settings:
@@ -126,21 +210,47 @@ class Bench:
             yield mount
 
     @contextmanager
-    def cpu(self, mount: Mount, glance: GlanceServer | None = None) -> Iterator[CpuUse]:
-        """CPU seconds the mount and Glance's worker (of the bench's Glance, or ``glance``) use
-        in the block (the last run's)."""
-        use = CpuUse()
-        server = glance or self.glance
-        assert server.pid is not None
-        before = cpu_seconds(mount.pid), cpu_seconds(server.pid, children=True)
-        started = time.perf_counter()
-        yield use
-        elapsed = time.perf_counter() - started
-        after = cpu_seconds(mount.pid), cpu_seconds(server.pid, children=True)
-        use.text = (
-            f"last run: {elapsed:.2f} s wall, CPU s: mount {after[0] - before[0]:.2f}, "
-            f"Glance {after[1] - before[1]:.2f}"
-        )
+    def cpu(
+        self,
+        series: Series,
+        size: int,
+        mount: Mount | None = None,
+        endpoint: Endpoint | None = None,
+    ) -> Iterator[None]:
+        """Appends to ``series`` the CPU seconds per GiB of ``size`` bytes used in the block:
+        by the commands it ran (and waited for) plus ``mount``'s process, and by each server of
+        ``endpoint`` (the setting's by default)."""  # fmt: skip
+        servers = endpoint or self.endpoint
+        before = children_cpu_seconds() + (cpu_seconds(mount.pid) if mount else 0.0)
+        servers_before = servers.servers_cpu()
+        yield
+        used = children_cpu_seconds() + (cpu_seconds(mount.pid) if mount else 0.0) - before
+        per_gib = GIB / size
+        series.cpu.append(used * per_gib)
+        for name, seconds in servers.servers_cpu().items():
+            series.servers.setdefault(name, []).append((seconds - servers_before[name]) * per_gib)
+
+    def target(self, name: str, loopback_target: float | None = None) -> float | None:
+        """The target of metric ``name`` in the setting in use: ``loopback_target`` on loopback,
+        else NETWORK_TARGETS' or CPU_TARGETS' (or none)."""
+        setting = self.endpoint.name
+        if setting == "loopback":
+            return loopback_target
+        return NETWORK_TARGETS.get(setting, {}).get(name, CPU_TARGETS.get(name))
+
+    def metric(
+        self,
+        name: str,
+        unit: str,
+        higher_is_better: bool,
+        ours: Series,
+        peer: Series | None = None,
+        loopback_target: float | None = None,
+        note: str = "",
+    ) -> None:
+        """Add a metric with the setting's target (see target())."""  # fmt: skip
+        target = self.target(name, loopback_target)
+        self.add(Metric(name, unit, higher_is_better, ours, peer, target, note))
 
     def cold(self) -> None:
         """Empty the page cache, then read Glance's stored file again, so that every tool reads
@@ -151,27 +261,26 @@ class Bench:
 
     def curl_upload(self, image_id: str, source: Path | None = None) -> float:
         seconds, _ = timed(
-            "curl", "-sS", "-f", "-T", str(source or self.source),
-            "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
+            *self.curl("-T", str(source or self.source),
+                       "-H", "Content-Type: application/octet-stream", self.data_url(image_id)),
         )  # fmt: skip
         return seconds
 
     def add(self, metric: Metric) -> None:
-        self.metrics.append(metric)
-        print(metric.json_line(), flush=True)
+        self.metrics[self.endpoint.name].append(metric)
+        print(json.dumps({"setting": self.endpoint.name, **json.loads(metric.json_line())}),
+              flush=True)  # fmt: skip
 
     # -- the measurements ---------------------------------------------------------------------
 
     def upload(self) -> None:
-        log("upload: curl -T, then cp into new/")
-        curl, ours, hwm, cpu = self.compare_uploads(self.source, "up.raw")
-        self.add(Metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9, cpu))
-        self.add(
-            Metric(
-                "peak RSS, uploads", "MB", False, hwm, None, 200,
-                "VmHWM after each of the uploads",
-            )
-        )  # fmt: skip
+        log("upload: curl -T, glance image-create --file, then cp into new/")
+        curl, ours, hwm = self.compare_uploads(self.source, "up.raw")
+        client = self.client_uploads(self.source)
+        self.metric("upload 1 GiB", "MB/s", True, ours, curl, 0.9)
+        self.metric("upload 1 GiB, vs glance image-create", "MB/s", True, ours, client)
+        self.metric("peak RSS, uploads", "MB", False, hwm, None, 200,
+                    "VmHWM after each of the uploads")  # fmt: skip
 
     def sparse_uploads(self) -> None:
         """A sparse 1 GiB raw (256 MiB of data in 16 runs) and the qcow2 qemu-img makes of it:
@@ -184,104 +293,152 @@ class Bench:
             (raw, "sparse.raw", "upload sparse 1 GiB raw (256 MiB data)"),
             (qcow2, "sparse.qcow2", "upload qcow2 of it (qemu-img convert)"),
         ):
-            curl, ours, _, cpu = self.compare_uploads(source, name)
+            curl, ours, _ = self.compare_uploads(source, name)
             size_mb = source.stat().st_size / MB
-            self.add(Metric(label, "MB/s", True, ours, curl, 0.9, f"{size_mb:.0f} MB; {cpu}"))
+            self.metric(label, "MB/s", True, ours, curl, 0.9, f"{size_mb:.0f} MB")
         raw.unlink()
         qcow2.unlink()
 
-    def compare_uploads(self, source: Path, name: str) -> tuple[Series, Series, Series, str]:
+    def compare_uploads(self, source: Path, name: str) -> tuple[Series, Series, Series]:
         """``curl -T`` of ``source`` to a new image, then ``cp`` into new/: MB/s of the file's
-        size (holes included) for each, VmHWM of the mount, and the last cp's CPU use. Each
-        upload is checked (active, size, sha512) and deleted."""
+        size (holes included) and CPU for each, and VmHWM of the mount. Each upload is checked
+        (active, size, sha512) and deleted."""
         size = source.stat().st_size
         sha512 = _sha512(source)
         curl = Series("curl -T")
         for index in range(self.runs):
             image_id = self.api.create(f"curl-{index}-{name}")["id"]
             warm(source)
-            curl.values.append(size / self.curl_upload(image_id, source) / MB)
+            with self.cpu(curl, size):
+                seconds = self.curl_upload(image_id, source)
+            curl.values.append(size / seconds / MB)
             self.api.delete(image_id)
         ours, hwm = Series("cp into new/"), Series("VmHWM")
         with self.mount("upload") as mount:
             for index in range(self.runs):
                 target = f"cp-{index}-{name}"
                 warm(source)
-                with self.cpu(mount) as upload_cpu:
+                with self.cpu(ours, size, mount):
                     seconds, _ = timed("cp", str(source), str(mount.path / "new" / target))
                 ours.values.append(size / seconds / MB)
                 hwm.values.append(mount.status("VmHWM") / MB)
-                (image,) = self.api.list(name=target)
-                assert image["status"] == "active", image
-                assert image["size"] == size, image
-                assert image["os_hash_value"] == sha512, image
-                self.api.delete(image["id"])
-        return curl, ours, hwm, upload_cpu.text
+                self.check_upload(target, size, sha512)
+        return curl, ours, hwm
+
+    def check_upload(self, name: str, size: int, sha512: str) -> None:
+        """The one image called ``name`` is active with ``size`` and ``sha512``; then delete it."""
+        (image,) = self.api.list(name=name)
+        assert image["status"] == "active", image
+        assert image["size"] == size, image
+        assert image["os_hash_value"] == sha512, image
+        self.api.delete(image["id"])
+
+    def client_uploads(self, source: Path) -> Series:
+        """``glance image-create --file`` of ``source`` (python-glanceclient): creates the image
+        and uploads in one command."""
+        size = source.stat().st_size
+        client = Series("glance image-create --file")
+        for index in range(self.runs):
+            name = f"client-{index}-{source.name}"
+            warm(source)
+            command = self.glance_client(
+                "image-create", "--name", name, "--disk-format", "raw",
+                "--container-format", "bare", "--file", str(source),
+            )  # fmt: skip
+            with self.cpu(client, size):
+                seconds, _ = timed(*command)
+            client.values.append(size / seconds / MB)
+            self.check_upload(name, size, self.source_sha512)
+        return client
+
+    def read_peers(self) -> dict[str, list[str]]:
+        """The peers of a first read, each a command that reads the image once (its output
+        checked by check_peer)."""
+        url = shlex.join(self.curl(self.data_url(self.image_id)))
+        return {
+            "glance image-download": self.glance_client(
+                "image-download", "--file", "/dev/null", self.image_id
+            ),
+            "curl": self.curl("-o", "/dev/null", self.data_url(self.image_id)),
+            "curl to a file": self.curl(
+                "-o", str(self.work / "downloaded.raw"), self.data_url(self.image_id)
+            ),
+            "curl | openssl dgst -sha512": ["bash", "-o", "pipefail", "-c",
+                                            f"{url} | openssl dgst -sha512"],
+            "curl | sha512sum": ["bash", "-o", "pipefail", "-c", f"{url} | sha512sum"],
+        }  # fmt: skip
 
     def reads(self) -> None:
-        log("first reads: glance image-download, dd through the mount (verified)")
-        client = Series("glance image-download")
+        log("first reads: the peers, then dd through a verified and a --no-verify mount")
+        commands = self.read_peers()
+        peers = {name: Series(name) for name in commands}
         for _ in range(self.runs):
-            self.cold()
-            seconds, _ = timed(
-                str(self.glanceclient), "--os-image-url", self.glance.url,
-                "--os-auth-token", "bench", "image-download", "--file", "/dev/null",
-                self.image_id,
-            )  # fmt: skip
-            client.values.append(GIB / seconds / MB)
+            for name, command in commands.items():
+                self.cold()
+                with self.cpu(peers[name], GIB):
+                    seconds, output = timed(*command)
+                if "sha512" in name and self.source_sha512 not in output:
+                    raise RuntimeError(f"{name} printed {output!r}, not the image's sha512")
+                peers[name].values.append(GIB / seconds / MB)
+                (self.work / "downloaded.raw").unlink(missing_ok=True)
+        loopback = self.endpoint.name == "loopback"
         first, second = Series("dd bs=1M"), Series("dd bs=1M")
         with self.mount("read") as mount:
             path = mount.path / "by-id" / self.image_id
             for _ in range(self.runs):
                 self.cold()
-                with self.cpu(mount) as verified_cpu:
+                with self.cpu(first, GIB, mount):
                     first.values.append(GIB / self.dd(path) / MB)
-                second.values.append(GIB / self.dd(path) / MB)
-        log("first reads: curl, dd through the mount (--no-verify)")
-        curl = Series("curl")
-        for _ in range(self.runs):
-            self.cold()
-            seconds, _ = timed("curl", "-sS", "-f", "-o", "/dev/null", self.data_url(self.image_id))
-            curl.values.append(GIB / seconds / MB)
+                if loopback:
+                    second.values.append(GIB / self.dd(path) / MB)
         unverified = Series("dd bs=1M")
         with self.mount("read-nv", "--no-verify") as mount:
             path = mount.path / "by-id" / self.image_id
             for _ in range(self.runs):
                 self.cold()
-                with self.cpu(mount) as unverified_cpu:
+                with self.cpu(unverified, GIB, mount):
                     unverified.values.append(GIB / self.dd(path) / MB)
-        # The same first reads past the page cache: the kernel copies each reply into dd's
-        # buffer instead of into new page-cache pages.
+        curl, openssl = peers["curl"], peers["curl | openssl dgst -sha512"]
+        self.metric("first read, verified", "MB/s", True, first, peers["glance image-download"],
+                    1.5)  # fmt: skip
+        for name in ("curl", "curl to a file", "curl | openssl dgst -sha512", "curl | sha512sum"):
+            self.metric(f"first read, verified, vs {name}", "MB/s", True, first, peers[name])
+        self.metric("first read, --no-verify", "MB/s", True, unverified, curl, 0.6)
+        self.metric(
+            "CPU per GiB, first read, verified, vs curl | openssl dgst -sha512", "CPU s/GiB",
+            False, Series("mount + dd", first.cpu), Series(openssl.tool, openssl.cpu),
+        )  # fmt: skip
+        self.metric(
+            "CPU per GiB, first read, --no-verify, vs curl", "CPU s/GiB", False,
+            Series("mount + dd", unverified.cpu), Series(curl.tool, curl.cpu),
+        )  # fmt: skip
+        if not loopback:
+            return
+        self.verified_single = first
+        self.metric("second read (page cache)", "MB/s", True, second, curl, 1.5)
+        self.loopback_reads(first, curl)
+
+    def loopback_reads(self, first: Series, curl: Series) -> None:
+        """The reads bound by this machine's cores: the verified read against sha512 alone, and
+        the first reads past the page cache (the kernel copies each reply into dd's buffer
+        instead of into new page-cache pages)."""
         direct, direct_unverified = Series("dd bs=1M"), Series("dd bs=1M")
-        direct_notes = []  # the CPU use of each one's last run
         for series, options in ((direct, ()), (direct_unverified, ("--no-verify",))):
             with self.mount("read-direct", "--direct-io", *options) as mount:
                 path = mount.path / "by-id" / self.image_id
                 for _ in range(self.runs):
                     self.cold()
-                    with self.cpu(mount) as use:
+                    with self.cpu(series, GIB, mount):
                         series.values.append(GIB / self.dd(path) / MB)
-            direct_notes.append(use.text)
         hashing = Series("sha512, one core")
         for _ in range(self.runs):
             warm(self.source)
             hashing.values.append(GIB / self.sha512_seconds(self.source) / MB)
-        self.verified_single = first
-        self.add(
-            Metric("first read, verified", "MB/s", True, first, client, 1.5, verified_cpu.text)
-        )
-        self.add(Metric("first read, verified, vs the hash", "MB/s", True, first, hashing, 0.9))
-        self.add(
-            Metric(
-                "first read, --no-verify", "MB/s", True, unverified, curl, 0.6,
-                unverified_cpu.text,
-            )
-        )  # fmt: skip
-        self.add(Metric("second read (page cache)", "MB/s", True, second, curl, 1.5))
-        self.add(Metric("first read, verified, --direct-io, vs the hash", "MB/s", True, direct,
-                        hashing, 0.9, direct_notes[0]))  # fmt: skip
-        self.add(Metric("first read, --no-verify --direct-io", "MB/s", True, direct_unverified,
-                        curl, 0.6, direct_notes[1]))  # fmt: skip
+        self.metric("first read, verified, vs the hash", "MB/s", True, first, hashing, 0.9)
+        self.metric("first read, verified, --direct-io, vs the hash", "MB/s", True, direct,
+                    hashing, 0.9)  # fmt: skip
+        self.metric("first read, --no-verify --direct-io", "MB/s", True, direct_unverified,
+                    curl, 0.6)  # fmt: skip
 
     @staticmethod
     def sha512_seconds(path: Path) -> float:
@@ -451,14 +608,14 @@ class Bench:
                 commands = [["cat", str(p)] for p in paths for _ in range(READERS_PER_IMAGE)]
                 for _ in range(self.runs):
                     self.cold_shared(images)
-                    with self.cpu(mount) as shared_cpu:
+                    with self.cpu(ours, distinct, mount):
                         ours.values.append(distinct / self.parallel(commands)[0] / MB)
                 gets = self.data_requests(mount, images)
                 hwm = mount.status("VmHWM") / MB
             note = (
                 f"MB/s of distinct image data ({readers} readers get {READERS_PER_IMAGE}x that); "
                 f"Glance data requests per image over {self.runs} runs: {gets}; "
-                f"peak RSS {hwm:.0f} MB; {shared_cpu.text}"
+                f"peak RSS {hwm:.0f} MB"
             )
             if name == "verified":
                 # Its peer is the verified single read of the "read" group: no ratio without it.
@@ -556,10 +713,11 @@ class Bench:
 
     def cache(self) -> None:
         """The same Glance, the same run: a cold read from the cache after a remount against
-        curl, random 4 KiB reads from it against one ranged curl GET, and qemu-img convert of a
-        cached qcow2 against glance image-download followed by a local convert."""
+        curl, and qemu-img convert of a cached qcow2 against glance image-download followed by
+        a local convert; on loopback also random 4 KiB reads from it against one ranged curl
+        GET, and the disk itself."""
         log("cache: fill it (dd through a --cache-dir mount), remount, cold dd; curl alongside")
-        cache_dir = self.work / "cache"
+        cache_dir = self.work / f"cache-{self.endpoint.name}"
         cached_mount = ["--cache-dir", str(cache_dir)]
         with self.mount("cache-fill", *cached_mount) as mount:
             self.dd(mount.path / "by-id" / self.image_id)
@@ -567,36 +725,34 @@ class Bench:
         curl, cached = Series("curl"), Series("dd bs=1M, cached")
         for _ in range(self.runs):
             self.cold()
-            seconds, _ = timed("curl", "-sS", "-f", "-o", "/dev/null", self.data_url(self.image_id))
+            with self.cpu(curl, GIB):
+                seconds, _ = timed(*self.curl("-o", "/dev/null", self.data_url(self.image_id)))
             curl.values.append(GIB / seconds / MB)
+        random_cached = Series("fio randread 4k, cached")
         with self.mount("cache-read", *cached_mount) as mount:
             path = mount.path / "by-id" / self.image_id
             for _ in range(self.runs):
                 self.cold()  # the page cache holds neither the cache's files nor the mount's
-                with self.cpu(mount) as cached_cpu:
+                with self.cpu(cached, GIB, mount):
                     cached.values.append(GIB / self.dd(path) / MB)
-            log("cache: random 4 KiB reads (fio, O_DIRECT) from the cache")
-            random_cached = Series("fio randread 4k, cached")
-            for index in range(self.runs):
-                drop_page_cache()
-                random_cached.values.append(self.fio_median_ms(path, index))
-        ranged = self.ranged_curls(random.Random(15))
-        blocks = sorted(str(path) for path in (cache_dir / "v1").glob("*/*.blk"))
-        disk = Series("cat of the block files, cold")
-        for _ in range(self.runs):
-            drop_page_cache()  # what the disk itself gives
-            seconds, _ = timed("sh", "-c", 'cat "$@" >/dev/null', "cat", *blocks)
-            disk.values.append(GIB / seconds / MB)
-        self.add(
-            Metric(
-                "cold read from the cache", "MB/s", True, cached, curl, 1.5,
-                f"page cache dropped; {cached_cpu.text}",
-            )
-        )  # fmt: skip
-        self.add(Metric("cold read from the cache, vs the disk", "MB/s", True, cached, disk))
-        self.add(
-            Metric("random 4 KiB read from the cache", "ms", False, random_cached, ranged, 0.1)
-        )
+            if self.endpoint.name == "loopback":
+                log("cache: random 4 KiB reads (fio, O_DIRECT) from the cache")
+                for index in range(self.runs):
+                    drop_page_cache()
+                    random_cached.values.append(self.fio_median_ms(path, index))
+        self.metric("cold read from the cache", "MB/s", True, cached, curl, 1.5,
+                    "page cache dropped")  # fmt: skip
+        if self.endpoint.name == "loopback":
+            ranged = self.ranged_curls(random.Random(15))
+            blocks = sorted(str(path) for path in (cache_dir / "v1").glob("*/*.blk"))
+            disk = Series("cat of the block files, cold")
+            for _ in range(self.runs):
+                drop_page_cache()  # what the disk itself gives
+                seconds, _ = timed("sh", "-c", 'cat "$@" >/dev/null', "cat", *blocks)
+                disk.values.append(GIB / seconds / MB)
+            self.metric("cold read from the cache, vs the disk", "MB/s", True, cached, disk)
+            self.metric("random 4 KiB read from the cache", "ms", False, random_cached, ranged,
+                        0.1)  # fmt: skip
         self.convert(cached_mount, cache_dir)
 
     def qcow2(self) -> Path:
@@ -609,11 +765,9 @@ class Bench:
     def convert(self, cached_mount: list[str], cache_dir: Path) -> None:
         log("cache: qemu-img convert -O raw of a cached qcow2 vs image-download + convert")
         qcow2 = self.qcow2()
+        size = qcow2.stat().st_size
         image_id = self.api.create("bench-1g.qcow2", disk_format="qcow2")["id"]
-        timed(
-            "curl", "-sS", "-f", "-T", str(qcow2),
-            "-H", "Content-Type: application/octet-stream", self.data_url(image_id),
-        )  # fmt: skip
+        self.curl_upload(image_id, qcow2)
         output = self.work / "converted.raw"
         downloaded = self.work / "downloaded.qcow2"
         with self.mount("convert-fill", *cached_mount) as mount:
@@ -621,33 +775,39 @@ class Bench:
             self.wait_verified(cache_dir, 2)
         peer, ours = Series("image-download + convert"), Series("convert, cached")
         local = Series("convert of a local file, cold")
-
-        def download_and_convert() -> float:
-            warm(self.glance.store_dir / image_id)
-            return self.download_and_convert(self.glance.url, image_id, downloaded, output)
-
         with self.mount("convert", *cached_mount) as mount:
             path = mount.path / "by-id" / image_id
+
+            def from_the_mount() -> float:
+                with self.cpu(ours, size, mount):
+                    return self.qemu_convert(path, output)
+
+            def download_and_convert() -> float:
+                warm(self.glance.store_dir / image_id)
+                with self.cpu(peer, size):
+                    return self.download_and_convert(image_id, downloaded, output)
+
             tools: list[tuple[Series, Callable[[], float]]] = [
-                (ours, lambda: self.qemu_convert(path, output)),
+                (ours, from_the_mount),
                 (peer, download_and_convert),
-                (local, lambda: self.qemu_convert(qcow2, output)),
             ]
+            if self.endpoint.name == "loopback":
+                tools.append((local, lambda: self.qemu_convert(qcow2, output)))
             for index in range(self.runs):
                 # In turn, each first once: the first 1 GiB written after a while lands on
                 # pages new to the VM, which costs the writer seconds of system time.
-                for series, measure in tools[index % 3 :] + tools[: index % 3]:
+                turn = index % len(tools)
+                for series, measure in tools[turn:] + tools[:turn]:
                     drop_page_cache()
                     series.values.append(measure())
         self.api.delete(image_id)
-        self.add(Metric("qemu-img convert of a cached qcow2", "s", False, ours, peer, 0.5))
-        self.add(
-            Metric(
+        self.metric("qemu-img convert of a cached qcow2", "s", False, ours, peer, 0.5)
+        if local.values:
+            self.metric(
                 "qemu-img convert of a cached qcow2, vs the disk", "s", False, ours, local, None,
                 "the peer converts the same qcow2 from a local file, page cache dropped; the "
                 "three tools take turns going first",
-            )
-        )  # fmt: skip
+            )  # fmt: skip
 
     # -- uploads by import ---------------------------------------------------------------------
 
@@ -682,11 +842,12 @@ class Bench:
                     "--file", str(qcow2),
                 )  # fmt: skip
                 peer.values.append(self.until_active(api, name) - started)
+            endpoint = Endpoint("import", glance.url, glance)
             with self.mount("import", "--import", url=glance.url) as mount:
                 for index in range(self.runs):
                     name = f"cp-import-{index}.qcow2"
                     warm(qcow2)
-                    with self.cpu(mount, glance) as import_cpu:
+                    with self.cpu(ours, GIB, mount, endpoint):
                         seconds, _ = timed("cp", str(qcow2), str(mount.path / "new" / name))
                     (image,) = api.list(name=name)
                     assert (image["status"], image["disk_format"]) == ("active", "raw"), image
@@ -694,10 +855,9 @@ class Bench:
                     ours.values.append(seconds)
             note = (
                 f"{qcow2.stat().st_size / MB:.0f} MB qcow2 of 1 GiB of random data, converted to "
-                f"raw; until active (the glance CLI returns at the import's start: polled); "
-                f"{import_cpu.text}"
+                "raw; until active (the glance CLI returns at the import's start: polled)"
             )
-            self.add(Metric("import qcow2 with conversion", "s", False, ours, peer, 1.1, note))
+            self.metric("import qcow2 with conversion", "s", False, ours, peer, 1.1, note)
 
     @staticmethod
     def until_active(api: GlanceAPI, name: str) -> float:
@@ -726,17 +886,17 @@ class Bench:
         )
         spool_size = "2G"
         expected: str | None = None
-        last_cpu = CpuUse()
 
         def convert_then_create(index: int) -> float:
-            seconds, _ = timed(
-                "qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(local)
-            )
-            upload, _ = timed(
-                str(self.glanceclient), "--os-image-url", self.glance.url,
-                "--os-auth-token", "bench", "image-create", "--name", f"peer-{index}.qcow2",
-                "--disk-format", "qcow2", "--container-format", "bare", "--file", str(local),
-            )  # fmt: skip
+            with self.cpu(peer, GIB):
+                seconds, _ = timed(
+                    "qemu-img", "convert", "-f", "raw", "-O", "qcow2", str(self.source), str(local)
+                )
+                upload, _ = timed(
+                    str(self.glanceclient), "--os-image-url", self.glance.url,
+                    "--os-auth-token", "bench", "image-create", "--name", f"peer-{index}.qcow2",
+                    "--disk-format", "qcow2", "--container-format", "bare", "--file", str(local),
+                )  # fmt: skip
             nonlocal expected
             expected = _sha512(local)
             local.unlink()
@@ -745,9 +905,8 @@ class Bench:
         with self.mount("qemu-write", "--spool-size", spool_size) as mount:
 
             def convert_into_mount(index: int) -> float:
-                nonlocal last_cpu
                 target = mount.path / "new" / f"ours-{index}.qcow2"
-                with self.cpu(mount) as last_cpu:
+                with self.cpu(ours, GIB, mount):
                     seconds, _ = timed(
                         "qemu-img", "convert", "-f", "raw", "-O", "qcow2",
                         str(self.source), str(target),
@@ -770,14 +929,12 @@ class Bench:
                 assert image["status"] == "active", image
                 assert image["os_hash_value"] == expected, image
                 self.api.delete(image["id"])
-        self.add(
-            Metric(
-                "qemu-img convert -O qcow2 into new/", "s", False, ours, peer, 1.2,
-                f"1 GiB of random data; the peer converts to a local file, then glance "
-                f"image-create --file; --spool-size {spool_size}; {last_cpu.text}",
-            )
+        self.metric(
+            "qemu-img convert -O qcow2 into new/", "s", False, ours, peer, 1.2,
+            "1 GiB of random data; the peer converts to a local file, then glance image-create "
+            f"--file; --spool-size {spool_size}",
         )  # fmt: skip
-        self.add(Metric("peak RSS, qemu-img convert into new/", "MB", False, hwm, None, 250))
+        self.metric("peak RSS, qemu-img convert into new/", "MB", False, hwm, None, 250)
 
     # -- a store without ranges ---------------------------------------------------------------
 
@@ -810,12 +967,10 @@ class Bench:
         assert (image["status"], image["stores"]) == ("active", "ceph"), image
         return image_id
 
-    def image_download(self, url: str, image_id: str, target: Path | str) -> float:
-        seconds, _ = timed(
-            str(self.glanceclient), "--os-image-url", url, "--os-auth-token", "bench",
-            "image-download", "--file", str(target), image_id,
-        )  # fmt: skip
-        return seconds
+    def image_download(self, image_id: str, target: Path | str, url: str | None = None) -> float:
+        """Seconds of ``glance image-download`` from the setting's Glance (or ``url``'s)."""
+        command = self.glance_client("image-download", "--file", str(target), image_id, url=url)
+        return timed(*command)[0]
 
     @staticmethod
     def qemu_convert(source: Path, output: Path) -> float:
@@ -827,10 +982,10 @@ class Bench:
         return seconds
 
     def download_and_convert(
-        self, url: str, image_id: str, downloaded: Path, output: Path
+        self, image_id: str, downloaded: Path, output: Path, url: str | None = None
     ) -> float:
         """The peer of a convert from the mount: glance image-download, then a local convert."""
-        seconds = self.image_download(url, image_id, downloaded)
+        seconds = self.image_download(image_id, downloaded, url)
         seconds += self.qemu_convert(downloaded, output)
         downloaded.unlink()
         return seconds
@@ -838,17 +993,20 @@ class Bench:
     def rbd_read(self, glance: GlanceServer, image_id: str) -> None:
         log("rbd: first reads, glance image-download and dd through the mount (verified)")
         url = glance.url
+        stores = Endpoint("rbd", url, glance)
         client, ours = Series("glance image-download"), Series("dd bs=1M")
         for _ in range(self.runs):
             drop_page_cache()
-            client.values.append(GIB / self.image_download(url, image_id, "/dev/null") / MB)
+            with self.cpu(client, GIB, endpoint=stores):
+                seconds = self.image_download(image_id, "/dev/null", url)
+            client.values.append(GIB / seconds / MB)
         with self.mount("rbd-read", url=url) as mount:
             path = mount.path / "by-id" / image_id
             for _ in range(self.runs):
                 drop_page_cache()
-                with self.cpu(mount, glance) as use:
+                with self.cpu(ours, GIB, mount, stores):
                     ours.values.append(GIB / self.dd(path) / MB)
-        self.add(Metric("rbd: first read, verified", "MB/s", True, ours, client, None, use.text))
+        self.metric("rbd: first read, verified", "MB/s", True, ours, client)
 
     def rbd_random(self, url: str, image_id: str) -> None:
         log("rbd: random 4 KiB reads from the spool (fio), ranged curl GETs of the file store")
@@ -877,13 +1035,13 @@ class Bench:
             path = mount.path / "by-id" / image_id
             tools: list[tuple[Series, Callable[[], float]]] = [
                 (ours, lambda: self.qemu_convert(path, output)),
-                (peer, lambda: self.download_and_convert(url, image_id, downloaded, output)),
+                (peer, lambda: self.download_and_convert(image_id, downloaded, output, url)),
             ]
             for index in range(self.runs):
                 for series, measure in tools[index % 2 :] + tools[: index % 2]:
                     drop_page_cache()
                     series.values.append(measure())
-        self.add(Metric("rbd: qemu-img convert of a qcow2", "s", False, ours, peer, 1.1))
+        self.metric("rbd: qemu-img convert of a qcow2", "s", False, ours, peer, 1.1)
 
 
 GROUPS: dict[str, Callable[[Bench], None]] = {
@@ -936,12 +1094,14 @@ def results(
         f"Machine: {machine()}; load average {load_at_start} at the start, {load_average()} at "
         f"the end. Kernel settings of the mounts: {settings}."
     )
-    lines = [*wrap(about), "", table(bench.metrics)]
-    notes = [f"- {metric.name}: {metric.note}" for metric in bench.metrics if metric.note]
-    if notes:
-        lines += ["", "Notes:", ""]
-        for note in notes:
-            lines += wrap(note, indent="  ")
+    lines = wrap(about)
+    for setting, metrics in bench.metrics.items():
+        lines += ["", f"### {setting}", "", table(metrics)]
+        notes = [f"- {metric.name}: {metric.note}" for metric in metrics if metric.note]
+        if notes:
+            lines += ["", "Notes:", ""]
+            for note in notes:
+                lines += wrap(note, indent="  ")
     return lines
 
 
@@ -950,6 +1110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per measurement (default 3)")
     parser.add_argument(
         "--only", default=",".join(GROUPS), help=f"comma-separated, of: {', '.join(GROUPS)}"
+    )
+    parser.add_argument(
+        "--settings",
+        default=",".join(SETTINGS),
+        help=f"comma-separated, of: {', '.join(SETTINGS)} (the groups {', '.join(NETWORK_GROUPS)} "
+        "run in each, the others on loopback only)",
     )
     parser.add_argument(
         "--mount-option", action="append", default=[], help="extra glancefs mount argument"
@@ -966,9 +1132,12 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [g for g in groups if g not in GROUPS]
     if unknown:
         parser.error(f"unknown --only {unknown}")
+    settings = [s for s in args.settings.split(",") if s]
+    if unknown := [s for s in settings if s not in SETTINGS]:
+        parser.error(f"unknown --settings {unknown}")
     if os.geteuid() != 0:
         parser.error("needs root: it mounts and drops the page cache")
-    for tool in ("curl", "fio", "fusermount3", "dd", "qemu-img"):
+    for tool in ("curl", "fio", "fusermount3", "dd", "qemu-img", "openssl", "haproxy", "ip", "tc"):
         if shutil.which(tool) is None:
             parser.error(f"{tool} is missing: `make deps` installs it")
     command = shlex.join(["python", "-m", "bench", *(sys.argv[1:] if argv is None else argv)])
@@ -980,8 +1149,11 @@ def main(argv: list[str] | None = None) -> int:
     log(f"{machine()}; load average {load_at_start}")
     try:
         bench.setup()
-        for group in groups:
-            GROUPS[group](bench)
+        for setting in sorted(settings, key=SETTINGS.index):
+            bench.enter(setting)
+            for group in groups:
+                if setting == "loopback" or group in NETWORK_GROUPS:
+                    GROUPS[group](bench)
     finally:
         bench.close()
         if args.keep_dir:
@@ -991,10 +1163,15 @@ def main(argv: list[str] | None = None) -> int:
     lines = results(bench, command, started_at, load_at_start, time.monotonic() - started)
     print()
     print("\n".join(lines))
-    failed = [m.name for m in bench.metrics if m.passed is False]
+    failed = [
+        f"{setting}: {m.name}"
+        for setting, metrics in bench.metrics.items()
+        for m in metrics
+        if m.passed is False
+    ]
     if failed:
         print(f"\ntargets missed: {', '.join(failed)}")
-    if set(groups) == set(GROUPS):
+    if set(groups) == set(GROUPS) and set(settings) == set(SETTINGS):
         write_section(args.report, "bench:results", lines)
         log(f"results written into {args.report}")
     return 0

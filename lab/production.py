@@ -99,7 +99,7 @@ defaults
     timeout queue 30s
 
 frontend glance
-    bind 127.0.0.1:{port}
+    bind {host}:{port}{tls}
     default_backend glance_api
 
 backend glance_api
@@ -186,25 +186,38 @@ class PostgresServer(ProcessGroup):
 
 
 class HAProxyServer(ProcessGroup):
-    """HAProxy on 127.0.0.1 balancing ``backends`` ([(name, port)]) round-robin; see the module.
+    """HAProxy on ``host`` (127.0.0.1 unless given) balancing ``backends`` ([(name, port)] on
+    the same host) round-robin; see the module.
 
     Its config, log (one line per request, with the node) and stats socket are in ``workdir``.
+    With ``certificate`` (one PEM file: the certificate, its chain and its key) it terminates
+    TLS, as a deployment's load balancer does, and speaks plain HTTP to the backends; with
+    ``netns`` it runs inside that network namespace (lab.servers.ProcessGroup).
     """
 
     _name = "haproxy"
 
     def __init__(
-        self, workdir: Path, backends: list[tuple[str, int]], *, port: int | None = None
+        self,
+        workdir: Path,
+        backends: list[tuple[str, int]],
+        *,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        certificate: Path | None = None,
+        netns: str | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(netns=netns)
         self.workdir = Path(workdir).resolve()
         self.backends = backends
         self.port = port or free_port()
+        self.host = host
+        self.certificate = Path(certificate).resolve() if certificate else None
 
     @property
     def url(self) -> str:
-        """http://127.0.0.1:PORT, the endpoint clients use."""
-        return f"http://127.0.0.1:{self.port}"
+        """http://HOST:PORT (https with a certificate), the endpoint clients use."""
+        return f"{'https' if self.certificate else 'http'}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -220,11 +233,18 @@ class HAProxyServer(ProcessGroup):
             return
         self.workdir.mkdir(parents=True, exist_ok=True)
         servers = "\n".join(
-            f"    server {name} 127.0.0.1:{port} check" for name, port in self.backends
+            f"    server {name} {self.host}:{port} check" for name, port in self.backends
         )
         config = self.workdir / "haproxy.cfg"
+        tls = f" ssl crt {self.certificate}" if self.certificate else ""
         config.write_text(
-            HAPROXY_CONFIG.format(stats_socket=self.stats_socket, port=self.port, servers=servers)
+            HAPROXY_CONFIG.format(
+                stats_socket=self.stats_socket,
+                host=self.host,
+                port=self.port,
+                tls=tls,
+                servers=servers,
+            )
         )
         with self.log_path.open("ab") as log:
             self._spawn(

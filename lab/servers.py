@@ -299,16 +299,21 @@ class ProcessGroup(Started):
     Signals go to the whole group, so they reach every worker the server forks.  Unless
     ``detach``, the group is also killed by an atexit hook and by a watchdog process when
     the test process dies; ``cleanup`` paths are removed once the group is gone (by
-    stop()/kill(), or by the watchdog).  Subclasses implement start() with _spawn().
+    stop()/kill(), or by the watchdog).  With ``netns``, the server runs inside that network
+    namespace (``ip netns exec NAME``, which execs it: the pid is the server's own).  Subclasses
+    implement start() with _spawn().
     """
 
     _name = "process"
     #: What stop() sends to the group first (SIGKILL follows after STOP_TIMEOUT).
     _stop_signal = signal.SIGTERM
 
-    def __init__(self, *, detach: bool = False, cleanup: tuple[Path, ...] = ()) -> None:
+    def __init__(
+        self, *, detach: bool = False, cleanup: tuple[Path, ...] = (), netns: str | None = None
+    ) -> None:
         self._detach = detach
         self._cleanup = cleanup
+        self.netns = netns
         self._proc: subprocess.Popen[bytes] | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
 
@@ -330,6 +335,8 @@ class ProcessGroup(Started):
         self, cmd: list[str], *, env: dict[str, str], log: BinaryIO, cwd: Path, user: str = ""
     ) -> None:
         """Start ``cmd`` as the leader of a new process group (as ``user`` if given)."""
+        if self.netns is not None:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
         self._proc = subprocess.Popen(
             cmd,
             stdin=subprocess.DEVNULL,
@@ -405,7 +412,8 @@ class ProcessGroup(Started):
 
 
 class _GunicornServer(ProcessGroup):
-    """A server under gunicorn: a port on 127.0.0.1, TLS if asked, ready when it answers HTTP."""
+    """A server under gunicorn: a port on ``host`` (127.0.0.1 unless given), TLS if asked, ready
+    when it answers HTTP."""
 
     _name = "server"
     _probe_path = "/"
@@ -419,9 +427,12 @@ class _GunicornServer(ProcessGroup):
         certfile: Path | None = None,
         keyfile: Path | None = None,
         ca_certs: Path | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
-        super().__init__(detach=detach)
+        super().__init__(detach=detach, netns=netns)
         self.workdir = Path(workdir).resolve()
+        self.host = host
         self._port = port or free_port()  # 0 too: gunicorn would pick one we cannot know
         self._auto_port = not port
         self._repick_port_ok = True  # until the first successful start
@@ -442,7 +453,7 @@ class _GunicornServer(ProcessGroup):
     # -- public API ---------------------------------------------------------------
     @property
     def port(self) -> int:
-        """TCP port on 127.0.0.1, known before start() and kept across restarts.
+        """TCP port on ``host``, known before start() and kept across restarts.
 
         An automatically picked port is re-picked only if someone else took it
         before the first start.
@@ -456,8 +467,8 @@ class _GunicornServer(ProcessGroup):
 
     @property
     def base_url(self) -> str:
-        """scheme://127.0.0.1:PORT, no path."""
-        return f"{self.scheme}://127.0.0.1:{self._port}"
+        """scheme://HOST:PORT, no path."""
+        return f"{self.scheme}://{self.host}:{self._port}"
 
     @property
     def gunicorn_log_path(self) -> Path:
@@ -485,7 +496,7 @@ class _GunicornServer(ProcessGroup):
         for sub in ("etc", "log", "run", "data"):
             (self.workdir / sub).mkdir(parents=True, exist_ok=True)
         cmd, env = self._prepare()
-        cmd += ["-b", f"127.0.0.1:{self._port}"]
+        cmd += ["-b", f"{self.host}:{self._port}"]
         if self._certfile and self._keyfile:
             cmd += ["--certfile", str(self._certfile), "--keyfile", str(self._keyfile)]
             if self._ca_certs:
@@ -597,6 +608,9 @@ class GlanceServer(_GunicornServer):
     ``stores`` (lab.ceph's CephCluster, lab.swift's SwiftCluster) are offered beside the
     file store; ``default_store`` names the one an upload goes to unless its PUT names
     another in ``X-Image-Meta-Store``.
+
+    ``host`` and ``netns`` put it on another address, inside a network namespace (the
+    benchmark's rate-limited link, bench.netns).
     """
 
     _name = "glance"
@@ -621,10 +635,13 @@ class GlanceServer(_GunicornServer):
         stores: Sequence[GlanceStore] = (),
         default_store: str = "fs",
         policy: Mapping[str, str] | None = None,
+        host: str = "127.0.0.1",
+        netns: str | None = None,
     ) -> None:
         super().__init__(
-            workdir, port=port, detach=detach, certfile=certfile, keyfile=keyfile, ca_certs=ca_certs
-        )
+            workdir, port=port, detach=detach, certfile=certfile, keyfile=keyfile,
+            ca_certs=ca_certs, host=host, netns=netns,
+        )  # fmt: skip
         self.database_url = database_url
         self._store_dir = Path(store_dir).resolve() if store_dir else None
         self.stores = tuple(stores)
