@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import itertools
 import os
 import pty
 import random
@@ -704,6 +705,10 @@ async def test_large_data_over_tls(glance_mtls: GlanceServer, pki: dict[str, Pat
         for offset in (0, MiB + 3):
             read = [chunk async for chunk in client.images.data(image["id"], offset=offset)]
             assert b"".join(read) == data[offset:]
+            # Gathered from TLS records into chunks that end where the image's MiBs end (after
+            # what the HTTP parser had read with the headers).
+            ends = list(itertools.accumulate(len(chunk) for chunk in read[:-1]))
+            assert [(offset + end) % MiB for end in ends[1:]] == [0] * (len(ends) - 1)
         assert (await client.images.get(image["id"])).size == len(data)
 
 
