@@ -11,16 +11,17 @@ import subprocess
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import trio
 from fakes import FakeClient
 
-from glancefs import Forbidden
+from glancefs import Client, Forbidden
 from glancefs.fs.catalog import Catalog
 from glancefs.fs.changes import Changes
 from glancefs.fs.config import MountConfig, parse_mount_options
+from glancefs.fs.mount import MountError, check_import
 from glancefs.fs.payload import HOLD_BYTES
 from glancefs.fs.refusals import UploadAborted
 from glancefs.fs.spool import SpoolSpace
@@ -150,3 +151,17 @@ async def test_a_403_the_stage_shares_is_not_a_policy_against_put(tmp_path: Path
         glance.fail.clear()
         mine = await _upload(glance, sessions, "mine.raw", random.randbytes(2 * MiB))
         assert [call for call, image in glance.calls if image == mine] == ["create", "upload"]
+
+
+async def test_import_needs_glance_direct_at_mount() -> None:
+    """``--import`` on a Glance without ``glance-direct`` fails the mount in one line; without
+    the option, or read-only, nothing is asked."""
+    client = FakeClient()
+    client.info.methods = ["web-download", "copy-image"]
+    glance = cast(Client, client)
+    with pytest.raises(MountError, match=r"^--import: .* no glance-direct .*web-download, copy"):
+        await check_import(glance, MountConfig(import_uploads=True))
+    await check_import(glance, MountConfig(import_uploads=True, read_only=True))
+    await check_import(glance, MountConfig())
+    client.info.methods = ["glance-direct"]
+    await check_import(glance, MountConfig(import_uploads=True))
