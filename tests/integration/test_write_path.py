@@ -217,7 +217,8 @@ def test_fixed_tree_refusals(api: GlanceAPI, writable: Mount) -> None:
     image = api.create(f"tree-{uuid.uuid4().hex[:6]}", b"x")
     refusals: dict[str, Callable[[], object]] = {
         "mkdir": lambda: os.mkdir(writable.path / "dir"),
-        "symlink": lambda: os.symlink("x", writable.path / "new" / "link"),
+        # In new/, a symlink to an http(s) URL is a web-download (test_stores_import.py).
+        "symlink": lambda: os.symlink("https://example.org/x.raw", writable.path / "link"),
         "link": lambda: os.link(writable.path / image["name"], writable.path / "new" / "hard"),
         "rmdir": lambda: os.rmdir(writable.path / "by-id"),
     }
